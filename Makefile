@@ -1,0 +1,53 @@
+# Flotilla. `make run` starts a local 3-node cluster; `make test` runs every
+# test. Both install missing system packages first.
+#
+# One cargo profile (release) serves tests, binaries and benchmarks: RocksDB
+# takes ~20 minutes to compile per profile on 2 cores. The target directory
+# lives outside the clone so it survives between clones and CI runs.
+
+export CARGO_TARGET_DIR ?= /var/tmp/flotilla-target
+CARGO ?= cargo
+PROFILE_FLAGS := --release
+BIN_DIR := bin
+BINARIES := flotilla-server flotilla-ctl flotilla-bench
+
+.PHONY: deps build run stop status clean-data test fmt-check clippy bench clean
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build $(PROFILE_FLAGS) --bins
+	@mkdir -p $(BIN_DIR)
+	@for b in $(BINARIES); do cp -f $(CARGO_TARGET_DIR)/release/$$b $(BIN_DIR)/$$b; done
+	@echo "binaries in $(BIN_DIR)/"
+
+run: build
+	@scripts/local-cluster.sh start
+
+stop:
+	@scripts/local-cluster.sh stop
+
+status:
+	@scripts/local-cluster.sh status
+
+clean-data: stop
+	rm -rf .flotilla
+
+test: deps
+	$(CARGO) test $(PROFILE_FLAGS) --workspace --all-targets
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy: deps
+	$(CARGO) clippy $(PROFILE_FLAGS) --workspace --all-targets -- -D warnings
+
+# Put then get load against the `make run` cluster.
+BENCH_FLAGS ?= --clients 64 --duration 10 --value-size 128 --keys 100000
+bench: build
+	$(BIN_DIR)/flotilla-bench put $(BENCH_FLAGS) --metrics-endpoints 127.0.0.1:20181,127.0.0.1:20182,127.0.0.1:20183
+	$(BIN_DIR)/flotilla-bench get $(BENCH_FLAGS)
+
+clean:
+	rm -rf $(BIN_DIR)

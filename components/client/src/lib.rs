@@ -1,0 +1,30 @@
+//! `flotilla-client`: an async Rust client that routes every request to the
+//! leader of the shard owning its key.
+//!
+//! # How a request travels
+//!
+//! 1. The route cache (shards ordered by start key, each with the leader's
+//!    node when known) names the shard of the key; on a miss the client asks
+//!    any node (`Admin.GetRoute`, or `ListShards` to fill the cache).
+//! 2. The request goes to the cached leader's node (or a replica's, when no
+//!    leader is known) with the shard's id and epoch.
+//! 3. On a routing error the cache is fixed and the request retried with
+//!    exponential backoff (2 ms doubling to 500 ms, jittered) within the
+//!    request's total deadline: `NotLeader` updates the leader (the retry is
+//!    immediate when a new leader is named), `EpochNotMatch` installs the
+//!    new descriptors, `ShardNotFound`/`KeyNotInShard` drop the cached route,
+//!    `ServerIsBusy` and transport errors back off and try another replica.
+//! 4. `StaleCommand` (definitely not applied) is retried. `Indeterminate`
+//!    (maybe applied) is retried for idempotent writes (put, delete, batch
+//!    put, delete range) and returned for CompareAndSwap, as is a transport
+//!    failure after a CompareAndSwap was sent: retrying could apply it twice.
+//!
+//! Batch requests are split by shard and sent in parallel; a scan crossing
+//! shards is stitched into one ordered result.
+
+mod client;
+mod error;
+mod routes;
+
+pub use client::{CasResult, Client, ClientConfig, KvPair, NodeStatus, ShardInfo};
+pub use error::{Error, Result};

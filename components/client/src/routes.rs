@@ -1,0 +1,125 @@
+//! The client's route cache: shards ordered by start key, with the leader's
+//! node when known, and the node address book.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use flotilla_proto::admin::ShardRoute;
+use flotilla_proto::meta::{Node, ShardDescriptor};
+
+#[derive(Clone, Debug)]
+pub struct CachedShard {
+    pub desc: ShardDescriptor,
+    /// 0 when unknown.
+    pub leader_node: u64,
+}
+
+#[derive(Default)]
+pub struct RouteCache {
+    by_start: BTreeMap<Bytes, CachedShard>,
+    pub nodes: HashMap<u64, String>,
+}
+
+fn overlaps(a: &ShardDescriptor, b: &ShardDescriptor) -> bool {
+    (a.end_key.is_empty() || b.start_key < a.end_key)
+        && (b.end_key.is_empty() || a.start_key < b.end_key)
+}
+
+impl RouteCache {
+    pub fn locate(&self, key: &[u8]) -> Option<CachedShard> {
+        self.by_start
+            .range::<[u8], _>((std::ops::Bound::Unbounded, std::ops::Bound::Included(key)))
+            .next_back()
+            .map(|(_, s)| s)
+            .filter(|s| s.desc.contains(key))
+            .cloned()
+    }
+
+    /// The shard holding the greatest keys below `end` (empty = +inf).
+    pub fn locate_before(&self, end: &[u8]) -> Option<CachedShard> {
+        let s = if end.is_empty() {
+            self.by_start.values().next_back()
+        } else {
+            self.by_start.range::<[u8], _>((std::ops::Bound::Unbounded, std::ops::Bound::Excluded(end))).next_back().map(|(_, s)| s)
+        }?;
+        let reaches = s.desc.end_key.is_empty() || (!end.is_empty() && s.desc.end_key[..] >= *end);
+        reaches.then(|| s.clone())
+    }
+
+    /// Installs a descriptor, replacing older ones it overlaps, unless the
+    /// cache already holds a newer version of it.
+    pub fn insert(&mut self, desc: ShardDescriptor, leader_node: u64) {
+        if let Some(old) = self.by_start.values().find(|s| s.desc.id == desc.id) {
+            let (o, n) = (old.desc.epoch(), desc.epoch());
+            if (o.version, o.conf_ver) > (n.version, n.conf_ver) {
+                return;
+            }
+        }
+        self.by_start
+            .retain(|_, s| !(s.desc.id == desc.id || overlaps(&s.desc, &desc)));
+        self.by_start.insert(
+            desc.start_key.clone(),
+            CachedShard { desc, leader_node },
+        );
+    }
+
+    pub fn insert_route(&mut self, r: ShardRoute) {
+        if let Some(desc) = r.shard {
+            self.insert(desc, r.leader_node_id);
+        }
+    }
+
+    pub fn set_nodes(&mut self, nodes: Vec<Node>) {
+        for n in nodes {
+            self.nodes.insert(n.id, n.address);
+        }
+    }
+
+    pub fn set_leader(&mut self, shard_id: u64, node_id: u64) {
+        if let Some(s) = self.by_start.values_mut().find(|s| s.desc.id == shard_id) {
+            s.leader_node = node_id;
+        }
+    }
+
+    pub fn invalidate(&mut self, shard_id: u64) {
+        self.by_start.retain(|_, s| s.desc.id != shard_id);
+    }
+
+    pub fn all(&self) -> Vec<CachedShard> {
+        self.by_start.values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::meta::Epoch;
+
+    fn shard(id: u64, s: &str, e: &str, version: u64) -> ShardDescriptor {
+        ShardDescriptor {
+            id,
+            start_key: Bytes::copy_from_slice(s.as_bytes()),
+            end_key: Bytes::copy_from_slice(e.as_bytes()),
+            epoch: Some(Epoch { conf_ver: 1, version }),
+            replicas: vec![],
+        }
+    }
+
+    #[test]
+    fn locate_and_replace_on_newer_epochs() {
+        let mut c = RouteCache::default();
+        c.insert(shard(1, "", "m", 1), 0);
+        c.insert(shard(2, "m", "", 1), 3);
+        assert_eq!(c.locate(b"a").unwrap().desc.id, 1);
+        assert_eq!(c.locate(b"m").unwrap().leader_node, 3);
+        assert_eq!(c.locate_before(b"").unwrap().desc.id, 2);
+        assert_eq!(c.locate_before(b"m").unwrap().desc.id, 1);
+        assert_eq!(c.locate_before(b"n").unwrap().desc.id, 2);
+        c.insert(shard(2, "m", "t", 2), 0);
+        assert!(c.locate(b"x").is_none());
+        c.insert(shard(1, "", "", 0), 0);
+        assert_eq!(c.locate(b"a").unwrap().desc.id, 1, "older epoch of 1 is still newest");
+        c.invalidate(1);
+        assert!(c.locate(b"a").is_none());
+    }
+}

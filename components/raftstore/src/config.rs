@@ -1,0 +1,64 @@
+//! Raftstore tuning. Defaults follow etcd's timing (100 ms heartbeat, 1 s
+//! election) rather than TiKV's (1 s tick, 10 s election) because a node of
+//! Flotilla is expected to fail over in about a second.
+
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Raft poller threads.
+    pub raft_pollers: usize,
+    /// Apply poller threads.
+    pub apply_pollers: usize,
+    /// Most FSMs handled in one poll round.
+    pub max_batch_size: usize,
+    /// Most messages a replica handles in one round before yielding.
+    pub messages_per_tick: usize,
+    /// Soft capacity of each replica's mailbox, in messages.
+    pub mailbox_capacity: usize,
+    /// One Raft logical clock tick.
+    pub tick_interval: Duration,
+    /// Ticks between leader heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Ticks without a leader before a follower campaigns (randomised in
+    /// [election_ticks, 2 * election_ticks)).
+    pub election_ticks: usize,
+    /// Bytes of entries in one append message.
+    pub max_size_per_msg: u64,
+    /// Append messages in flight per follower.
+    pub max_inflight_msgs: usize,
+    /// Bytes of proposed but uncommitted entries per shard before proposals
+    /// are refused with ServerIsBusy.
+    pub max_uncommitted_size: u64,
+    /// Bytes of client commands batched into one log entry.
+    pub max_entry_size: usize,
+    /// Ticks a leader that lost leadership waits for the outcome of its
+    /// pending proposals before answering them Indeterminate.
+    pub abandon_proposals_after_ticks: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            raft_pollers: 2,
+            apply_pollers: 2,
+            max_batch_size: 256,
+            messages_per_tick: 4096,
+            mailbox_capacity: 40960,
+            tick_interval: Duration::from_millis(100),
+            heartbeat_ticks: 2,
+            election_ticks: 10,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            max_uncommitted_size: 64 << 20,
+            max_entry_size: 1 << 20,
+            abandon_proposals_after_ticks: 20,
+        }
+    }
+}
+
+impl Config {
+    pub fn election_timeout(&self) -> Duration {
+        self.tick_interval * self.election_ticks as u32
+    }
+}

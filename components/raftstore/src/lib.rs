@@ -1,0 +1,59 @@
+//! The raftstore: every shard replica of a node, each with its own raft-rs
+//! `RawNode`, multiplexed onto two small poller pools of the batch-system.
+//!
+//! # How data flows
+//!
+//! ```text
+//!  server ──StoreRouter::write/read──► ReplicaFsm mailbox
+//!  peers  ──StoreRouter::raft_message─►      │
+//!  ticker ──Tick (one thread per node)─►     │
+//!                                            ▼
+//!   raft pollers: handle_normal = step / propose (one entry per round) /
+//!                 read_index (one per round) / collect Ready
+//!                 end = flush leader msgs; ONE synced raft-engine write for
+//!                       the round; persisted msgs; advance
+//!                                            │ committed entries + proposals
+//!                                            ▼
+//!   apply pollers: ApplyFsm per shard; ONE RocksDB WriteBatch per round
+//!                  (data + apply state); then callbacks; then ApplyResult
+//!                  back to the ReplicaFsm (applied index → reads served)
+//! ```
+//!
+//! # Invariants
+//! - Raft logic does no I/O: the replica stages writes and messages into the
+//!   round; the round's `end` does the disk write and the network flush.
+//! - Messages that depend on persistence (votes, append responses) leave the
+//!   node only after the round's fsync; the leader's appends leave before it.
+//! - Committed entries handed to apply are always locally persisted (raft-rs
+//!   limits them to the persisted index).
+//! - Every client callback is answered exactly once (see `replica::fsm`).
+//! - A failed raft-engine write or RocksDB apply write panics the node.
+//!
+//! # Not done yet
+//! - Snapshots, log compaction (durability issue).
+//! - Membership changes, splits, replica creation from messages (placement
+//!   issue): messages for unknown shards are counted and dropped.
+//! - Lease reads, follower reads, hibernation.
+
+pub mod apply;
+pub mod bootstrap;
+pub mod config;
+pub mod error;
+pub mod logger;
+pub mod meta;
+pub mod metrics;
+pub mod msg;
+pub mod replica;
+pub mod store;
+pub mod transport;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use meta::{ShardMeta, StoreMeta};
+pub use msg::{
+    CasOutcome, KeySpan, ReadRequest, ReplicaStatus, WriteRequest, WriteResult,
+};
+pub use store::{Engines, Store, StoreRouter};
+pub use transport::{RaftMessage, Transport};
+
+pub use flotilla_storage::{Index, NodeId, ReplicaId, ShardId, Term};

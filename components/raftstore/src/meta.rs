@@ -1,0 +1,85 @@
+//! What the rest of the node may read about local replicas without asking
+//! their FSMs: descriptor, role and leader, updated by the replica FSMs on
+//! every change. Readers (gRPC handlers, status pages) see a recent, not an
+//! instantaneous, view; anything that must be exact goes through the FSM.
+
+use std::collections::HashMap;
+
+use flotilla_proto::meta::{Replica, ShardDescriptor};
+use parking_lot::RwLock;
+
+use crate::{ReplicaId, ShardId, Term};
+
+#[derive(Clone, Debug)]
+pub struct ShardMeta {
+    pub descriptor: ShardDescriptor,
+    pub replica_id: ReplicaId,
+    /// 0 when unknown.
+    pub leader_id: ReplicaId,
+    pub term: Term,
+}
+
+impl ShardMeta {
+    pub fn is_leader(&self) -> bool {
+        self.leader_id != 0 && self.leader_id == self.replica_id
+    }
+
+    pub fn leader(&self) -> Option<&Replica> {
+        self.descriptor.replica(self.leader_id)
+    }
+}
+
+#[derive(Default)]
+pub struct StoreMeta {
+    shards: RwLock<HashMap<ShardId, ShardMeta>>,
+}
+
+/// Counts for status pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetaCounts {
+    pub replicas: usize,
+    pub leaders: usize,
+    pub without_leader: usize,
+}
+
+impl StoreMeta {
+    pub fn insert(&self, m: ShardMeta) {
+        self.shards.write().insert(m.descriptor.id, m);
+    }
+
+    pub fn remove(&self, shard_id: ShardId) {
+        self.shards.write().remove(&shard_id);
+    }
+
+    pub fn set_leader(&self, shard_id: ShardId, leader_id: ReplicaId, term: Term) {
+        if let Some(m) = self.shards.write().get_mut(&shard_id) {
+            m.leader_id = leader_id;
+            m.term = term;
+        }
+    }
+
+    pub fn get(&self, shard_id: ShardId) -> Option<ShardMeta> {
+        self.shards.read().get(&shard_id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<ShardMeta> {
+        self.shards.read().values().cloned().collect()
+    }
+
+    pub fn counts(&self) -> MetaCounts {
+        let shards = self.shards.read();
+        let mut c = MetaCounts {
+            replicas: shards.len(),
+            ..Default::default()
+        };
+        for m in shards.values() {
+            if m.is_leader() {
+                c.leaders += 1;
+            }
+            if m.leader_id == 0 {
+                c.without_leader += 1;
+            }
+        }
+        c
+    }
+}

@@ -1,0 +1,161 @@
+//! Raftstore metrics. Labels are bounded (never a shard id).
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+};
+
+fn latency_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.00005, 2.0, 20).unwrap()
+}
+
+pub static PROPOSALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_raft_proposals_total",
+        "Client commands handled by shard leaders, by outcome at proposal time.",
+        &["outcome"]
+    )
+    .unwrap()
+});
+
+pub static PROPOSAL_ENTRIES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "flotilla_raft_proposal_entries_total",
+        "Log entries proposed for client commands (commands are batched per round)."
+    )
+    .unwrap()
+});
+
+pub static PROPOSALS_DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_raft_proposals_dropped_total",
+        "Proposals answered without applying, by reason.",
+        &["reason"]
+    )
+    .unwrap()
+});
+
+pub static COMMIT_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "flotilla_raft_propose_to_commit_seconds",
+        "From proposal to the entry being handed to apply.",
+        latency_buckets()
+    )
+    .unwrap()
+});
+
+pub static APPLY_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "flotilla_raft_propose_to_apply_seconds",
+        "From proposal to the command's result being answered.",
+        latency_buckets()
+    )
+    .unwrap()
+});
+
+pub static APPLY_WAIT: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "flotilla_apply_wait_seconds",
+        "Time committed entries wait for an apply poller.",
+        latency_buckets()
+    )
+    .unwrap()
+});
+
+pub static APPLY_ROUND_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "flotilla_apply_round_duration_seconds",
+        "Duration of one apply poll round, RocksDB write included.",
+        latency_buckets()
+    )
+    .unwrap()
+});
+
+pub static APPLIED_ENTRIES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "flotilla_apply_entries_total",
+        "Log entries applied to RocksDB."
+    )
+    .unwrap()
+});
+
+pub static POLL_ROUND_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "flotilla_poll_round_duration_seconds",
+        "Duration of one poll round.",
+        &["pool"],
+        latency_buckets()
+    )
+    .unwrap()
+});
+
+pub static POLL_ROUND_FSMS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "flotilla_poll_round_fsms",
+        "FSMs handled in one poll round.",
+        &["pool"],
+        prometheus::exponential_buckets(1.0, 2.0, 10).unwrap()
+    )
+    .unwrap()
+});
+
+pub static POLL_ROUND_READIES: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "flotilla_poll_round_readies",
+        "Replicas with a Raft ready in one raft poll round (they share one log write).",
+        prometheus::exponential_buckets(1.0, 2.0, 10).unwrap()
+    )
+    .unwrap()
+});
+
+pub static READ_INDEX_REQUESTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "flotilla_raft_read_index_requests_total",
+        "ReadIndex requests issued (one per shard per round, covering many reads)."
+    )
+    .unwrap()
+});
+
+pub static READS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_raft_reads_total",
+        "Linearizable reads, by outcome.",
+        &["outcome"]
+    )
+    .unwrap()
+});
+
+pub static RAFT_MESSAGES_RECEIVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_raft_messages_received_total",
+        "Raft messages stepped into replicas, by outcome.",
+        &["outcome"]
+    )
+    .unwrap()
+});
+
+pub static LEADER_CHANGES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "flotilla_raft_leader_changes_total",
+        "Times a local replica became or stopped being leader."
+    )
+    .unwrap()
+});
+
+pub static SHARDS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("flotilla_shards", "Shard replicas hosted on this node.").unwrap()
+});
+
+pub static LEADERS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("flotilla_leaders", "Shard replicas on this node that lead.").unwrap()
+});
+
+pub static PENDING_PROPOSALS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "flotilla_raft_pending_proposals",
+        "Proposed entries waiting for commit on this node."
+    )
+    .unwrap()
+});

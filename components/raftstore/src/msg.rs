@@ -1,0 +1,164 @@
+//! Messages between the server, the raft pollers and the apply pollers.
+//!
+//! Requests from clients carry a callback, a boxed closure called exactly
+//! once with the outcome. If the message is dropped instead (the node shuts
+//! down), the closure is dropped uncalled; callers wrap a oneshot channel and
+//! treat a cancelled channel as "node shutting down, outcome unknown".
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use flotilla_proto::local::ApplyState;
+use flotilla_proto::meta::{Epoch, ShardDescriptor};
+use flotilla_proto::raftcmd::{op, WriteCommand};
+use raft::eraftpb::Entry;
+use raft::StateRole;
+
+use crate::transport::RaftMessage;
+use crate::{Index, ReplicaId, Result, ShardId, Term};
+
+/// A callback, called exactly once (or dropped uncalled at shutdown).
+pub type Callback<T> = Box<dyn FnOnce(T) + Send>;
+
+/// Outcome of one CompareAndSwap op.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CasOutcome {
+    pub succeeded: bool,
+    /// The key's value before the op, if it existed.
+    pub previous: Option<Bytes>,
+}
+
+/// Outcome of one write command: one entry per CAS op, in op order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteResult {
+    pub cas: Vec<CasOutcome>,
+}
+
+pub type WriteCallback = Callback<Result<WriteResult>>;
+/// Called with `Ok(())` once a read may run against the local RocksDB and be
+/// linearizable: the replica is the leader and has applied at least the
+/// read index obtained after the read arrived.
+pub type ReadCallback = Callback<Result<()>>;
+
+/// A write for one shard.
+pub struct WriteRequest {
+    pub shard_id: ShardId,
+    pub epoch: Epoch,
+    pub command: WriteCommand,
+    pub cb: WriteCallback,
+}
+
+/// The keys a request touches, checked against the shard's range.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySpan {
+    Point(Bytes),
+    /// `[start, end)`; an empty `end` means the end of the shard.
+    Range { start: Bytes, end: Bytes },
+}
+
+impl KeySpan {
+    /// The key that lies outside `shard`, if any.
+    pub fn outside<'a>(&'a self, shard: &ShardDescriptor) -> Option<&'a [u8]> {
+        match self {
+            KeySpan::Point(k) => (!shard.contains(k)).then_some(&k[..]),
+            KeySpan::Range { start, end } => {
+                if !shard.contains(start) {
+                    return Some(start);
+                }
+                let end_ok = end.is_empty()
+                    || shard.end_key.is_empty()
+                    || end[..] <= shard.end_key[..];
+                (!end_ok).then_some(&end[..])
+            }
+        }
+    }
+}
+
+/// The key spans touched by a write command.
+pub fn write_spans(cmd: &WriteCommand) -> impl Iterator<Item = KeySpan> + '_ {
+    cmd.ops.iter().filter_map(|o| {
+        Some(match o.op.as_ref()? {
+            op::Op::Put(p) => KeySpan::Point(p.key.clone()),
+            op::Op::Delete(d) => KeySpan::Point(d.key.clone()),
+            op::Op::Cas(c) => KeySpan::Point(c.key.clone()),
+            op::Op::DeleteRange(r) => KeySpan::Range {
+                start: r.start_key.clone(),
+                end: r.end_key.clone(),
+            },
+        })
+    })
+}
+
+/// A linearizable read of one shard.
+pub struct ReadRequest {
+    pub shard_id: ShardId,
+    pub epoch: Epoch,
+    pub spans: Vec<KeySpan>,
+    pub cb: ReadCallback,
+}
+
+/// A proposed log entry and the callbacks of the commands batched into it.
+pub struct Proposal {
+    pub index: Index,
+    pub term: Term,
+    pub callbacks: Vec<WriteCallback>,
+    pub proposed_at: Instant,
+}
+
+/// Committed entries for the apply poller, with the proposals they may
+/// answer (those with index <= the last entry's index).
+pub struct ApplyTask {
+    pub entries: Vec<Entry>,
+    pub proposals: Vec<Proposal>,
+    /// When the raft poller handed the entries over.
+    pub sent_at: Instant,
+}
+
+pub enum ApplyMsg {
+    Apply(ApplyTask),
+}
+
+/// What the apply poller reports back to the replica after a round.
+#[derive(Clone, Debug)]
+pub struct ApplyResult {
+    pub apply_state: ApplyState,
+}
+
+/// A replica's view of itself, for status pages and ctl.
+#[derive(Clone, Debug)]
+pub struct ReplicaStatus {
+    pub shard: ShardDescriptor,
+    pub replica_id: ReplicaId,
+    pub role: StateRole,
+    pub term: Term,
+    pub leader_id: ReplicaId,
+    pub commit_index: Index,
+    pub applied_index: Index,
+    pub last_index: Index,
+    pub truncated_index: Index,
+    pub pending_proposals: usize,
+}
+
+/// Messages to a replica FSM.
+pub enum ReplicaMsg {
+    /// A raft message from a peer.
+    Raft(Box<RaftMessage>),
+    Write(WriteRequest),
+    Read(ReadRequest),
+    /// One logical clock tick from the node's ticker.
+    Tick,
+    Applied(ApplyResult),
+    /// The transport could not deliver to this peer.
+    Unreachable { to_replica: ReplicaId },
+    Status(Callback<ReplicaStatus>),
+    TransferLeader { to_replica: ReplicaId },
+    /// Nothing to do but run a round (a ready was left over).
+    Wake,
+}
+
+/// Messages to the node's control FSM.
+pub enum ControlMsg {
+    /// A raft message for a shard this node does not host.
+    UnknownShard(Box<RaftMessage>),
+    Tick,
+}

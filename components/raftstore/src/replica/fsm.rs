@@ -1,0 +1,612 @@
+//! The replica FSM: one per shard replica, holding its raft-rs `RawNode`.
+//!
+//! It is I/O-free: everything it does to disks and sockets is staged into the
+//! poll round ([`RoundCtx`]) and flushed by the poller's `end`:
+//!
+//! 1. `handle_messages` steps raft messages, queues client writes and reads,
+//!    ticks, and takes apply results; then it proposes the round's writes as
+//!    one entry and issues the round's reads as one ReadIndex.
+//! 2. `collect_ready` takes the `Ready`: the leader's messages go out at once
+//!    (replication overlaps the leader's own fsync), committed entries go to
+//!    the apply poller, new entries and the hard state are staged into the
+//!    round's single raft-engine `LogBatch`.
+//! 3. after the round's one synced write, `post_persist` sends the messages
+//!    that had to wait for it (votes, append acks) and advances raft.
+//!
+//! # Invariants
+//! - A follower never proposes: a write or read on a non-leader is answered
+//!   `NotLeader` with the leader it knows.
+//! - Every callback is answered exactly once: on apply (success or
+//!   StaleCommand), at proposal time (an error), or when the node shuts down
+//!   (dropped, which the caller sees as cancellation).
+//! - A leader that lost leadership keeps its proposals for
+//!   `abandon_proposals_after_ticks`: if their entries commit (kept by the new
+//!   leader) or are replaced, apply answers them exactly. Only the ones still
+//!   unresolved after that are answered Indeterminate.
+
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use flotilla_batch_system::{Fsm, HandleResult};
+use flotilla_proto::local::{ApplyState, ShardLocalState};
+use flotilla_proto::meta::{ReplicaRole, ShardDescriptor};
+use flotilla_proto::raftcmd::{CmdHeader, RaftCommand, WriteCommand};
+use flotilla_proto::Message as _;
+use flotilla_storage::{ReplicaStorage, RAFT_INIT_INDEX, RAFT_INIT_TERM};
+use raft::eraftpb::{ConfState, Entry, Message};
+use raft::{RawNode, Ready, StateRole};
+use raft_engine::LogBatch;
+
+use crate::msg::{
+    ApplyMsg, ApplyResult, ApplyTask, KeySpan, Proposal, ReadRequest, ReplicaMsg, ReplicaStatus,
+    WriteCallback, WriteRequest,
+};
+use crate::replica::poller::PollContext;
+use crate::replica::proposal::ProposalQueue;
+use crate::replica::read::ReadQueue;
+use crate::transport::RaftMessage;
+use crate::{metrics, Error, ReplicaId, Result, ShardId};
+
+/// What one poll round accumulates across replicas.
+#[derive(Default)]
+pub struct RoundCtx {
+    pub log_batch: LogBatch,
+    pub sync: bool,
+    pub readies: usize,
+}
+
+pub struct ReplicaFsm {
+    shard_id: ShardId,
+    replica_id: ReplicaId,
+    descriptor: ShardDescriptor,
+    raw_node: RawNode<ReplicaStorage>,
+    receiver: Receiver<ReplicaMsg>,
+    proposals: ProposalQueue,
+    reads: ReadQueue,
+    /// Writes received this round, proposed together at its end.
+    pending_writes: Vec<(WriteCommand, WriteCallback)>,
+    pending_write_bytes: usize,
+    /// The ready taken this round, advanced after the round's write.
+    pending_ready: Option<Ready>,
+    was_leader: bool,
+    /// Ticks since this replica stopped leading with proposals pending.
+    ticks_since_stepdown: Option<usize>,
+    ticks: u64,
+    stopped: bool,
+}
+
+impl Fsm for ReplicaFsm {
+    type Message = ReplicaMsg;
+    fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+}
+
+/// The Raft configuration state of a descriptor.
+pub fn conf_state_of(desc: &ShardDescriptor) -> ConfState {
+    let mut cs = ConfState::default();
+    for r in &desc.replicas {
+        if r.role == ReplicaRole::Learner as i32 {
+            cs.learners.push(r.id);
+        } else {
+            cs.voters.push(r.id);
+        }
+    }
+    cs
+}
+
+impl ReplicaFsm {
+    /// Rebuilds a replica from its on-disk state.
+    pub fn recover(
+        ctx: &PollContext,
+        state: ShardLocalState,
+        apply_state: ApplyState,
+        receiver: Receiver<ReplicaMsg>,
+    ) -> Result<Self> {
+        let descriptor = state.shard.unwrap_or_default();
+        let shard_id = descriptor.id;
+        let replica_id = state.replica_id;
+        let applied = apply_state.applied_index;
+        let storage = ReplicaStorage::recover(
+            shard_id,
+            replica_id,
+            ctx.raft_engine.clone(),
+            apply_state,
+            conf_state_of(&descriptor),
+        )?;
+        let cfg = &ctx.cfg;
+        let raft_cfg = raft::Config {
+            id: replica_id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied,
+            max_size_per_msg: cfg.max_size_per_msg,
+            max_inflight_msgs: cfg.max_inflight_msgs,
+            check_quorum: true,
+            pre_vote: true,
+            read_only_option: raft::ReadOnlyOption::Safe,
+            max_uncommitted_size: cfg.max_uncommitted_size,
+            batch_append: true,
+            ..Default::default()
+        };
+        let logger = crate::logger::replica_logger(shard_id, replica_id);
+        let raw_node =
+            RawNode::new(&raft_cfg, storage, &logger).map_err(|e| Error::Storage(e.to_string()))?;
+        Ok(ReplicaFsm {
+            shard_id,
+            replica_id,
+            descriptor,
+            raw_node,
+            receiver,
+            proposals: ProposalQueue::default(),
+            reads: ReadQueue::default(),
+            pending_writes: Vec::new(),
+            pending_write_bytes: 0,
+            pending_ready: None,
+            was_leader: false,
+            ticks_since_stepdown: None,
+            ticks: 0,
+            stopped: false,
+        })
+    }
+
+    pub fn shard_id(&self) -> ShardId {
+        self.shard_id
+    }
+
+    pub fn descriptor(&self) -> &ShardDescriptor {
+        &self.descriptor
+    }
+
+    pub fn replica_id(&self) -> ReplicaId {
+        self.replica_id
+    }
+
+    pub fn leader_id(&self) -> ReplicaId {
+        self.raw_node.raft.leader_id
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw_node.raft.term
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raw_node.raft.state == StateRole::Leader
+    }
+
+    /// A freshly bootstrapped shard: nobody has voted or written yet.
+    fn is_pristine(&self) -> bool {
+        let hs = &self.raw_node.raft;
+        hs.term == RAFT_INIT_TERM
+            && hs.vote == 0
+            && self.raw_node.store().last_index() == RAFT_INIT_INDEX
+    }
+
+    /// Starts an election at once on a pristine shard whose first replica is
+    /// this one, so a new cluster gets leaders (spread over nodes by the
+    /// bootstrap layout) without waiting out an election timeout.
+    pub fn maybe_campaign_on_start(&mut self) {
+        if self.is_pristine()
+            && self.descriptor.replicas.first().map(|r| r.id) == Some(self.replica_id)
+        {
+            let _ = self.raw_node.campaign();
+        }
+    }
+
+    fn not_leader(&self) -> Error {
+        Error::NotLeader {
+            shard_id: self.shard_id,
+            leader: self.descriptor.replica(self.leader_id()).cloned(),
+        }
+    }
+
+    /// Checks a client request against leadership, epoch and range.
+    fn check_request<'a>(
+        &self,
+        epoch: &flotilla_proto::meta::Epoch,
+        spans: impl IntoIterator<Item = KeySpan>,
+    ) -> Result<()> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        if self.raw_node.raft.lead_transferee.is_some() {
+            return Err(Error::ServerIsBusy(format!(
+                "shard {} is transferring leadership",
+                self.shard_id
+            )));
+        }
+        let current = self.descriptor.epoch();
+        if epoch.version != current.version {
+            return Err(Error::EpochNotMatch {
+                shard_id: self.shard_id,
+                current: vec![self.descriptor.clone()],
+            });
+        }
+        for span in spans {
+            if let Some(key) = span.outside(&self.descriptor) {
+                return Err(Error::KeyNotInShard {
+                    key: key.to_vec(),
+                    shard_id: self.shard_id,
+                    start: self.descriptor.start_key.to_vec(),
+                    end: self.descriptor.end_key.to_vec(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles up to `messages_per_tick` messages, then proposes and issues
+    /// what the round gathered and collects the ready.
+    pub fn handle_messages(&mut self, ctx: &PollContext, round: &mut RoundCtx) -> HandleResult {
+        let limit = ctx.cfg.messages_per_tick;
+        let mut handled = 0;
+        while handled < limit {
+            match self.receiver.try_recv() {
+                Ok(msg) => self.on_message(msg, ctx),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.stopped = true;
+                    break;
+                }
+            }
+            handled += 1;
+        }
+        self.propose_pending_writes();
+        self.issue_pending_reads();
+        if self.raw_node.has_ready() {
+            self.collect_ready(ctx, round);
+        }
+        if handled == limit && !self.receiver.is_empty() {
+            HandleResult::KeepProcessing
+        } else {
+            HandleResult::drained()
+        }
+    }
+
+    fn on_message(&mut self, msg: ReplicaMsg, ctx: &PollContext) {
+        match msg {
+            ReplicaMsg::Raft(m) => self.on_raft_message(*m),
+            ReplicaMsg::Write(req) => self.on_write(req, ctx),
+            ReplicaMsg::Read(req) => self.on_read(req),
+            ReplicaMsg::Tick => self.on_tick(ctx),
+            ReplicaMsg::Applied(res) => self.on_applied(res),
+            ReplicaMsg::Unreachable { to_replica } => self.raw_node.report_unreachable(to_replica),
+            ReplicaMsg::Status(cb) => cb(self.status()),
+            ReplicaMsg::TransferLeader { to_replica } => {
+                if self.is_leader() && self.descriptor.replica(to_replica).is_some() {
+                    tracing::info!(shard_id = self.shard_id, replica_id = self.replica_id, to_replica, "transferring leadership");
+                    self.raw_node.transfer_leader(to_replica);
+                }
+            }
+            ReplicaMsg::Wake => {}
+        }
+    }
+
+    fn on_raft_message(&mut self, m: RaftMessage) {
+        if m.to_replica != self.replica_id {
+            metrics::RAFT_MESSAGES_RECEIVED
+                .with_label_values(&["wrong_replica"])
+                .inc();
+            return;
+        }
+        match self.raw_node.step(m.msg) {
+            Ok(()) => metrics::RAFT_MESSAGES_RECEIVED
+                .with_label_values(&["stepped"])
+                .inc(),
+            Err(e) => {
+                metrics::RAFT_MESSAGES_RECEIVED
+                    .with_label_values(&["rejected"])
+                    .inc();
+                tracing::debug!(shard_id = self.shard_id, replica_id = self.replica_id, from = m.from_replica, error = %e, "raft message rejected");
+            }
+        }
+    }
+
+    fn on_write(&mut self, req: WriteRequest, ctx: &PollContext) {
+        if let Err(e) = self.check_request(&req.epoch, crate::msg::write_spans(&req.command)) {
+            metrics::PROPOSALS.with_label_values(&["refused"]).inc();
+            (req.cb)(Err(e));
+            return;
+        }
+        let size = req.command.encoded_len();
+        if self.pending_write_bytes + size > ctx.cfg.max_entry_size && !self.pending_writes.is_empty()
+        {
+            self.propose_pending_writes();
+        }
+        self.pending_write_bytes += size;
+        self.pending_writes.push((req.command, req.cb));
+    }
+
+    fn on_read(&mut self, req: ReadRequest) {
+        match self.check_request(&req.epoch, req.spans) {
+            Ok(()) => self.reads.push(req.cb),
+            Err(e) => {
+                metrics::READS.with_label_values(&["refused"]).inc();
+                (req.cb)(Err(e));
+            }
+        }
+    }
+
+    /// Proposes the writes gathered this round as one log entry.
+    fn propose_pending_writes(&mut self) {
+        if self.pending_writes.is_empty() {
+            return;
+        }
+        let writes = std::mem::take(&mut self.pending_writes);
+        self.pending_write_bytes = 0;
+        if !self.is_leader() {
+            // Leadership changed while the round stepped a message.
+            let err = self.not_leader();
+            for (_, cb) in writes {
+                cb(Err(err.clone()));
+            }
+            return;
+        }
+        let (commands, callbacks): (Vec<_>, Vec<_>) = writes.into_iter().unzip();
+        let n = commands.len() as u64;
+        let cmd = RaftCommand {
+            header: Some(CmdHeader {
+                shard_id: self.shard_id,
+                epoch: Some(self.descriptor.epoch()),
+            }),
+            writes: commands,
+        };
+        let last_before = self.raw_node.raft.raft_log.last_index();
+        let result = self.raw_node.propose(vec![], cmd.encode_to_vec());
+        let index = self.raw_node.raft.raft_log.last_index();
+        let err = match result {
+            Ok(()) if index > last_before => None,
+            Ok(()) => Some(self.not_leader()),
+            Err(raft::Error::ProposalDropped) => Some(Error::ServerIsBusy(format!(
+                "shard {} dropped the proposal (too many uncommitted entries or a leader transfer)",
+                self.shard_id
+            ))),
+            Err(e) => Some(Error::StaleCommand(e.to_string())),
+        };
+        if let Some(err) = err {
+            metrics::PROPOSALS.with_label_values(&["dropped"]).inc_by(n);
+            for cb in callbacks {
+                cb(Err(err.clone()));
+            }
+            return;
+        }
+        metrics::PROPOSALS.with_label_values(&["proposed"]).inc_by(n);
+        metrics::PROPOSAL_ENTRIES.inc();
+        metrics::PENDING_PROPOSALS.inc();
+        self.proposals.push(Proposal {
+            index,
+            term: self.raw_node.raft.term,
+            callbacks,
+            proposed_at: Instant::now(),
+        });
+    }
+
+    /// Issues one ReadIndex for every read gathered so far, once the leader
+    /// has committed an entry of its own term.
+    fn issue_pending_reads(&mut self) {
+        if !self.reads.has_pending() {
+            return;
+        }
+        if !self.is_leader() {
+            let err = self.not_leader();
+            let n = self.reads.fail_unconfirmed(|| err.clone());
+            metrics::READS.with_label_values(&["not_leader"]).inc_by(n as u64);
+            return;
+        }
+        if !self.raw_node.raft.commit_to_current_term() {
+            return;
+        }
+        if let Some(ctx) = self.reads.issue(self.ticks) {
+            metrics::READ_INDEX_REQUESTS.inc();
+            self.raw_node.read_index(ctx);
+        }
+    }
+
+    fn on_tick(&mut self, ctx: &PollContext) {
+        self.ticks += 1;
+        self.raw_node.tick();
+        let timeout = 2 * ctx.cfg.election_ticks as u64;
+        if self.reads.retry_stale(self.ticks, timeout) > 0 {
+            tracing::debug!(shard_id = self.shard_id, replica_id = self.replica_id, "re-issuing a read index that got no answer");
+        }
+        if let Some(t) = self.ticks_since_stepdown.as_mut() {
+            *t += 1;
+            if *t >= ctx.cfg.abandon_proposals_after_ticks {
+                self.ticks_since_stepdown = None;
+                self.abandon_proposals();
+            }
+        }
+    }
+
+    fn abandon_proposals(&mut self) {
+        let n = self.proposals.len();
+        if n == 0 {
+            return;
+        }
+        tracing::warn!(shard_id = self.shard_id, replica_id = self.replica_id, proposals = n, "leadership lost; pending proposals have an unknown outcome");
+        metrics::PROPOSALS_DROPPED
+            .with_label_values(&["indeterminate"])
+            .inc_by(n as u64);
+        metrics::PENDING_PROPOSALS.sub(n as i64);
+        let shard_id = self.shard_id;
+        self.proposals.fail_all(|| {
+            Error::Indeterminate(format!(
+                "shard {shard_id} lost leadership before the command committed"
+            ))
+        });
+    }
+
+    fn on_applied(&mut self, res: ApplyResult) {
+        let applied = res.apply_state.applied_index;
+        self.raw_node.advance_apply_to(applied);
+        self.raw_node.mut_store().set_apply_state(res.apply_state);
+        let served = self.reads.serve(applied);
+        if served > 0 {
+            metrics::READS.with_label_values(&["served"]).inc_by(served as u64);
+        }
+    }
+
+    fn on_role_change(&mut self, ctx: &PollContext) {
+        let raft = &self.raw_node.raft;
+        let is_leader = raft.state == StateRole::Leader;
+        ctx.meta.set_leader(self.shard_id, raft.leader_id, raft.term);
+        if is_leader != self.was_leader {
+            metrics::LEADER_CHANGES.inc();
+            if is_leader {
+                metrics::LEADERS.inc();
+                self.ticks_since_stepdown = None;
+                tracing::info!(shard_id = self.shard_id, replica_id = self.replica_id, term = raft.term, "became leader");
+            } else {
+                metrics::LEADERS.dec();
+                tracing::info!(shard_id = self.shard_id, replica_id = self.replica_id, term = raft.term, leader_id = raft.leader_id, "stepped down");
+                if !self.proposals.is_empty() {
+                    self.ticks_since_stepdown = Some(0);
+                }
+                let err = self.not_leader();
+                let n = self.reads.fail_unconfirmed(|| err.clone());
+                metrics::READS.with_label_values(&["not_leader"]).inc_by(n as u64);
+            }
+            self.was_leader = is_leader;
+        }
+    }
+
+    fn send_messages(&self, msgs: Vec<Message>, ctx: &PollContext) {
+        let epoch = self.descriptor.epoch();
+        for msg in msgs {
+            let Some(to) = self.descriptor.replica(msg.to) else {
+                tracing::warn!(shard_id = self.shard_id, to = msg.to, "dropping a message to a replica not in the descriptor");
+                continue;
+            };
+            ctx.transport.send(RaftMessage {
+                shard_id: self.shard_id,
+                from_node: ctx.node_id,
+                to_node: to.node_id,
+                from_replica: self.replica_id,
+                to_replica: msg.to,
+                epoch,
+                msg,
+            });
+        }
+    }
+
+    fn send_to_apply(&mut self, entries: Vec<Entry>, ctx: &PollContext) {
+        let Some(last) = entries.last() else { return };
+        let proposals = self.proposals.take_upto(last.index);
+        if !proposals.is_empty() {
+            metrics::PENDING_PROPOSALS.sub(proposals.len() as i64);
+            for p in &proposals {
+                metrics::COMMIT_DURATION.observe(p.proposed_at.elapsed().as_secs_f64());
+            }
+            if self.proposals.is_empty() {
+                self.ticks_since_stepdown = None;
+            }
+        }
+        let task = ApplyTask {
+            entries,
+            proposals,
+            sent_at: Instant::now(),
+        };
+        if ctx
+            .apply_router
+            .force_send(self.shard_id, ApplyMsg::Apply(task))
+            .is_err()
+        {
+            // Only at shutdown; the task's callbacks are dropped with it.
+            tracing::debug!(shard_id = self.shard_id, "apply FSM gone");
+        }
+    }
+
+    /// Takes this round's ready and stages its writes into `round`.
+    fn collect_ready(&mut self, ctx: &PollContext, round: &mut RoundCtx) {
+        let mut rd = self.raw_node.ready();
+        if rd.ss().is_some() {
+            self.on_role_change(ctx);
+        }
+        if !rd.messages().is_empty() {
+            self.send_messages(rd.take_messages(), ctx);
+        }
+        assert!(
+            rd.snapshot().is_empty(),
+            "shard {}: raft snapshots are not supported yet",
+            self.shard_id
+        );
+        let committed = rd.take_committed_entries();
+        if !committed.is_empty() {
+            self.send_to_apply(committed, ctx);
+        }
+        let mut dirty = false;
+        if !rd.entries().is_empty() {
+            let entries = rd.take_entries();
+            self.raw_node
+                .mut_store()
+                .append(&entries, &mut round.log_batch);
+            dirty = true;
+        }
+        if let Some(hs) = rd.hs() {
+            self.raw_node.mut_store().set_hard_state(hs.clone());
+            dirty = true;
+        }
+        if dirty {
+            self.raw_node.store().stage_raft_state(&mut round.log_batch);
+        }
+        if rd.must_sync() {
+            round.sync = true;
+        }
+        for rs in rd.take_read_states() {
+            self.reads.on_read_state(&rs.request_ctx, rs.index);
+        }
+        let served = self.reads.serve(self.raw_node.store().applied_index());
+        if served > 0 {
+            metrics::READS.with_label_values(&["served"]).inc_by(served as u64);
+        }
+        round.readies += 1;
+        self.pending_ready = Some(rd);
+    }
+
+    /// Called after the round's raft-engine write is durable.
+    pub fn post_persist(&mut self, ctx: &PollContext) {
+        let Some(mut rd) = self.pending_ready.take() else {
+            return;
+        };
+        if !rd.persisted_messages().is_empty() {
+            self.send_messages(rd.take_persisted_messages(), ctx);
+        }
+        let mut light = self.raw_node.advance_append(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw_node.mut_store().set_commit(commit);
+        }
+        if !light.messages().is_empty() {
+            self.send_messages(light.take_messages(), ctx);
+        }
+        let committed = light.take_committed_entries();
+        if !committed.is_empty() {
+            self.send_to_apply(committed, ctx);
+        }
+        // Whatever became ready because of this write (more committed
+        // entries, for example) is handled in another round.
+        if self.raw_node.has_ready() {
+            let _ = ctx.raft_router.force_send(self.shard_id, ReplicaMsg::Wake);
+        }
+    }
+
+    pub fn has_pending_ready(&self) -> bool {
+        self.pending_ready.is_some()
+    }
+
+    pub fn status(&self) -> ReplicaStatus {
+        let raft = &self.raw_node.raft;
+        let store = self.raw_node.store();
+        ReplicaStatus {
+            shard: self.descriptor.clone(),
+            replica_id: self.replica_id,
+            role: raft.state,
+            term: raft.term,
+            leader_id: raft.leader_id,
+            commit_index: raft.raft_log.committed,
+            applied_index: store.applied_index(),
+            last_index: store.last_index(),
+            truncated_index: store.truncated_index(),
+            pending_proposals: self.proposals.len(),
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! The raft poll round: every replica with work in the batch is handled,
+//! then the round's raft-engine writes go to disk in ONE synced write, then
+//! each replica sends what waited for that write and advances.
+//!
+//! ```text
+//! begin ─► handle_control(NodeFsm) ─► handle_normal(ReplicaFsm)* ─► end
+//!                                      │ step, propose, read_index,        │ flush leader msgs
+//!                                      │ stage entries + hard state        │ ONE LogBatch write (fsync)
+//!                                      ▼ into the round's LogBatch         ▼ persisted msgs, advance
+//! ```
+//!
+//! The leader's own messages (appends, heartbeats) are flushed before the
+//! fsync so followers write in parallel with the leader (Raft thesis
+//! 10.2.1); acknowledgements and votes leave only after it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::Receiver;
+use flotilla_batch_system::{Fsm, HandleResult, HandlerBuilder, PollHandler, Router};
+use flotilla_storage::RaftLogEngine;
+
+use crate::apply::{ApplyControlFsm, ApplyFsm};
+use crate::config::Config;
+use crate::meta::StoreMeta;
+use crate::msg::ControlMsg;
+use crate::replica::fsm::{ReplicaFsm, RoundCtx};
+use crate::transport::Transport;
+use crate::{metrics, NodeId};
+
+pub type RaftRouter = Router<ReplicaFsm, NodeFsm>;
+pub type ApplyRouter = Router<ApplyFsm, ApplyControlFsm>;
+
+/// What every raft poller shares.
+pub struct PollContext {
+    pub node_id: NodeId,
+    pub cfg: Config,
+    pub raft_engine: Arc<RaftLogEngine>,
+    pub transport: Arc<dyn Transport>,
+    pub apply_router: ApplyRouter,
+    pub raft_router: RaftRouter,
+    pub meta: Arc<StoreMeta>,
+}
+
+/// The node's control FSM on the raft pollers: messages for shards the node
+/// does not host, and node-wide periodic work.
+pub struct NodeFsm {
+    receiver: Receiver<ControlMsg>,
+    meta: Arc<StoreMeta>,
+}
+
+impl NodeFsm {
+    pub fn new(receiver: Receiver<ControlMsg>, meta: Arc<StoreMeta>) -> Self {
+        NodeFsm { receiver, meta }
+    }
+
+    fn handle(&mut self) {
+        while let Ok(msg) = self.receiver.try_recv() {
+            match msg {
+                ControlMsg::UnknownShard(m) => {
+                    metrics::RAFT_MESSAGES_RECEIVED
+                        .with_label_values(&["unknown_shard"])
+                        .inc();
+                    tracing::debug!(shard_id = m.shard_id, from_node = m.from_node, to_replica = m.to_replica, "raft message for a shard not hosted here");
+                }
+                ControlMsg::Tick => {
+                    let c = self.meta.counts();
+                    metrics::SHARDS.set(c.replicas as i64);
+                }
+            }
+        }
+    }
+}
+
+impl Fsm for NodeFsm {
+    type Message = ControlMsg;
+    fn is_stopped(&self) -> bool {
+        false
+    }
+}
+
+pub struct RaftPoller {
+    ctx: Arc<PollContext>,
+    round: RoundCtx,
+    started: Instant,
+    batch_size: usize,
+}
+
+impl PollHandler<ReplicaFsm, NodeFsm> for RaftPoller {
+    fn begin(&mut self, batch_size: usize) {
+        self.started = Instant::now();
+        self.batch_size = batch_size;
+        self.round.sync = false;
+        self.round.readies = 0;
+    }
+
+    fn handle_control(&mut self, control: &mut NodeFsm) -> Option<usize> {
+        control.handle();
+        Some(0)
+    }
+
+    fn handle_normal(&mut self, fsm: &mut ReplicaFsm) -> HandleResult {
+        fsm.handle_messages(&self.ctx, &mut self.round)
+    }
+
+    fn end(&mut self, normals: &mut [Box<ReplicaFsm>]) {
+        let ctx = &*self.ctx;
+        ctx.transport.flush();
+        if !self.round.log_batch.is_empty() {
+            if let Err(e) = ctx
+                .raft_engine
+                .write(&mut self.round.log_batch, self.round.sync)
+            {
+                // Continuing would acknowledge writes that are not on disk.
+                tracing::error!(error = %e, "raft-engine write failed; stopping the node");
+                panic!("raft-engine write failed: {e}");
+            }
+        }
+        for fsm in normals.iter_mut() {
+            if fsm.has_pending_ready() {
+                fsm.post_persist(ctx);
+            }
+        }
+        ctx.transport.flush();
+        metrics::POLL_ROUND_DURATION
+            .with_label_values(&["raft"])
+            .observe(self.started.elapsed().as_secs_f64());
+        metrics::POLL_ROUND_FSMS
+            .with_label_values(&["raft"])
+            .observe(self.batch_size as f64);
+        if self.round.readies > 0 {
+            metrics::POLL_ROUND_READIES.observe(self.round.readies as f64);
+        }
+    }
+}
+
+pub struct RaftPollerBuilder {
+    pub ctx: Arc<PollContext>,
+}
+
+impl HandlerBuilder<ReplicaFsm, NodeFsm> for RaftPollerBuilder {
+    type Handler = RaftPoller;
+    fn build(&mut self) -> RaftPoller {
+        RaftPoller {
+            ctx: self.ctx.clone(),
+            round: RoundCtx::default(),
+            started: Instant::now(),
+            batch_size: 0,
+        }
+    }
+}

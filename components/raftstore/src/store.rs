@@ -1,0 +1,275 @@
+//! A node's raftstore: recovers every local replica, runs the raft and apply
+//! poller pools and the node's single ticker, and exposes a [`StoreRouter`]
+//! through which the server sends client commands and peer messages.
+//!
+//! There is one ticker thread for the whole node (no timer per shard): every
+//! `tick_interval` it sends `Tick` to each replica's mailbox; the ticks of
+//! replicas with nothing else to do are handled in the same poll rounds.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use flotilla_batch_system::{create_system, BasicMailbox, BatchSystem, SendError};
+use flotilla_storage::{KvEngine, RaftLogEngine};
+
+use crate::apply::{ApplyControlFsm, ApplyFsm, ApplyPollerBuilder};
+use crate::config::Config;
+use crate::meta::{ShardMeta, StoreMeta};
+use crate::msg::{Callback, ControlMsg, ReadRequest, ReplicaMsg, ReplicaStatus, WriteRequest};
+use crate::replica::poller::{ApplyRouter, PollContext, RaftRouter};
+use crate::replica::{NodeFsm, RaftPollerBuilder, ReplicaFsm};
+use crate::transport::{RaftMessage, Transport};
+use crate::{metrics, Error, NodeId, ReplicaId, Result, ShardId};
+
+/// The node's two storage engines.
+#[derive(Clone)]
+pub struct Engines {
+    pub kv: KvEngine,
+    pub raft: Arc<RaftLogEngine>,
+}
+
+/// The handle the server uses to reach replicas. Cheap to clone.
+#[derive(Clone)]
+pub struct StoreRouter {
+    node_id: NodeId,
+    raft: RaftRouter,
+    meta: Arc<StoreMeta>,
+}
+
+fn routing_error<T>(shard_id: ShardId, e: SendError<T>) -> (Error, T) {
+    match e {
+        SendError::NotFound(m) => (Error::ShardNotFound(shard_id), m),
+        SendError::Full(m) => (
+            Error::ServerIsBusy(format!("shard {shard_id}'s mailbox is full")),
+            m,
+        ),
+        SendError::Disconnected(m) => (Error::Shutdown, m),
+    }
+}
+
+impl StoreRouter {
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    pub fn meta(&self) -> &Arc<StoreMeta> {
+        &self.meta
+    }
+
+    /// Sends a write; routing failures are answered through the callback.
+    pub fn write(&self, req: WriteRequest) {
+        let shard_id = req.shard_id;
+        if let Err(e) = self.raft.send(shard_id, ReplicaMsg::Write(req)) {
+            let (err, msg) = routing_error(shard_id, e);
+            if let ReplicaMsg::Write(req) = msg {
+                (req.cb)(Err(err));
+            }
+        }
+    }
+
+    /// Sends a linearizable read; routing failures are answered through the
+    /// callback.
+    pub fn read(&self, req: ReadRequest) {
+        let shard_id = req.shard_id;
+        if let Err(e) = self.raft.send(shard_id, ReplicaMsg::Read(req)) {
+            let (err, msg) = routing_error(shard_id, e);
+            if let ReplicaMsg::Read(req) = msg {
+                (req.cb)(Err(err));
+            }
+        }
+    }
+
+    /// Delivers a raft message from a peer. Messages for unknown shards go
+    /// to the control FSM; messages to an overloaded replica are dropped
+    /// (Raft retransmits).
+    pub fn raft_message(&self, msg: RaftMessage) {
+        let shard_id = msg.shard_id;
+        match self.raft.send(shard_id, ReplicaMsg::Raft(Box::new(msg))) {
+            Ok(()) => {}
+            Err(SendError::NotFound(ReplicaMsg::Raft(m))) => {
+                let _ = self.raft.send_control(ControlMsg::UnknownShard(m));
+            }
+            Err(_) => metrics::RAFT_MESSAGES_RECEIVED
+                .with_label_values(&["dropped"])
+                .inc(),
+        }
+    }
+
+    /// Tells a replica that its messages to `to_replica` were not delivered.
+    pub fn report_unreachable(&self, shard_id: ShardId, to_replica: ReplicaId) {
+        let _ = self
+            .raft
+            .force_send(shard_id, ReplicaMsg::Unreachable { to_replica });
+    }
+
+    /// Asks a replica for its status.
+    pub fn status(&self, shard_id: ShardId, cb: Callback<ReplicaStatus>) -> Result<()> {
+        self.raft
+            .force_send(shard_id, ReplicaMsg::Status(cb))
+            .map_err(|e| routing_error(shard_id, e).0)
+    }
+
+    /// Asks the leader of a shard to hand leadership to `to_replica`.
+    pub fn transfer_leader(&self, shard_id: ShardId, to_replica: ReplicaId) -> Result<()> {
+        self.raft
+            .force_send(shard_id, ReplicaMsg::TransferLeader { to_replica })
+            .map_err(|e| routing_error(shard_id, e).0)
+    }
+}
+
+pub struct Store {
+    router: StoreRouter,
+    raft_system: BatchSystem<ReplicaFsm, NodeFsm>,
+    apply_system: BatchSystem<ApplyFsm, ApplyControlFsm>,
+    ticker: Option<(JoinHandle<()>, Sender<()>)>,
+}
+
+impl Store {
+    /// Recovers every replica recorded in `engines` and starts the pollers
+    /// and the ticker. The transport must be ready to queue messages.
+    pub fn start(
+        node_id: NodeId,
+        cfg: Config,
+        engines: Engines,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Store> {
+        let started = Instant::now();
+        let meta = Arc::new(StoreMeta::default());
+
+        let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
+        let raft_bs_cfg = flotilla_batch_system::Config {
+            pool_size: cfg.raft_pollers,
+            max_batch_size: cfg.max_batch_size,
+            mailbox_capacity: cfg.mailbox_capacity,
+        };
+        let (raft_router, mut raft_system) = create_system(
+            "raft",
+            &raft_bs_cfg,
+            ctl_tx,
+            Box::new(NodeFsm::new(ctl_rx, meta.clone())),
+        );
+        let (actl_tx, actl_rx) = crossbeam_channel::unbounded();
+        let apply_bs_cfg = flotilla_batch_system::Config {
+            pool_size: cfg.apply_pollers,
+            max_batch_size: cfg.max_batch_size,
+            // Apply mailboxes only carry committed entries: never refuse.
+            mailbox_capacity: usize::MAX,
+        };
+        let (apply_router, mut apply_system): (ApplyRouter, _) = create_system(
+            "apply",
+            &apply_bs_cfg,
+            actl_tx,
+            Box::new(ApplyControlFsm::new(actl_rx)),
+        );
+
+        let ctx = Arc::new(PollContext {
+            node_id,
+            cfg: cfg.clone(),
+            raft_engine: engines.raft.clone(),
+            transport,
+            apply_router: apply_router.clone(),
+            raft_router: raft_router.clone(),
+            meta: meta.clone(),
+        });
+
+        let shards = engines.kv.load_shards()?;
+        let mut raft_mailboxes = Vec::with_capacity(shards.len());
+        let mut apply_mailboxes = Vec::with_capacity(shards.len());
+        for (state, apply_state) in shards {
+            if state.state != flotilla_proto::local::ShardState::Normal as i32 {
+                continue;
+            }
+            let replica_id = state.replica_id;
+            let descriptor = state.shard.clone().unwrap_or_default();
+            let shard_id = descriptor.id;
+
+            let (atx, arx) = crossbeam_channel::unbounded();
+            let apply = ApplyFsm::new(descriptor.clone(), replica_id, apply_state.clone(), arx);
+            apply_mailboxes.push((shard_id, BasicMailbox::new(atx, Box::new(apply))));
+
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let mut replica = ReplicaFsm::recover(&ctx, state, apply_state, rx)?;
+            replica.maybe_campaign_on_start();
+            meta.insert(ShardMeta {
+                descriptor,
+                replica_id,
+                leader_id: replica.leader_id(),
+                term: replica.term(),
+            });
+            raft_mailboxes.push((shard_id, BasicMailbox::new(tx, Box::new(replica))));
+        }
+        let shard_ids: Vec<ShardId> = raft_mailboxes.iter().map(|(id, _)| *id).collect();
+        metrics::SHARDS.set(shard_ids.len() as i64);
+        metrics::LEADERS.set(0);
+        apply_router.register_all(apply_mailboxes);
+        raft_router.register_all(raft_mailboxes);
+
+        apply_system.spawn(ApplyPollerBuilder {
+            kv: engines.kv.clone(),
+            raft_router: raft_router.clone(),
+        });
+        raft_system.spawn(RaftPollerBuilder { ctx: ctx.clone() });
+        // Campaigns started above produced readies: run a round for each.
+        for id in &shard_ids {
+            let _ = raft_router.force_send(*id, ReplicaMsg::Wake);
+        }
+
+        let ticker = spawn_ticker(raft_router.clone(), cfg.tick_interval);
+        tracing::info!(node_id, shards = shard_ids.len(), elapsed_ms = started.elapsed().as_millis() as u64, "raftstore started");
+        Ok(Store {
+            router: StoreRouter {
+                node_id,
+                raft: raft_router,
+                meta,
+            },
+            raft_system,
+            apply_system,
+            ticker: Some(ticker),
+        })
+    }
+
+    pub fn router(&self) -> StoreRouter {
+        self.router.clone()
+    }
+
+    /// Stops the ticker and both poller pools. Pending client commands are
+    /// dropped with their FSMs, which cancels their callbacks.
+    pub fn shutdown(&mut self) {
+        if let Some((handle, stop)) = self.ticker.take() {
+            drop(stop);
+            let _ = handle.join();
+            self.raft_system.shutdown();
+            self.apply_system.shutdown();
+            tracing::info!(node_id = self.router.node_id, "raftstore stopped");
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn spawn_ticker(router: RaftRouter, interval: Duration) -> (JoinHandle<()>, Sender<()>) {
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let handle = std::thread::Builder::new()
+        .name("raft-ticker".into())
+        .spawn(move || {
+            let mut next = Instant::now() + interval;
+            loop {
+                let wait = next.saturating_duration_since(Instant::now());
+                match stop_rx.recv_timeout(wait) {
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                next += interval;
+                router.broadcast_normal(|| ReplicaMsg::Tick);
+                let _ = router.send_control(ControlMsg::Tick);
+            }
+        })
+        .expect("spawn ticker");
+    (handle, stop_tx)
+}

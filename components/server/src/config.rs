@@ -1,0 +1,329 @@
+//! Node configuration: a TOML file (see `etc/flotilla.toml`, where every key
+//! is documented with its default and unit) overridden by command-line flags.
+//! Keys are kebab-case; sizes are bytes, durations milliseconds, both named
+//! in the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerSection,
+    pub raftstore: RaftstoreSection,
+    pub raft_engine: RaftEngineSection,
+    pub rocksdb: RocksdbSection,
+    pub limits: Limits,
+    pub log: LogSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServerSection {
+    /// This node's id, unique in the cluster (flag `--node-id`).
+    pub node_id: u64,
+    /// gRPC address (Kv, Admin and Raft services).
+    pub addr: String,
+    /// Address for /health, /ready, /metrics and /status.
+    pub status_addr: String,
+    /// Data directory: `raft/` (raft-engine) and `kv/` (RocksDB) live here.
+    pub data_dir: PathBuf,
+    /// `id=host:port,...` of every node of a new cluster.
+    pub initial_cluster: String,
+    /// Shards created when a new cluster is bootstrapped.
+    pub initial_shards: usize,
+    /// How long a request may wait for its command to apply or its read to
+    /// be confirmed.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            node_id: 0,
+            addr: "127.0.0.1:20161".into(),
+            status_addr: "127.0.0.1:20181".into(),
+            data_dir: PathBuf::from("data"),
+            initial_cluster: String::new(),
+            initial_shards: 8,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RaftstoreSection {
+    pub raft_pollers: usize,
+    pub apply_pollers: usize,
+    pub max_batch_size: usize,
+    pub messages_per_tick: usize,
+    pub mailbox_capacity: usize,
+    pub tick_interval_ms: u64,
+    pub heartbeat_ticks: usize,
+    pub election_ticks: usize,
+    pub max_size_per_msg_bytes: u64,
+    pub max_inflight_msgs: usize,
+    pub max_uncommitted_size_bytes: u64,
+    pub max_entry_size_bytes: usize,
+    pub abandon_proposals_after_ticks: usize,
+}
+
+impl Default for RaftstoreSection {
+    fn default() -> Self {
+        let d = flotilla_raftstore::Config::default();
+        RaftstoreSection {
+            raft_pollers: d.raft_pollers,
+            apply_pollers: d.apply_pollers,
+            max_batch_size: d.max_batch_size,
+            messages_per_tick: d.messages_per_tick,
+            mailbox_capacity: d.mailbox_capacity,
+            tick_interval_ms: d.tick_interval.as_millis() as u64,
+            heartbeat_ticks: d.heartbeat_ticks,
+            election_ticks: d.election_ticks,
+            max_size_per_msg_bytes: d.max_size_per_msg,
+            max_inflight_msgs: d.max_inflight_msgs,
+            max_uncommitted_size_bytes: d.max_uncommitted_size,
+            max_entry_size_bytes: d.max_entry_size,
+            abandon_proposals_after_ticks: d.abandon_proposals_after_ticks,
+        }
+    }
+}
+
+impl RaftstoreSection {
+    pub fn to_raftstore(&self) -> flotilla_raftstore::Config {
+        flotilla_raftstore::Config {
+            raft_pollers: self.raft_pollers,
+            apply_pollers: self.apply_pollers,
+            max_batch_size: self.max_batch_size,
+            messages_per_tick: self.messages_per_tick,
+            mailbox_capacity: self.mailbox_capacity,
+            tick_interval: Duration::from_millis(self.tick_interval_ms),
+            heartbeat_ticks: self.heartbeat_ticks,
+            election_ticks: self.election_ticks,
+            max_size_per_msg: self.max_size_per_msg_bytes,
+            max_inflight_msgs: self.max_inflight_msgs,
+            max_uncommitted_size: self.max_uncommitted_size_bytes,
+            max_entry_size: self.max_entry_size_bytes,
+            abandon_proposals_after_ticks: self.abandon_proposals_after_ticks,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RaftEngineSection {
+    pub target_file_size_bytes: u64,
+    pub purge_threshold_bytes: u64,
+    pub batch_compression_threshold_bytes: u64,
+    pub enable_log_recycle: bool,
+}
+
+impl Default for RaftEngineSection {
+    fn default() -> Self {
+        let d = flotilla_storage::RaftLogConfig::default();
+        RaftEngineSection {
+            target_file_size_bytes: d.target_file_size,
+            purge_threshold_bytes: d.purge_threshold,
+            batch_compression_threshold_bytes: d.batch_compression_threshold,
+            enable_log_recycle: d.enable_log_recycle,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RocksdbSection {
+    pub block_cache_size_bytes: usize,
+    pub write_buffer_size_bytes: usize,
+    pub max_background_jobs: i32,
+    pub max_open_files: i32,
+}
+
+impl Default for RocksdbSection {
+    fn default() -> Self {
+        let d = flotilla_storage::KvConfig::default();
+        RocksdbSection {
+            block_cache_size_bytes: d.block_cache_size,
+            write_buffer_size_bytes: d.write_buffer_size,
+            max_background_jobs: d.max_background_jobs,
+            max_open_files: d.max_open_files,
+        }
+    }
+}
+
+/// Request limits. A request over any of them fails with INVALID_ARGUMENT
+/// naming the limit, and writes nothing.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Limits {
+    pub max_key_size_bytes: usize,
+    pub max_value_size_bytes: usize,
+    /// Keys (or pairs) in one BatchGet or BatchPut.
+    pub max_batch_keys: usize,
+    /// Encoded size of one request.
+    pub max_request_size_bytes: usize,
+    /// Most pairs one Scan returns; larger limits are cut to it (the
+    /// response says `more`).
+    pub max_scan_limit: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_key_size_bytes: 4096,
+            max_value_size_bytes: 1 << 20,
+            max_batch_keys: 1024,
+            max_request_size_bytes: 4 << 20,
+            max_scan_limit: 10_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LogSection {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a full `RUST_LOG`-style
+    /// filter. `RUST_LOG`, when set, wins.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerSection::default(),
+            raftstore: RaftstoreSection::default(),
+            raft_engine: RaftEngineSection::default(),
+            rocksdb: RocksdbSection::default(),
+            limits: Limits::default(),
+            log: LogSection::default(),
+        }
+    }
+}
+
+/// A node of `--initial-cluster`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InitialNode {
+    pub id: u64,
+    pub addr: String,
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.request_timeout_ms)
+    }
+
+    /// Parses `--initial-cluster` (`1=host:port,2=host:port`).
+    pub fn initial_cluster(&self) -> anyhow::Result<Vec<InitialNode>> {
+        parse_initial_cluster(&self.server.initial_cluster)
+    }
+
+    /// Checks values that would make the node misbehave.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        if self.server.node_id == 0 {
+            bail!("server.node-id (--node-id) must be set to a non-zero id");
+        }
+        self.server
+            .addr
+            .parse::<SocketAddr>()
+            .map_err(|e| anyhow::anyhow!("server.addr {:?}: {e}", self.server.addr))?;
+        self.server
+            .status_addr
+            .parse::<SocketAddr>()
+            .map_err(|e| anyhow::anyhow!("server.status-addr {:?}: {e}", self.server.status_addr))?;
+        let r = &self.raftstore;
+        if r.heartbeat_ticks == 0 || r.election_ticks <= r.heartbeat_ticks {
+            bail!("raftstore.election-ticks must exceed raftstore.heartbeat-ticks (> 0)");
+        }
+        if r.raft_pollers == 0 || r.apply_pollers == 0 {
+            bail!("raftstore.raft-pollers and raftstore.apply-pollers must be at least 1");
+        }
+        if r.tick_interval_ms == 0 {
+            bail!("raftstore.tick-interval-ms must be at least 1");
+        }
+        if !(1..=65536).contains(&self.server.initial_shards) {
+            bail!("server.initial-shards must be in 1..=65536");
+        }
+        let l = &self.limits;
+        if l.max_key_size_bytes == 0 || l.max_batch_keys == 0 || l.max_scan_limit == 0 {
+            bail!("limits must be non-zero");
+        }
+        Ok(())
+    }
+}
+
+pub fn parse_initial_cluster(s: &str) -> anyhow::Result<Vec<InitialNode>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("initial-cluster entry {part:?} is not id=host:port"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("initial-cluster entry {part:?}: bad node id"))?;
+        if id == 0 {
+            anyhow::bail!("initial-cluster entry {part:?}: node id must be non-zero");
+        }
+        if out.iter().any(|n: &InitialNode| n.id == id) {
+            anyhow::bail!("initial-cluster lists node {id} twice");
+        }
+        out.push(InitialNode {
+            id,
+            addr: addr.trim().to_string(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_config_file_parses_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../etc/flotilla.toml");
+        let c = Config::from_file(&path).unwrap();
+        let d = Config::default();
+        assert_eq!(c.raftstore.election_ticks, d.raftstore.election_ticks);
+        assert_eq!(c.limits.max_key_size_bytes, d.limits.max_key_size_bytes);
+        assert_eq!(c.limits.max_value_size_bytes, d.limits.max_value_size_bytes);
+        assert_eq!(c.server.initial_shards, d.server.initial_shards);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<Config>("[server]\nnode-idd = 1\n").is_err());
+    }
+
+    #[test]
+    fn initial_cluster_parses_and_rejects_garbage() {
+        let n = parse_initial_cluster("1=127.0.0.1:1, 2=127.0.0.1:2").unwrap();
+        assert_eq!(n.len(), 2);
+        assert_eq!(n[1].addr, "127.0.0.1:2");
+        assert!(parse_initial_cluster("1=a,1=b").is_err());
+        assert!(parse_initial_cluster("x=a").is_err());
+        assert!(parse_initial_cluster("1").is_err());
+    }
+}

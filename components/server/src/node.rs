@@ -1,0 +1,281 @@
+//! Assembles a node: engines, bootstrap, raftstore, transport, gRPC and
+//! status servers, and the one shutdown path that stops them in order.
+//!
+//! Start-up:
+//! 1. open RocksDB (`<data>/kv`) and raft-engine (`<data>/raft`);
+//! 2. if the data dir holds no `NodeIdent`, bootstrap it from
+//!    `--initial-cluster` and `--initial-shards` (every node derives the same
+//!    layout); otherwise those flags are ignored and the recorded cluster is
+//!    used;
+//! 3. start the transport, the raftstore (which recovers every replica), and
+//!    the gRPC (Kv, Admin, Raft) and status servers.
+//!
+//! Shutdown: stop accepting requests, stop the raftstore (pending requests
+//! are answered "shutting down, outcome unknown"), then drop the engines.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use flotilla_proto::admin::admin_server::AdminServer;
+use flotilla_proto::kv::kv_server::KvServer;
+use flotilla_proto::meta::Node;
+use flotilla_proto::raft::raft_server::RaftServer;
+use flotilla_raftstore::bootstrap::{bootstrap_node, initial_layout};
+use flotilla_raftstore::{Engines, Store, StoreRouter};
+use flotilla_storage::{KvConfig, KvEngine, RaftLogConfig, RaftLogEngine};
+use flotilla_transport::{AddressBook, RaftClient, RaftClientConfig, RaftService};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::admin_service::AdminService;
+use crate::config::Config;
+use crate::directory::Directory;
+use crate::kv_service::KvService;
+use crate::service::NodeContext;
+use crate::status;
+
+/// Pre-bound listeners (tests bind port 0 first to learn the ports).
+pub struct Listeners {
+    pub grpc: std::net::TcpListener,
+    pub status: std::net::TcpListener,
+}
+
+impl Listeners {
+    pub fn bind(grpc: &str, status: &str) -> anyhow::Result<Self> {
+        let g = std::net::TcpListener::bind(grpc).with_context(|| format!("binding {grpc}"))?;
+        let s =
+            std::net::TcpListener::bind(status).with_context(|| format!("binding {status}"))?;
+        Ok(Listeners { grpc: g, status: s })
+    }
+}
+
+pub struct Server {
+    ctx: Arc<NodeContext>,
+    store: Store,
+    transport: RaftClient,
+    grpc_addr: SocketAddr,
+    status_addr: SocketAddr,
+    grpc_stop: Option<oneshot::Sender<()>>,
+    status_stop: Option<oneshot::Sender<()>>,
+    grpc_task: Option<JoinHandle<()>>,
+    status_task: Option<JoinHandle<()>>,
+}
+
+fn open_engines(cfg: &Config) -> anyhow::Result<Engines> {
+    let dir = &cfg.server.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let kv_cfg = KvConfig {
+        block_cache_size: cfg.rocksdb.block_cache_size_bytes,
+        write_buffer_size: cfg.rocksdb.write_buffer_size_bytes,
+        max_background_jobs: cfg.rocksdb.max_background_jobs,
+        max_open_files: cfg.rocksdb.max_open_files,
+    };
+    let kv = KvEngine::open(&dir.join("kv"), &kv_cfg).context("opening RocksDB")?;
+    let raft_cfg = RaftLogConfig {
+        target_file_size: cfg.raft_engine.target_file_size_bytes,
+        purge_threshold: cfg.raft_engine.purge_threshold_bytes,
+        batch_compression_threshold: cfg.raft_engine.batch_compression_threshold_bytes,
+        enable_log_recycle: cfg.raft_engine.enable_log_recycle,
+    };
+    let raft = RaftLogEngine::open(&dir.join("raft"), &raft_cfg).context("opening raft-engine")?;
+    Ok(Engines { kv, raft })
+}
+
+/// Bootstraps a new data dir, or checks an existing one; returns the nodes
+/// of the cluster.
+fn ensure_bootstrapped(cfg: &Config, engines: &Engines) -> anyhow::Result<Vec<Node>> {
+    let node_id = cfg.server.node_id;
+    if let Some(ident) = engines.kv.node_ident()? {
+        if ident.node_id != node_id {
+            bail!(
+                "data dir {} belongs to node {}, not node {node_id}",
+                cfg.server.data_dir.display(),
+                ident.node_id
+            );
+        }
+        if !cfg.server.initial_cluster.is_empty() {
+            tracing::info!(node_id, "data dir already holds a cluster; --initial-cluster and --initial-shards are ignored");
+        }
+        return Ok(ident.nodes);
+    }
+    let initial = cfg.initial_cluster()?;
+    if initial.is_empty() {
+        bail!("new data dir {}: --initial-cluster is required to bootstrap", cfg.server.data_dir.display());
+    }
+    if !initial.iter().any(|n| n.id == node_id) {
+        bail!("--initial-cluster does not list this node ({node_id})");
+    }
+    let nodes: Vec<Node> = initial
+        .iter()
+        .map(|n| Node {
+            id: n.id,
+            address: n.addr.clone(),
+        })
+        .collect();
+    let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+    let layout = initial_layout(&ids, cfg.server.initial_shards);
+    bootstrap_node(&engines.kv, &engines.raft, node_id, &nodes, &layout)?;
+    tracing::info!(node_id, nodes = nodes.len(), shards = layout.len(), "bootstrapped a new cluster member");
+    Ok(nodes)
+}
+
+impl Server {
+    /// Starts a node. Must run inside a multi-threaded tokio runtime.
+    pub async fn start(cfg: Config, listeners: Option<Listeners>) -> anyhow::Result<Server> {
+        cfg.validate()?;
+        let started = Instant::now();
+        let node_id = cfg.server.node_id;
+        let listeners = match listeners {
+            Some(l) => l,
+            None => Listeners::bind(&cfg.server.addr, &cfg.server.status_addr)?,
+        };
+        let engines = open_engines(&cfg)?;
+        let nodes = ensure_bootstrapped(&cfg, &engines)?;
+
+        let addresses = AddressBook::default();
+        for n in &nodes {
+            addresses.set(n.id, n.address.clone());
+        }
+        let directory = Arc::new(Directory::new(engines.kv.load_directory()?));
+
+        let max_msg = cfg.limits.max_request_size_bytes.max(64 << 20);
+        let transport = RaftClient::new(
+            node_id,
+            RaftClientConfig {
+                max_message_bytes: max_msg,
+                ..Default::default()
+            },
+            addresses.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let store = Store::start(
+            node_id,
+            cfg.raftstore.to_raftstore(),
+            engines.clone(),
+            Arc::new(transport.clone()),
+        )?;
+        let router: StoreRouter = store.router();
+        transport.set_router(router.clone());
+
+        let grpc_addr = listeners.grpc.local_addr()?;
+        let status_addr = listeners.status.local_addr()?;
+        let ctx = Arc::new(NodeContext {
+            node_id,
+            addr: addresses.get(node_id).unwrap_or_else(|| grpc_addr.to_string()),
+            cfg: cfg.clone(),
+            router: router.clone(),
+            kv: engines.kv.clone(),
+            raft: engines.raft.clone(),
+            directory,
+            addresses,
+            started,
+        });
+
+        // Requests past the limit are refused by the handlers with a clear
+        // INVALID_ARGUMENT; the transport's own cap only stops abuse.
+        let decode_cap = cfg.limits.max_request_size_bytes.saturating_mul(4).max(16 << 20);
+        let (grpc_stop, grpc_stop_rx) = oneshot::channel::<()>();
+        listeners.grpc.set_nonblocking(true)?;
+        let incoming = tonic::transport::server::TcpIncoming::from(
+            tokio::net::TcpListener::from_std(listeners.grpc)?,
+        )
+        .with_nodelay(Some(true));
+        let grpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(KvServer::new(KvService::new(ctx.clone())).max_decoding_message_size(decode_cap))
+            .add_service(AdminServer::new(AdminService::new(ctx.clone())))
+            .add_service(
+                RaftServer::new(RaftService::new(node_id, router.clone()))
+                    .max_decoding_message_size(max_msg),
+            )
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = grpc_stop_rx.await;
+            });
+        let grpc_task = tokio::spawn(async move {
+            if let Err(e) = grpc.await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        });
+
+        let (status_stop, status_stop_rx) = oneshot::channel::<()>();
+        listeners.status.set_nonblocking(true)?;
+        let status_listener = tokio::net::TcpListener::from_std(listeners.status)?;
+        let app = status::router(ctx.clone());
+        let status_task = tokio::spawn(async move {
+            let r = axum::serve(status_listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = status_stop_rx.await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "status server failed");
+            }
+        });
+
+        tracing::info!(node_id, grpc = %grpc_addr, status = %status_addr, elapsed_ms = started.elapsed().as_millis() as u64, "node started");
+        Ok(Server {
+            ctx,
+            store,
+            transport,
+            grpc_addr,
+            status_addr,
+            grpc_stop: Some(grpc_stop),
+            status_stop: Some(status_stop),
+            grpc_task: Some(grpc_task),
+            status_task: Some(status_task),
+        })
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.ctx.node_id
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn status_addr(&self) -> SocketAddr {
+        self.status_addr
+    }
+
+    pub fn router(&self) -> StoreRouter {
+        self.ctx.router.clone()
+    }
+
+    /// The node's raft transport (tests install filters on it).
+    pub fn transport(&self) -> &RaftClient {
+        &self.transport
+    }
+
+    pub fn kv_engine(&self) -> &KvEngine {
+        &self.ctx.kv
+    }
+
+    /// Stops serving and shuts the raftstore down.
+    pub async fn shutdown(mut self) {
+        self.stop().await;
+    }
+
+    async fn stop(&mut self) {
+        if let Some(tx) = self.grpc_stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(tx) = self.status_stop.take() {
+            let _ = tx.send(());
+        }
+        // In-flight requests get a moment to finish; then stop regardless
+        // (their callbacks are cancelled by the raftstore shutdown).
+        for task in [self.grpc_task.take(), self.status_task.take()].into_iter().flatten() {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), task).await.is_err() {
+                abort.abort();
+            }
+        }
+        self.store.shutdown();
+        self.transport.shutdown();
+        tracing::info!(node_id = self.ctx.node_id, "node stopped");
+    }
+}

@@ -1,0 +1,88 @@
+//! The status HTTP server: `/health` (the process answers), `/ready` (every
+//! local replica knows its leader), `/metrics` (Prometheus text format, the
+//! default registry: Flotilla's metrics, raft-engine's and the process
+//! collector's) and `/status` (JSON summary of the node).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus::Encoder;
+use serde::Serialize;
+
+use crate::service::NodeContext;
+
+pub fn router(ctx: Arc<NodeContext>) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .with_state(ctx)
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    ready: bool,
+    replicas: usize,
+    replicas_without_leader: usize,
+}
+
+async fn ready(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
+    let c = ctx.router.meta().counts();
+    let ready = c.without_leader == 0;
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(Readiness {
+            ready,
+            replicas: c.replicas,
+            replicas_without_leader: c.without_leader,
+        }),
+    )
+}
+
+async fn metrics() -> impl IntoResponse {
+    let encoder = prometheus::TextEncoder::new();
+    let mut buf = Vec::new();
+    if let Err(e) = encoder.encode(&prometheus::gather(), &mut buf) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    ([(header::CONTENT_TYPE, encoder.format_type().to_string())], buf).into_response()
+}
+
+#[derive(Serialize)]
+pub struct NodeStatus {
+    pub node_id: u64,
+    pub address: String,
+    pub version: String,
+    pub uptime_seconds: u64,
+    pub shards: usize,
+    pub leaders: usize,
+    pub shards_without_leader: usize,
+    pub raft_engine_bytes: u64,
+    pub rocksdb_bytes: u64,
+}
+
+async fn status(State(ctx): State<Arc<NodeContext>>) -> Json<NodeStatus> {
+    let c = ctx.router.meta().counts();
+    Json(NodeStatus {
+        node_id: ctx.node_id,
+        address: ctx.addr.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_seconds: ctx.started.elapsed().as_secs(),
+        shards: c.replicas,
+        leaders: c.leaders,
+        shards_without_leader: c.without_leader,
+        raft_engine_bytes: ctx.raft.used_size() as u64,
+        rocksdb_bytes: ctx.kv.property_sum("rocksdb.total-sst-files-size")
+            + ctx.kv.property_sum("rocksdb.cur-size-all-mem-tables"),
+    })
+}

@@ -1,0 +1,386 @@
+//! raft-rs `Storage` for one shard replica.
+//!
+//! State kept in memory and mirrored on disk:
+//!
+//! | field         | on disk                          | written by            |
+//! |---------------|----------------------------------|-----------------------|
+//! | `raft_state`  | raft-engine record `rs`          | raft poller, each ready |
+//! | entries       | raft-engine group = shard id     | raft poller, each ready |
+//! | `apply_state` | RocksDB `meta` ApplyState        | apply poller (with data) |
+//! | `conf_state`  | derived from the shard descriptor | apply poller          |
+//!
+//! The log holds entries `(truncated_index, last_index]`. A new shard's log
+//! starts at [`RAFT_INIT_INDEX`]/[`RAFT_INIT_TERM`] (as TiKV does): every
+//! replica of a bootstrapped shard starts from the same "applied" state, so
+//! none of them needs a snapshot to begin.
+//!
+//! Writes are staged into the poll round's `LogBatch` by [`ReplicaStorage::append`]
+//! and [`ReplicaStorage::stage_raft_state`]; the in-memory state moves at once
+//! because raft-rs only reads what it has been told is stable.
+
+use std::sync::Arc;
+
+use flotilla_proto::local::ApplyState;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use raft_engine::LogBatch;
+
+use crate::entry_cache::EntryCache;
+use crate::raft_log::{RaftLocalState, RaftLogEngine};
+use crate::{Error, Index, ReplicaId, Result, ShardId, Term};
+
+/// Index at which every bootstrapped shard's log starts (truncated there).
+pub const RAFT_INIT_INDEX: Index = 5;
+/// Term of the entry at [`RAFT_INIT_INDEX`].
+pub const RAFT_INIT_TERM: Term = 5;
+
+/// Bytes of recent entries cached per replica.
+pub const ENTRY_CACHE_BYTES: usize = 1 << 20;
+
+pub struct ReplicaStorage {
+    shard_id: ShardId,
+    replica_id: ReplicaId,
+    engine: Arc<RaftLogEngine>,
+    raft_state: RaftLocalState,
+    last_term: Term,
+    apply_state: ApplyState,
+    conf_state: ConfState,
+    cache: EntryCache,
+}
+
+/// The apply state of a freshly bootstrapped shard.
+pub fn initial_apply_state() -> ApplyState {
+    ApplyState {
+        applied_index: RAFT_INIT_INDEX,
+        applied_term: RAFT_INIT_TERM,
+        truncated_index: RAFT_INIT_INDEX,
+        truncated_term: RAFT_INIT_TERM,
+    }
+}
+
+/// The raft state of a freshly bootstrapped shard.
+pub fn initial_raft_state() -> RaftLocalState {
+    let mut hs = HardState::default();
+    hs.term = RAFT_INIT_TERM;
+    hs.commit = RAFT_INIT_INDEX;
+    RaftLocalState {
+        hard_state: hs,
+        last_index: RAFT_INIT_INDEX,
+    }
+}
+
+fn store_err(e: Error) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+impl ReplicaStorage {
+    /// Rebuilds a replica's storage from disk. `apply_state` comes from
+    /// RocksDB, the raft state from raft-engine.
+    pub fn recover(
+        shard_id: ShardId,
+        replica_id: ReplicaId,
+        engine: Arc<RaftLogEngine>,
+        apply_state: ApplyState,
+        conf_state: ConfState,
+    ) -> Result<Self> {
+        let mut raft_state = engine.raft_state(shard_id)?.ok_or_else(|| Error::Corruption {
+            what: format!("shard {shard_id}"),
+            detail: "no raft state in raft-engine".into(),
+        })?;
+        if raft_state.last_index < apply_state.applied_index {
+            return Err(Error::Corruption {
+                what: format!("shard {shard_id}"),
+                detail: format!(
+                    "applied index {} beyond the log's last index {}",
+                    apply_state.applied_index, raft_state.last_index
+                ),
+            });
+        }
+        // The commit index in the hard state is written lazily; whatever was
+        // applied was committed.
+        if raft_state.hard_state.commit < apply_state.applied_index {
+            raft_state.hard_state.commit = apply_state.applied_index;
+        }
+        let mut s = ReplicaStorage {
+            shard_id,
+            replica_id,
+            engine,
+            raft_state,
+            last_term: 0,
+            apply_state,
+            conf_state,
+            cache: EntryCache::new(ENTRY_CACHE_BYTES),
+        };
+        s.last_term = s.read_term(s.raft_state.last_index)?;
+        Ok(s)
+    }
+
+    pub fn shard_id(&self) -> ShardId {
+        self.shard_id
+    }
+
+    pub fn replica_id(&self) -> ReplicaId {
+        self.replica_id
+    }
+
+    pub fn raft_state(&self) -> &RaftLocalState {
+        &self.raft_state
+    }
+
+    pub fn apply_state(&self) -> &ApplyState {
+        &self.apply_state
+    }
+
+    pub fn last_index(&self) -> Index {
+        self.raft_state.last_index
+    }
+
+    pub fn applied_index(&self) -> Index {
+        self.apply_state.applied_index
+    }
+
+    pub fn truncated_index(&self) -> Index {
+        self.apply_state.truncated_index
+    }
+
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    /// Records apply progress reported by the apply poller, trimming the
+    /// entry cache of what is no longer needed for apply.
+    pub fn set_apply_state(&mut self, state: ApplyState) {
+        self.cache.compact_to(state.applied_index + 1);
+        self.apply_state = state;
+    }
+
+    pub fn set_conf_state(&mut self, cs: ConfState) {
+        self.conf_state = cs;
+    }
+
+    /// Stages `entries` into `batch` and makes them the log's tail.
+    pub fn append(&mut self, entries: &[Entry], batch: &mut LogBatch) {
+        let Some(last) = entries.last() else { return };
+        RaftLogEngine::append_entries(batch, self.shard_id, entries);
+        self.cache.append(entries);
+        self.raft_state.last_index = last.index;
+        self.last_term = last.term;
+    }
+
+    pub fn set_hard_state(&mut self, hs: HardState) {
+        self.raft_state.hard_state = hs;
+    }
+
+    pub fn set_commit(&mut self, commit: Index) {
+        self.raft_state.hard_state.commit = commit;
+    }
+
+    /// Stages the raft state record into `batch`.
+    pub fn stage_raft_state(&self, batch: &mut LogBatch) {
+        RaftLogEngine::put_raft_state(batch, self.shard_id, &self.raft_state);
+    }
+
+    fn read_term(&self, idx: Index) -> Result<Term> {
+        if idx == self.apply_state.truncated_index {
+            return Ok(self.apply_state.truncated_term);
+        }
+        if let Some(t) = self.cache.term(idx) {
+            return Ok(t);
+        }
+        match self.engine.entry(self.shard_id, idx)? {
+            Some(e) => Ok(e.term),
+            None => Err(Error::Corruption {
+                what: format!("shard {} entry {idx}", self.shard_id),
+                detail: "missing from raft-engine".into(),
+            }),
+        }
+    }
+}
+
+impl raft::Storage for ReplicaStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState {
+            hard_state: self.raft_state.hard_state.clone(),
+            conf_state: self.conf_state.clone(),
+        })
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into();
+        if low <= self.apply_state.truncated_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        assert!(
+            high <= self.raft_state.last_index + 1,
+            "shard {} entries [{low}, {high}) beyond last index {}",
+            self.shard_id,
+            self.raft_state.last_index
+        );
+        let mut ents = Vec::with_capacity((high - low).min(1024) as usize);
+        if low >= high {
+            return Ok(ents);
+        }
+        let cache_first = self.cache.first_index().unwrap_or(u64::MAX);
+        if low < cache_first {
+            let engine_high = high.min(cache_first);
+            let n = self
+                .engine
+                .fetch_entries(
+                    self.shard_id,
+                    low,
+                    engine_high,
+                    max_size.map(|s| s as usize),
+                    &mut ents,
+                )
+                .map_err(store_err)?;
+            if (n as u64) < engine_high - low {
+                if n == 0 {
+                    return Err(raft::Error::Store(StorageError::Unavailable));
+                }
+                // Cut short by max_size.
+                return Ok(ents);
+            }
+        }
+        if high > cache_first {
+            self.cache.fetch(low.max(cache_first), high, &mut ents);
+        }
+        raft::util::limit_size(&mut ents, max_size);
+        Ok(ents)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.apply_state.truncated_index {
+            return Ok(self.apply_state.truncated_term);
+        }
+        if idx < self.apply_state.truncated_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.raft_state.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        if idx == self.raft_state.last_index {
+            return Ok(self.last_term);
+        }
+        self.read_term(idx).map_err(store_err)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.apply_state.truncated_index + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.raft_state.last_index)
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // Snapshot generation arrives with the durability work; until then a
+        // follower that needs one waits (raft retries later).
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage;
+
+    fn ent(index: u64, term: u64) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e.data = format!("e{index}").into_bytes().into();
+        e
+    }
+
+    fn new_storage(dir: &std::path::Path) -> (Arc<RaftLogEngine>, ReplicaStorage) {
+        let engine = RaftLogEngine::open(dir, &Default::default()).unwrap();
+        let mut b = LogBatch::default();
+        RaftLogEngine::put_raft_state(&mut b, 1, &initial_raft_state());
+        engine.write(&mut b, true).unwrap();
+        let s = ReplicaStorage::recover(
+            1,
+            11,
+            engine.clone(),
+            initial_apply_state(),
+            ConfState::default(),
+        )
+        .unwrap();
+        (engine, s)
+    }
+
+    #[test]
+    fn bootstrapped_log_starts_truncated_at_init_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_e, s) = new_storage(dir.path());
+        assert_eq!(s.first_index().unwrap(), RAFT_INIT_INDEX + 1);
+        assert_eq!(raft::Storage::last_index(&s).unwrap(), RAFT_INIT_INDEX);
+        assert_eq!(s.term(RAFT_INIT_INDEX).unwrap(), RAFT_INIT_TERM);
+        assert!(matches!(
+            s.entries(5, 6, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+    }
+
+    #[test]
+    fn appended_entries_survive_restart_and_tail_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, mut s) = new_storage(dir.path());
+        let mut b = LogBatch::default();
+        s.append(&[ent(6, 6), ent(7, 6), ent(8, 6)], &mut b);
+        s.stage_raft_state(&mut b);
+        engine.write(&mut b, true).unwrap();
+        // A new leader overwrites 8.
+        let mut b = LogBatch::default();
+        s.append(&[ent(8, 7)], &mut b);
+        s.stage_raft_state(&mut b);
+        engine.write(&mut b, true).unwrap();
+        assert_eq!(s.term(8).unwrap(), 7);
+        drop(s);
+        drop(engine);
+
+        let engine = RaftLogEngine::open(dir.path(), &Default::default()).unwrap();
+        let s = ReplicaStorage::recover(
+            1,
+            11,
+            engine,
+            initial_apply_state(),
+            ConfState::default(),
+        )
+        .unwrap();
+        assert_eq!(raft::Storage::last_index(&s).unwrap(), 8);
+        assert_eq!(s.term(8).unwrap(), 7);
+        assert_eq!(s.term(7).unwrap(), 6);
+        let ents = s
+            .entries(6, 9, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(
+            ents.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(),
+            vec![(6, 6), (7, 6), (8, 7)]
+        );
+        // max_size always returns at least one entry.
+        let one = s.entries(6, 9, 1, GetEntriesContext::empty(false)).unwrap();
+        assert_eq!(one.len(), 1);
+    }
+
+    #[test]
+    fn commit_is_raised_to_applied_on_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, mut s) = new_storage(dir.path());
+        let mut b = LogBatch::default();
+        s.append(&[ent(6, 6), ent(7, 6)], &mut b);
+        s.stage_raft_state(&mut b);
+        engine.write(&mut b, true).unwrap();
+        let mut applied = initial_apply_state();
+        applied.applied_index = 7;
+        let s = ReplicaStorage::recover(1, 11, engine, applied, ConfState::default()).unwrap();
+        assert_eq!(s.initial_state().unwrap().hard_state.commit, 7);
+    }
+}

@@ -1,0 +1,276 @@
+//! In-process clusters for tests, in the style of TiKV's test_raftstore.
+//!
+//! Every node is a real `flotilla_server::Server`: RocksDB and raft-engine on
+//! a temporary directory, real gRPC on a loopback port picked by the kernel.
+//! Links between nodes are cut, made one-way or delayed with transport
+//! filters; nodes stop and restart on their data; the test talks to the
+//! cluster through the real client or straight to a node's store router.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use flotilla_client::{Client, ClientConfig};
+use flotilla_raftstore::{NodeId, ShardId, StoreRouter};
+use flotilla_server::{Config, Listeners, Server};
+use flotilla_transport::{Filter, PartitionFilter};
+
+pub use flotilla_transport::FilterDecision;
+
+/// Installs a test log subscriber once (RUST_LOG controls it).
+pub fn init_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+pub struct ClusterBuilder {
+    nodes: usize,
+    shards: usize,
+    tune: Box<dyn Fn(&mut Config)>,
+}
+
+impl ClusterBuilder {
+    pub fn shards(mut self, n: usize) -> Self {
+        self.shards = n;
+        self
+    }
+
+    /// Adjusts every node's configuration before start.
+    pub fn configure(mut self, f: impl Fn(&mut Config) + 'static) -> Self {
+        self.tune = Box::new(f);
+        self
+    }
+
+    pub async fn start(self) -> TestCluster {
+        init_logging();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut listeners = BTreeMap::new();
+        for id in 1..=self.nodes as NodeId {
+            let l = Listeners::bind("127.0.0.1:0", "127.0.0.1:0").expect("bind loopback");
+            listeners.insert(id, l);
+        }
+        let initial: Vec<String> = listeners
+            .iter()
+            .map(|(id, l)| format!("{id}={}", l.grpc.local_addr().unwrap()))
+            .collect();
+        let mut configs = BTreeMap::new();
+        for (id, l) in &listeners {
+            let mut cfg = Config::default();
+            cfg.server.node_id = *id;
+            cfg.server.addr = l.grpc.local_addr().unwrap().to_string();
+            cfg.server.status_addr = l.status.local_addr().unwrap().to_string();
+            cfg.server.data_dir = dir.path().join(format!("node{id}"));
+            cfg.server.initial_cluster = initial.join(",");
+            cfg.server.initial_shards = self.shards;
+            // Fast clocks keep tests short: 20 ms ticks, 200-400 ms elections.
+            cfg.raftstore.tick_interval_ms = 20;
+            // Small RocksDB caches: several nodes share one process.
+            cfg.rocksdb.block_cache_size_bytes = 8 << 20;
+            cfg.rocksdb.write_buffer_size_bytes = 4 << 20;
+            (self.tune)(&mut cfg);
+            configs.insert(*id, cfg);
+        }
+        let mut cluster = TestCluster {
+            _dir: dir,
+            configs,
+            servers: BTreeMap::new(),
+            filters: Vec::new(),
+        };
+        // Start all nodes concurrently so elections can complete.
+        let mut starting = Vec::new();
+        for (id, l) in listeners {
+            let cfg = cluster.configs[&id].clone();
+            starting.push((id, tokio::spawn(Server::start(cfg, Some(l)))));
+        }
+        for (id, h) in starting {
+            let s = h.await.expect("join").expect("node starts");
+            cluster.servers.insert(id, s);
+        }
+        cluster
+    }
+}
+
+pub struct TestCluster {
+    _dir: tempfile::TempDir,
+    configs: BTreeMap<NodeId, Config>,
+    servers: BTreeMap<NodeId, Server>,
+    filters: Vec<Arc<dyn Filter>>,
+}
+
+impl TestCluster {
+    pub fn builder(nodes: usize) -> ClusterBuilder {
+        ClusterBuilder {
+            nodes,
+            shards: 8,
+            tune: Box::new(|_| {}),
+        }
+    }
+
+    pub fn node_ids(&self) -> Vec<NodeId> {
+        self.configs.keys().copied().collect()
+    }
+
+    pub fn running(&self) -> Vec<NodeId> {
+        self.servers.keys().copied().collect()
+    }
+
+    pub fn server(&self, id: NodeId) -> &Server {
+        &self.servers[&id]
+    }
+
+    pub fn router(&self, id: NodeId) -> StoreRouter {
+        self.servers[&id].router()
+    }
+
+    pub fn config(&self, id: NodeId) -> &Config {
+        &self.configs[&id]
+    }
+
+    pub fn grpc_addr(&self, id: NodeId) -> String {
+        self.configs[&id].server.addr.clone()
+    }
+
+    /// A client that knows every node.
+    pub async fn client(&self) -> Client {
+        self.client_with_timeout(Duration::from_secs(15)).await
+    }
+
+    pub async fn client_with_timeout(&self, timeout: Duration) -> Client {
+        let endpoints = self.node_ids().iter().map(|id| self.grpc_addr(*id)).collect();
+        Client::connect(ClientConfig {
+            endpoints,
+            timeout,
+            ..Default::default()
+        })
+        .await
+        .expect("client connects")
+    }
+
+    /// Stops a node (its data stays).
+    pub async fn stop_node(&mut self, id: NodeId) {
+        if let Some(s) = self.servers.remove(&id) {
+            s.shutdown().await;
+        }
+    }
+
+    /// Starts a stopped node again on its data and its ports.
+    pub async fn restart_node(&mut self, id: NodeId) {
+        assert!(!self.servers.contains_key(&id), "node {id} is running");
+        let cfg = self.configs[&id].clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The old sockets may linger for a moment.
+        let listeners = loop {
+            match Listeners::bind(&cfg.server.addr, &cfg.server.status_addr) {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!("rebinding node {id}: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot rebind node {id}: {e}"),
+            }
+        };
+        let s = Server::start(cfg, Some(listeners))
+            .await
+            .expect("node restarts");
+        for f in &self.filters {
+            s.transport().add_filter(f.clone());
+        }
+        self.servers.insert(id, s);
+    }
+
+    /// Installs a filter on every running node (and on nodes restarted
+    /// later), until `heal`.
+    pub fn add_filter(&mut self, f: Arc<dyn Filter>) {
+        for s in self.servers.values() {
+            s.transport().add_filter(f.clone());
+        }
+        self.filters.push(f);
+    }
+
+    /// Cuts every link between the two groups, both ways.
+    pub fn partition(&mut self, a: &[NodeId], b: &[NodeId]) {
+        self.add_filter(Arc::new(PartitionFilter::new(
+            a.iter().copied(),
+            b.iter().copied(),
+        )));
+    }
+
+    /// Cuts node `id` off from every other node.
+    pub fn isolate(&mut self, id: NodeId) {
+        let others: Vec<_> = self.node_ids().into_iter().filter(|n| *n != id).collect();
+        self.partition(&[id], &others);
+    }
+
+    /// Removes every filter.
+    pub fn heal(&mut self) {
+        for s in self.servers.values() {
+            s.transport().clear_filters();
+        }
+        self.filters.clear();
+    }
+
+    /// The node whose replica leads `shard_id`, among running nodes, as the
+    /// replicas themselves report (the highest term wins).
+    pub fn leader_of(&self, shard_id: ShardId) -> Option<NodeId> {
+        self.servers
+            .iter()
+            .filter_map(|(id, s)| {
+                let m = s.router().meta().get(shard_id)?;
+                m.is_leader().then_some((m.term, *id))
+            })
+            .max()
+            .map(|(_, id)| id)
+    }
+
+    /// Waits until `shard_id` has a leader among `among` (all running nodes
+    /// when empty) that every running replica on those nodes agrees on.
+    pub async fn wait_leader(&self, shard_id: ShardId, among: &[NodeId], timeout: Duration) -> NodeId {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.leader_of(shard_id) {
+                if among.is_empty() || among.contains(&l) {
+                    return l;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "shard {shard_id} has no leader among {among:?} after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until every replica on every running node knows a leader.
+    pub async fn wait_all_leaders(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let missing: usize = self
+                .servers
+                .values()
+                .map(|s| s.router().meta().counts().without_leader)
+                .sum();
+            if missing == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{missing} replicas still without a leader after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Shuts every node down.
+    pub async fn shutdown(mut self) {
+        let ids: Vec<_> = self.servers.keys().copied().collect();
+        for id in ids {
+            self.stop_node(id).await;
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! The sending side of the transport: per-peer queues and streams.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_proto::raft::raft_client::RaftClient as GrpcRaftClient;
+use flotilla_proto::raft::{RaftBatch, RaftEnvelope};
+use flotilla_raftstore::{NodeId, RaftMessage, StoreRouter, Transport};
+use parking_lot::{Mutex, RwLock};
+use protobuf::Message as _;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::filter::{Filter, FilterDecision};
+use crate::metrics;
+
+/// Node id → gRPC address of every node this one may talk to.
+#[derive(Clone, Default)]
+pub struct AddressBook {
+    inner: Arc<RwLock<HashMap<NodeId, String>>>,
+}
+
+impl AddressBook {
+    pub fn get(&self, node_id: NodeId) -> Option<String> {
+        self.inner.read().get(&node_id).cloned()
+    }
+
+    pub fn set(&self, node_id: NodeId, addr: String) {
+        self.inner.write().insert(node_id, addr);
+    }
+
+    pub fn all(&self) -> Vec<(NodeId, String)> {
+        let mut v: Vec<_> = self
+            .inner
+            .read()
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RaftClientConfig {
+    /// Flushed batches queued per peer before new ones are dropped.
+    pub queue_batches: usize,
+    /// Most messages coalesced into one RaftBatch.
+    pub max_batch_messages: usize,
+    pub connect_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Largest gRPC message sent or received on the raft service, bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for RaftClientConfig {
+    fn default() -> Self {
+        RaftClientConfig {
+            queue_batches: 4096,
+            max_batch_messages: 4096,
+            connect_timeout: Duration::from_secs(2),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            max_message_bytes: 64 << 20,
+        }
+    }
+}
+
+struct Inner {
+    node_id: NodeId,
+    cfg: RaftClientConfig,
+    addresses: AddressBook,
+    runtime: tokio::runtime::Handle,
+    pending: Mutex<HashMap<NodeId, Vec<RaftMessage>>>,
+    peers: Mutex<HashMap<NodeId, mpsc::Sender<Vec<RaftMessage>>>>,
+    router: OnceLock<StoreRouter>,
+    filters: RwLock<Vec<Arc<dyn Filter>>>,
+    has_filters: AtomicBool,
+}
+
+/// Sends raft messages to peer nodes. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftClient {
+    inner: Arc<Inner>,
+}
+
+impl RaftClient {
+    /// `runtime` runs the peer tasks; `send` and `flush` may be called from
+    /// any thread.
+    pub fn new(
+        node_id: NodeId,
+        cfg: RaftClientConfig,
+        addresses: AddressBook,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        RaftClient {
+            inner: Arc::new(Inner {
+                node_id,
+                cfg,
+                addresses,
+                runtime,
+                pending: Mutex::default(),
+                peers: Mutex::default(),
+                router: OnceLock::new(),
+                filters: RwLock::default(),
+                has_filters: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Where unreachable peers are reported. Set once, after the store
+    /// starts.
+    pub fn set_router(&self, router: StoreRouter) {
+        let _ = self.inner.router.set(router);
+    }
+
+    pub fn addresses(&self) -> &AddressBook {
+        &self.inner.addresses
+    }
+
+    pub fn add_filter(&self, f: Arc<dyn Filter>) {
+        self.inner.filters.write().push(f);
+        self.inner.has_filters.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends every peer task (their queues close).
+    pub fn shutdown(&self) {
+        self.inner.peers.lock().clear();
+    }
+
+    pub fn clear_filters(&self) {
+        self.inner.filters.write().clear();
+        self.inner.has_filters.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Transport for RaftClient {
+    fn send(&self, msg: RaftMessage) {
+        let inner = &self.inner;
+        if inner.has_filters.load(Ordering::Relaxed) {
+            let decision = inner
+                .filters
+                .read()
+                .iter()
+                .map(|f| f.decide(&msg))
+                .find(|d| *d != FilterDecision::Pass)
+                .unwrap_or(FilterDecision::Pass);
+            match decision {
+                FilterDecision::Pass => {}
+                FilterDecision::Drop => {
+                    drop_metric(msg.to_node, "filtered", 1);
+                    return;
+                }
+                FilterDecision::Delay(d) => {
+                    let inner = self.inner.clone();
+                    self.inner.runtime.spawn(async move {
+                        tokio::time::sleep(d).await;
+                        let to = msg.to_node;
+                        inner.dispatch(to, vec![msg]);
+                    });
+                    return;
+                }
+            }
+        }
+        inner.pending.lock().entry(msg.to_node).or_default().push(msg);
+    }
+
+    fn flush(&self) {
+        let batches: Vec<(NodeId, Vec<RaftMessage>)> = {
+            let mut pending = self.inner.pending.lock();
+            pending
+                .iter_mut()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (*k, std::mem::take(v)))
+                .collect()
+        };
+        for (to, msgs) in batches {
+            self.inner.dispatch(to, msgs);
+        }
+    }
+}
+
+fn drop_metric(to: NodeId, reason: &str, n: usize) {
+    metrics::MESSAGES_DROPPED
+        .with_label_values(&[&to.to_string(), reason])
+        .inc_by(n as u64);
+}
+
+impl Inner {
+    fn dispatch(self: &Arc<Self>, to: NodeId, msgs: Vec<RaftMessage>) {
+        if to == self.node_id {
+            tracing::warn!(to, "refusing to send raft messages to self");
+            return;
+        }
+        let sender = {
+            let mut peers = self.peers.lock();
+            peers
+                .entry(to)
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(self.cfg.queue_batches);
+                    let inner = self.clone();
+                    self.runtime.spawn(async move { inner.run_peer(to, rx).await });
+                    tx
+                })
+                .clone()
+        };
+        if let Err(e) = sender.try_send(msgs) {
+            let msgs = match e {
+                mpsc::error::TrySendError::Full(m) => m,
+                mpsc::error::TrySendError::Closed(m) => m,
+            };
+            drop_metric(to, "queue_full", msgs.len());
+            self.report_unreachable(&msgs);
+        }
+    }
+
+    fn report_unreachable(&self, msgs: &[RaftMessage]) {
+        let Some(router) = self.router.get() else { return };
+        let targets: HashSet<_> = msgs.iter().map(|m| (m.shard_id, m.to_replica)).collect();
+        for (shard_id, to_replica) in targets {
+            router.report_unreachable(shard_id, to_replica);
+        }
+    }
+
+    /// Drops everything queued for a peer that cannot be reached.
+    fn drain_unreachable(&self, to: NodeId, rx: &mut mpsc::Receiver<Vec<RaftMessage>>, first: Vec<RaftMessage>) {
+        let mut dropped = first;
+        while let Ok(mut more) = rx.try_recv() {
+            dropped.append(&mut more);
+        }
+        drop_metric(to, "unreachable", dropped.len());
+        self.report_unreachable(&dropped);
+    }
+
+    async fn connect(&self, addr: &str) -> Result<tonic::transport::Channel, String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(self.cfg.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        endpoint.connect().await.map_err(|e| e.to_string())
+    }
+
+    async fn run_peer(self: Arc<Self>, to: NodeId, mut rx: mpsc::Receiver<Vec<RaftMessage>>) {
+        let to_label = to.to_string();
+        let mut backoff = self.cfg.backoff_base;
+        loop {
+            // Connect lazily: only when there is something to send.
+            let Some(first) = rx.recv().await else { return };
+            let Some(addr) = self.addresses.get(to) else {
+                tracing::warn!(to_node = to, "no address for peer node");
+                self.drain_unreachable(to, &mut rx, first);
+                continue;
+            };
+            let channel = match self.connect(&addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    metrics::RECONNECTS
+                        .with_label_values(&[&to_label, "failed"])
+                        .inc();
+                    tracing::debug!(to_node = to, addr = %addr, error = %e, "cannot reach peer");
+                    self.drain_unreachable(to, &mut rx, first);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.cfg.backoff_max);
+                    continue;
+                }
+            };
+            metrics::RECONNECTS
+                .with_label_values(&[&to_label, "connected"])
+                .inc();
+            tracing::info!(to_node = to, addr = %addr, "raft stream to peer open");
+            backoff = self.cfg.backoff_base;
+            let (tx, stream_rx) = mpsc::channel::<RaftBatch>(16);
+            let mut client = GrpcRaftClient::new(channel)
+                .max_encoding_message_size(self.cfg.max_message_bytes)
+                .max_decoding_message_size(self.cfg.max_message_bytes);
+            let mut call =
+                tokio::spawn(async move { client.raft(ReceiverStream::new(stream_rx)).await });
+            let mut next = Some(first);
+            loop {
+                let mut msgs = match next.take() {
+                    Some(m) => m,
+                    None => tokio::select! {
+                        m = rx.recv() => match m {
+                            Some(m) => m,
+                            None => return,
+                        },
+                        r = &mut call => {
+                            tracing::info!(to_node = to, result = ?r.map(|r| r.map(|_| ())), "raft stream to peer closed");
+                            break;
+                        }
+                    },
+                };
+                while msgs.len() < self.cfg.max_batch_messages {
+                    match rx.try_recv() {
+                        Ok(mut more) => msgs.append(&mut more),
+                        Err(_) => break,
+                    }
+                }
+                let n = msgs.len();
+                let envelopes: Vec<RaftEnvelope> = msgs.iter().map(encode).collect();
+                if tx.send(RaftBatch { messages: envelopes }).await.is_err() {
+                    drop_metric(to, "stream_closed", n);
+                    self.report_unreachable(&msgs);
+                    break;
+                }
+                metrics::BATCH_SIZE.observe(n as f64);
+                metrics::MESSAGES_SENT
+                    .with_label_values(&[&to_label])
+                    .inc_by(n as u64);
+            }
+            drop(tx);
+            call.abort();
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.cfg.backoff_max);
+        }
+    }
+}
+
+fn encode(m: &RaftMessage) -> RaftEnvelope {
+    RaftEnvelope {
+        shard_id: m.shard_id,
+        from_node: m.from_node,
+        to_node: m.to_node,
+        from_replica: m.from_replica,
+        to_replica: m.to_replica,
+        epoch: Some(m.epoch),
+        message: Bytes::from(
+            m.msg
+                .write_to_bytes()
+                .expect("raft messages always encode"),
+        ),
+    }
+}

@@ -1,0 +1,52 @@
+//! Transport metrics, labelled by peer node id (bounded by cluster size).
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_histogram, register_int_counter_vec, Histogram, IntCounterVec,
+};
+
+pub static MESSAGES_SENT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_transport_messages_sent_total",
+        "Raft messages written to a peer stream, by peer node.",
+        &["to_node"]
+    )
+    .unwrap()
+});
+
+pub static MESSAGES_DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_transport_messages_dropped_total",
+        "Raft messages dropped before reaching a peer, by peer node and reason.",
+        &["to_node", "reason"]
+    )
+    .unwrap()
+});
+
+pub static MESSAGES_RECEIVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_transport_messages_received_total",
+        "Raft messages received from peers, by peer node.",
+        &["from_node"]
+    )
+    .unwrap()
+});
+
+pub static BATCH_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "flotilla_transport_batch_messages",
+        "Raft messages per batch sent on a peer stream.",
+        prometheus::exponential_buckets(1.0, 2.0, 14).unwrap()
+    )
+    .unwrap()
+});
+
+pub static RECONNECTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_transport_connects_total",
+        "Attempts to open a peer stream, by peer node and outcome.",
+        &["to_node", "outcome"]
+    )
+    .unwrap()
+});

@@ -1,0 +1,56 @@
+//! The receiving side: the `Raft` gRPC service.
+
+use flotilla_proto::raft::raft_server::Raft;
+use flotilla_proto::raft::{Done, RaftBatch};
+use flotilla_raftstore::{NodeId, RaftMessage, StoreRouter};
+use protobuf::Message as _;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::metrics;
+
+pub struct RaftService {
+    node_id: NodeId,
+    router: StoreRouter,
+}
+
+impl RaftService {
+    pub fn new(node_id: NodeId, router: StoreRouter) -> Self {
+        RaftService { node_id, router }
+    }
+}
+
+#[tonic::async_trait]
+impl Raft for RaftService {
+    async fn raft(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<Done>, Status> {
+        let mut stream = req.into_inner();
+        while let Some(batch) = stream.message().await? {
+            let Some(first) = batch.messages.first() else { continue };
+            metrics::MESSAGES_RECEIVED
+                .with_label_values(&[&first.from_node.to_string()])
+                .inc_by(batch.messages.len() as u64);
+            for env in batch.messages {
+                if env.to_node != self.node_id {
+                    tracing::warn!(to_node = env.to_node, node_id = self.node_id, "raft message addressed to another node; dropped");
+                    continue;
+                }
+                let msg = match raft::eraftpb::Message::parse_from_bytes(&env.message) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(from_node = env.from_node, shard_id = env.shard_id, error = %e, "undecodable raft message; dropped");
+                        continue;
+                    }
+                };
+                self.router.raft_message(RaftMessage {
+                    shard_id: env.shard_id,
+                    from_node: env.from_node,
+                    to_node: env.to_node,
+                    from_replica: env.from_replica,
+                    to_replica: env.to_replica,
+                    epoch: env.epoch.unwrap_or_default(),
+                    msg,
+                });
+            }
+        }
+        Ok(Response::new(Done {}))
+    }
+}

@@ -1,0 +1,300 @@
+//! `flotilla-bench`: a closed-loop load generator for a Flotilla cluster.
+//!
+//! Each of `--clients` tasks issues one request at a time for `--duration`
+//! seconds, on keys drawn uniformly from `--keys` keys. Keys are 8 bytes,
+//! spread evenly over the key space (a splitmix64 permutation of the key
+//! number), so every shard gets its share. Latencies go into HDR histograms
+//! (microsecond precision). With `--metrics-endpoints`, the bench reads the
+//! nodes' raft-engine fsync counters before and after the run and reports
+//! fsyncs per acknowledged write.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use flotilla_client::{Client, ClientConfig};
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Load generator for Flotilla")]
+struct Args {
+    /// Workload.
+    #[arg(value_enum)]
+    workload: Workload,
+    /// Comma-separated gRPC addresses of cluster nodes.
+    #[arg(long, default_value = "127.0.0.1:20161", value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// Comma-separated status (HTTP) addresses whose /metrics give the
+    /// raft-engine fsync count; empty to skip.
+    #[arg(long, default_value = "", value_delimiter = ',')]
+    metrics_endpoints: Vec<String>,
+    /// Concurrent clients (each with one request in flight).
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Run time in seconds.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Value size in bytes (put).
+    #[arg(long, default_value_t = 128)]
+    value_size: usize,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Write every key once before the run (useful before `get`).
+    #[arg(long)]
+    load: bool,
+    /// Random seed (key choice and values).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Output format of the summary.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Workload {
+    /// Writes only.
+    Put,
+    /// Linearizable reads only.
+    Get,
+    /// Half reads, half writes.
+    Mixed,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e3779b97f4a7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
+    x ^ (x >> 31)
+}
+
+fn key_of(i: u64) -> Bytes {
+    Bytes::copy_from_slice(&splitmix64(i).to_be_bytes())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Put,
+    Get,
+}
+
+struct Stats {
+    put: Histogram<u64>,
+    get: Histogram<u64>,
+    put_errors: u64,
+    get_errors: u64,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Stats {
+            put: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+            get: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+            put_errors: 0,
+            get_errors: 0,
+        }
+    }
+
+    fn merge(&mut self, o: &Stats) {
+        self.put.add(&o.put).unwrap();
+        self.get.add(&o.get).unwrap();
+        self.put_errors += o.put_errors;
+        self.get_errors += o.get_errors;
+    }
+}
+
+/// Sum of raft-engine fsyncs reported by the nodes' /metrics.
+async fn fsyncs(endpoints: &[String]) -> Option<f64> {
+    let mut total = 0.0;
+    for ep in endpoints.iter().filter(|e| !e.is_empty()) {
+        let mut s = tokio::net::TcpStream::connect(ep).await.ok()?;
+        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {ep}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        total += body
+            .lines()
+            .find(|l| l.starts_with("raft_engine_sync_log_duration_seconds_count"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())?;
+    }
+    Some(total)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let client = Client::connect(ClientConfig {
+        endpoints: args.endpoints.clone(),
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("connecting to {}", args.endpoints.join(",")))?;
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let value: Bytes = (0..args.value_size).map(|_| rng.gen::<u8>()).collect::<Vec<_>>().into();
+
+    if args.load {
+        let t = Instant::now();
+        let mut i = 0;
+        while i < args.keys {
+            let end = (i + 256).min(args.keys);
+            let pairs = (i..end).map(|k| (key_of(k), value.clone())).collect();
+            client.batch_put(pairs).await.context("loading keys")?;
+            i = end;
+        }
+        eprintln!("loaded {} keys in {:.1}s", args.keys, t.elapsed().as_secs_f64());
+    }
+
+    let metrics_eps: Vec<String> = args.metrics_endpoints.iter().filter(|e| !e.is_empty()).cloned().collect();
+    let fsyncs_before = fsyncs(&metrics_eps).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done_ops = Arc::new(AtomicU64::new(0));
+    let done_errs = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..args.clients {
+        let client = client.clone();
+        let stop = stop.clone();
+        let done_ops = done_ops.clone();
+        let done_errs = done_errs.clone();
+        let value = value.clone();
+        let keys = args.keys.max(1);
+        let workload = args.workload;
+        let seed = args.seed.wrapping_add(c as u64 + 1);
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut stats = Stats::new();
+            while !stop.load(Ordering::Relaxed) {
+                let key = key_of(rng.gen_range(0..keys));
+                let op = match workload {
+                    Workload::Put => Op::Put,
+                    Workload::Get => Op::Get,
+                    Workload::Mixed => {
+                        if rng.gen_bool(0.5) {
+                            Op::Put
+                        } else {
+                            Op::Get
+                        }
+                    }
+                };
+                let t = Instant::now();
+                let ok = match op {
+                    Op::Put => client.put(key, value.clone()).await.is_ok(),
+                    Op::Get => client.get(key).await.is_ok(),
+                };
+                let us = (t.elapsed().as_micros() as u64).max(1);
+                match (op, ok) {
+                    (Op::Put, true) => stats.put.saturating_record(us),
+                    (Op::Get, true) => stats.get.saturating_record(us),
+                    (Op::Put, false) => stats.put_errors += 1,
+                    (Op::Get, false) => stats.get_errors += 1,
+                }
+                if ok {
+                    done_ops.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    done_errs.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            stats
+        }));
+    }
+
+    let mut last = 0;
+    for sec in 1..=args.duration {
+        tokio::time::sleep_until((started + Duration::from_secs(sec)).into()).await;
+        let now = done_ops.load(Ordering::Relaxed);
+        eprintln!(
+            "[{sec:>4}s] {:>8} ops/s  total {:>9}  errors {}",
+            now - last,
+            now,
+            done_errs.load(Ordering::Relaxed)
+        );
+        last = now;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut stats = Stats::new();
+    for t in tasks {
+        stats.merge(&t.await?);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let fsyncs_after = fsyncs(&metrics_eps).await;
+    let fsync_per_write = match (fsyncs_before, fsyncs_after) {
+        (Some(b), Some(a)) if stats.put.len() > 0 => Some((a - b) / stats.put.len() as f64),
+        _ => None,
+    };
+
+    let row = |name: &str, h: &Histogram<u64>, errors: u64| {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        json!({
+            "op": name,
+            "count": h.len(),
+            "errors": errors,
+            "ops_per_sec": h.len() as f64 / elapsed,
+            "p50_ms": ms(0.5),
+            "p90_ms": ms(0.9),
+            "p99_ms": ms(0.99),
+            "p999_ms": ms(0.999),
+            "max_ms": h.max() as f64 / 1000.0,
+        })
+    };
+    let mut rows = Vec::new();
+    if stats.put.len() > 0 || stats.put_errors > 0 {
+        rows.push(row("put", &stats.put, stats.put_errors));
+    }
+    if stats.get.len() > 0 || stats.get_errors > 0 {
+        rows.push(row("get", &stats.get, stats.get_errors));
+    }
+    let summary = json!({
+        "workload": format!("{:?}", args.workload).to_lowercase(),
+        "clients": args.clients,
+        "duration_s": elapsed,
+        "value_size": args.value_size,
+        "keys": args.keys,
+        "ops": rows,
+        "raft_engine_fsyncs_per_write": fsync_per_write,
+    });
+    if args.output == Output::Json {
+        println!("{summary}");
+        return Ok(());
+    }
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+    t.set_header(vec!["OP", "COUNT", "ERRORS", "OPS/S", "P50 ms", "P90 ms", "P99 ms", "P99.9 ms", "MAX ms"]);
+    for r in &rows {
+        let f = |k: &str| format!("{:.2}", r[k].as_f64().unwrap_or(0.0));
+        t.add_row(vec![
+            r["op"].as_str().unwrap().to_string(),
+            r["count"].to_string(),
+            r["errors"].to_string(),
+            format!("{:.0}", r["ops_per_sec"].as_f64().unwrap_or(0.0)),
+            f("p50_ms"),
+            f("p90_ms"),
+            f("p99_ms"),
+            f("p999_ms"),
+            f("max_ms"),
+        ]);
+    }
+    println!("{t}");
+    println!(
+        "{} clients, {:.1}s, {}-byte values, {} keys",
+        args.clients, elapsed, args.value_size, args.keys
+    );
+    if let Some(f) = fsync_per_write {
+        println!("raft-engine fsyncs per acknowledged write: {f:.4}");
+    }
+    Ok(())
+}

@@ -1,0 +1,345 @@
+//! `flotilla-ctl`: data and admin commands against a Flotilla cluster.
+//!
+//! Keys and values are taken as UTF-8 text, or as hex with `--hex`; output
+//! shows text when it is printable UTF-8 and `0x…` hex otherwise.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use comfy_table::Table;
+use flotilla_client::{Client, ClientConfig};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Talk to a Flotilla cluster")]
+struct Args {
+    /// Comma-separated gRPC addresses of any cluster nodes.
+    #[arg(long, global = true, default_value = "127.0.0.1:20161", value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Keys and values on the command line are hex.
+    #[arg(long, global = true)]
+    hex: bool,
+    /// Total time budget of the command, in seconds.
+    #[arg(long, global = true, default_value_t = 10)]
+    timeout: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Write a key.
+    Put { key: String, value: String },
+    /// Read a key.
+    Get { key: String },
+    /// Delete a key.
+    Delete { key: String },
+    /// List pairs of [start, end) (empty end = to the end of the key space).
+    Scan {
+        #[arg(default_value = "")]
+        start: String,
+        #[arg(default_value = "")]
+        end: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        reverse: bool,
+    },
+    /// Compare-and-swap: write only if the key's current state matches.
+    Cas {
+        key: String,
+        /// Expected current value (omit with --expect-absent).
+        #[arg(long, conflicts_with = "expect_absent")]
+        expect: Option<String>,
+        /// Expect the key to be absent.
+        #[arg(long)]
+        expect_absent: bool,
+        /// New value (omit with --delete).
+        #[arg(long, conflicts_with = "delete")]
+        new: Option<String>,
+        /// Delete the key instead of writing a value.
+        #[arg(long)]
+        delete: bool,
+    },
+    /// Cluster-wide views.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+    /// Shard views.
+    Shard {
+        #[command(subcommand)]
+        cmd: ShardCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Nodes, their shards and leaders.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum ShardCmd {
+    /// Every shard: range, epoch, replicas, leader.
+    List,
+}
+
+fn parse(hex: bool, s: &str) -> anyhow::Result<Bytes> {
+    if !hex {
+        return Ok(Bytes::copy_from_slice(s.as_bytes()));
+    }
+    let s = s.strip_prefix("0x").unwrap_or(s);
+    if s.len() % 2 != 0 {
+        bail!("hex input {s:?} has an odd number of digits");
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map(Bytes::from)
+        .with_context(|| format!("bad hex input {s:?}"))
+}
+
+fn show(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) if s.chars().all(|c| !c.is_control()) => s.to_string(),
+        _ => {
+            let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            format!("0x{hex}")
+        }
+    }
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+    t.set_header(header.to_vec());
+    for r in rows {
+        t.add_row(r);
+    }
+    t.to_string()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cfg = ClientConfig {
+        endpoints: args.endpoints.clone(),
+        timeout: Duration::from_secs(args.timeout),
+        ..Default::default()
+    };
+    let client = Client::connect(cfg)
+        .await
+        .with_context(|| format!("connecting to {}", args.endpoints.join(",")))?;
+    let json = args.output == Output::Json;
+    let hex = args.hex;
+    match args.cmd {
+        Cmd::Put { key, value } => {
+            client.put(parse(hex, &key)?, parse(hex, &value)?).await?;
+            if json {
+                println!("{}", json!({"ok": true}));
+            } else {
+                println!("OK");
+            }
+        }
+        Cmd::Get { key } => {
+            let k = parse(hex, &key)?;
+            let v = client.get(k.clone()).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"key": show(&k), "found": v.is_some(), "value": v.as_deref().map(show)})
+                );
+            } else {
+                match v {
+                    Some(v) => println!("{}", show(&v)),
+                    None => {
+                        eprintln!("(not found)");
+                        std::process::exit(2);
+                    }
+                }
+            }
+        }
+        Cmd::Delete { key } => {
+            client.delete(parse(hex, &key)?).await?;
+            if json {
+                println!("{}", json!({"ok": true}));
+            } else {
+                println!("OK");
+            }
+        }
+        Cmd::Scan {
+            start,
+            end,
+            limit,
+            reverse,
+        } => {
+            let pairs = client
+                .scan(parse(hex, &start)?, parse(hex, &end)?, limit, reverse)
+                .await?;
+            if json {
+                let v: Vec<_> = pairs
+                    .iter()
+                    .map(|p| json!({"key": show(&p.key), "value": show(&p.value)}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                let rows = pairs
+                    .iter()
+                    .map(|p| vec![show(&p.key), show(&p.value)])
+                    .collect();
+                println!("{}", table(&["KEY", "VALUE"], rows));
+            }
+        }
+        Cmd::Cas {
+            key,
+            expect,
+            expect_absent,
+            new,
+            delete,
+        } => {
+            if expect.is_none() && !expect_absent {
+                bail!("give --expect VALUE or --expect-absent");
+            }
+            if new.is_none() && !delete {
+                bail!("give --new VALUE or --delete");
+            }
+            let expected = expect.map(|v| parse(hex, &v)).transpose()?;
+            let new = new.map(|v| parse(hex, &v)).transpose()?;
+            let r = client
+                .compare_and_swap(parse(hex, &key)?, expected, new)
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"succeeded": r.succeeded, "previous": r.previous.as_deref().map(show)})
+                );
+            } else {
+                let prev = r.previous.as_deref().map(show).unwrap_or("(absent)".into());
+                println!(
+                    "{} (previous: {prev})",
+                    if r.succeeded { "SUCCEEDED" } else { "FAILED" }
+                );
+                if !r.succeeded {
+                    std::process::exit(3);
+                }
+            }
+        }
+        Cmd::Shard {
+            cmd: ShardCmd::List,
+        } => {
+            let shards = client.list_shards().await?;
+            if json {
+                let v: Vec<_> = shards
+                    .iter()
+                    .map(|s| {
+                        let d = &s.descriptor;
+                        let e = d.epoch();
+                        json!({
+                            "id": d.id,
+                            "start_key": show(&d.start_key),
+                            "end_key": show(&d.end_key),
+                            "conf_ver": e.conf_ver,
+                            "version": e.version,
+                            "replicas": d.replicas.iter().map(|r| json!({"id": r.id, "node_id": r.node_id})).collect::<Vec<_>>(),
+                            "leader_node": s.leader_node,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                let rows = shards
+                    .iter()
+                    .map(|s| {
+                        let d = &s.descriptor;
+                        let e = d.epoch();
+                        vec![
+                            d.id.to_string(),
+                            show(&d.start_key),
+                            if d.end_key.is_empty() { "+inf".into() } else { show(&d.end_key) },
+                            format!("{}/{}", e.conf_ver, e.version),
+                            d.replicas
+                                .iter()
+                                .map(|r| format!("{}@n{}", r.id, r.node_id))
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                            if s.leader_node == 0 { "?".into() } else { format!("n{}", s.leader_node) },
+                        ]
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    table(&["SHARD", "START", "END", "EPOCH (conf/ver)", "REPLICAS", "LEADER"], rows)
+                );
+            }
+        }
+        Cmd::Cluster {
+            cmd: ClusterCmd::Status,
+        } => {
+            let shards = client.list_shards().await?;
+            let mut rows = Vec::new();
+            let mut nodes_json = Vec::new();
+            for (id, addr) in client.nodes() {
+                match client.node_status(&addr).await {
+                    Ok(s) => {
+                        rows.push(vec![
+                            id.to_string(),
+                            addr.clone(),
+                            "up".into(),
+                            s.replicas.to_string(),
+                            s.leaders.to_string(),
+                            s.replicas_without_leader.to_string(),
+                            format!("{}s", s.uptime_seconds),
+                        ]);
+                        nodes_json.push(json!({"id": id, "address": addr, "up": true, "replicas": s.replicas, "leaders": s.leaders, "replicas_without_leader": s.replicas_without_leader, "uptime_seconds": s.uptime_seconds, "version": s.version}));
+                    }
+                    Err(e) => {
+                        rows.push(vec![
+                            id.to_string(),
+                            addr.clone(),
+                            "DOWN".into(),
+                            "-".into(),
+                            "-".into(),
+                            "-".into(),
+                            "-".into(),
+                        ]);
+                        nodes_json.push(json!({"id": id, "address": addr, "up": false, "error": e.to_string()}));
+                    }
+                }
+            }
+            let without_leader = shards.iter().filter(|s| s.leader_node == 0).count();
+            if json {
+                println!(
+                    "{}",
+                    json!({"nodes": nodes_json, "shards": shards.len(), "shards_without_known_leader": without_leader})
+                );
+            } else {
+                println!(
+                    "{}",
+                    table(&["NODE", "ADDRESS", "STATE", "REPLICAS", "LEADERS", "NO LEADER", "UPTIME"], rows)
+                );
+                println!("{} shards, {} without a known leader", shards.len(), without_leader);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! Bad input gets INVALID_ARGUMENT naming the field and the limit, and
+//! nothing is written. Requests go through raw gRPC, as any client's would.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_proto::kv::kv_client::KvClient;
+use flotilla_proto::kv::*;
+use flotilla_test_cluster::TestCluster;
+use tonic::Code;
+
+fn b(s: impl AsRef<[u8]>) -> Bytes {
+    Bytes::copy_from_slice(s.as_ref())
+}
+
+fn assert_invalid<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, needle: &str) {
+    match r {
+        Err(s) => {
+            assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+            assert!(
+                s.message().contains(needle),
+                "message {:?} should mention {needle:?}",
+                s.message()
+            );
+        }
+        Ok(r) => panic!("expected INVALID_ARGUMENT mentioning {needle}, got {r:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_over_a_limit_are_refused_and_write_nothing() {
+    let c = TestCluster::builder(1)
+        .shards(1)
+        .configure(|cfg| {
+            cfg.limits.max_key_size_bytes = 16;
+            cfg.limits.max_value_size_bytes = 64;
+            cfg.limits.max_batch_keys = 4;
+            cfg.limits.max_request_size_bytes = 200;
+        })
+        .start()
+        .await;
+    c.wait_all_leaders(Duration::from_secs(20)).await;
+    let client = c.client().await;
+    let shard = client.list_shards().await.unwrap().remove(0).descriptor;
+    let ctx = Some(ShardContext {
+        shard_id: shard.id,
+        epoch: shard.epoch,
+        replica_id: 0,
+    });
+    let mut kv = KvClient::connect(format!("http://{}", c.grpc_addr(1)))
+        .await
+        .unwrap();
+
+    let put = |key: Bytes, value: Bytes| PutRequest {
+        context: ctx.clone(),
+        key,
+        value,
+    };
+    assert_invalid(kv.put(put(b(""), b("v"))).await, "key must not be empty");
+    assert_invalid(kv.put(put(b([7u8; 17]), b("v"))).await, "limits.max-key-size-bytes = 16");
+    assert_invalid(kv.put(put(b("k"), b([1u8; 65]))).await, "limits.max-value-size-bytes = 64");
+    assert_invalid(
+        kv.get(GetRequest {
+            context: ctx.clone(),
+            key: b(""),
+        })
+        .await,
+        "key must not be empty",
+    );
+
+    let pair = |i: u8| KvPair {
+        key: b([b'b', i]),
+        value: b("v"),
+    };
+    assert_invalid(
+        kv.batch_put(BatchPutRequest {
+            context: ctx.clone(),
+            pairs: (0..5).map(pair).collect(),
+        })
+        .await,
+        "limits.max-batch-keys = 4",
+    );
+    assert_invalid(
+        kv.batch_put(BatchPutRequest {
+            context: ctx.clone(),
+            pairs: vec![],
+        })
+        .await,
+        "pairs must not be empty",
+    );
+    assert_invalid(
+        kv.batch_get(BatchGetRequest {
+            context: ctx.clone(),
+            keys: (0..5).map(|i| b([i])).collect(),
+        })
+        .await,
+        "limits.max-batch-keys = 4",
+    );
+    // Four pairs with 60-byte values fit every per-item limit but not the
+    // 200-byte request limit.
+    assert_invalid(
+        kv.batch_put(BatchPutRequest {
+            context: ctx.clone(),
+            pairs: (0..4)
+                .map(|i| KvPair {
+                    key: b([b'r', i]),
+                    value: b([0u8; 60]),
+                })
+                .collect(),
+        })
+        .await,
+        "limits.max-request-size-bytes = 200",
+    );
+    assert_invalid(
+        kv.scan(ScanRequest {
+            context: ctx.clone(),
+            start_key: b("z"),
+            end_key: b("a"),
+            limit: 10,
+            reverse: false,
+        })
+        .await,
+        "start_key must not be greater than end_key",
+    );
+    assert_invalid(
+        kv.delete_range(DeleteRangeRequest {
+            context: ctx.clone(),
+            start_key: b("z"),
+            end_key: b("a"),
+        })
+        .await,
+        "start_key must not be greater than end_key",
+    );
+    assert_invalid(
+        kv.compare_and_swap(CompareAndSwapRequest {
+            context: ctx.clone(),
+            key: b("c"),
+            expected_exists: false,
+            expected_value: b(""),
+            new_value: b([0u8; 65]),
+            delete: false,
+        })
+        .await,
+        "new_value",
+    );
+    assert_invalid(
+        kv.put(PutRequest {
+            context: None,
+            key: b("k"),
+            value: b("v"),
+        })
+        .await,
+        "context",
+    );
+
+    // Nothing of the refused requests was written.
+    let all = client.scan(b(""), b(""), 100, false).await.unwrap();
+    assert!(all.is_empty(), "refused requests wrote {all:?}");
+
+    // A request within the limits still works.
+    let r = kv.put(put(b("ok"), b("v"))).await.unwrap().into_inner();
+    assert!(r.error.is_none());
+    assert_eq!(client.get(b("ok")).await.unwrap(), Some(b("v")));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routing_errors_are_structured() {
+    let c = TestCluster::builder(1).shards(2).start().await;
+    c.wait_all_leaders(Duration::from_secs(20)).await;
+    let client = c.client().await;
+    let shards = client.list_shards().await.unwrap();
+    let first = &shards[0].descriptor;
+    let mut kv = KvClient::connect(format!("http://{}", c.grpc_addr(1)))
+        .await
+        .unwrap();
+    use flotilla_proto::error::error::Kind;
+
+    // A key of the second shard sent to the first.
+    let r = kv
+        .put(PutRequest {
+            context: Some(ShardContext {
+                shard_id: first.id,
+                epoch: first.epoch,
+                replica_id: 0,
+            }),
+            key: b([0xff]),
+            value: b("v"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(r.error.unwrap().kind, Some(Kind::KeyNotInShard(_))));
+
+    // A stale epoch.
+    let mut stale = first.epoch.unwrap();
+    stale.version += 7;
+    let r = kv
+        .get(GetRequest {
+            context: Some(ShardContext {
+                shard_id: first.id,
+                epoch: Some(stale),
+                replica_id: 0,
+            }),
+            key: b([0x01]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match r.error.unwrap().kind {
+        Some(Kind::EpochNotMatch(e)) => assert_eq!(e.current_shards[0].id, first.id),
+        other => panic!("expected EpochNotMatch, got {other:?}"),
+    }
+
+    // An unknown shard.
+    let r = kv
+        .get(GetRequest {
+            context: Some(ShardContext {
+                shard_id: 999,
+                epoch: first.epoch,
+                replica_id: 0,
+            }),
+            key: b([0x01]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(r.error.unwrap().kind, Some(Kind::ShardNotFound(_))));
+    c.shutdown().await;
+}
