@@ -159,3 +159,26 @@ pub static PENDING_PROPOSALS: LazyLock<IntGauge> = LazyLock::new(|| {
     )
     .unwrap()
 });
+
+/// Registers every metric of this module now, so /metrics lists them
+/// (at zero) before first use.
+pub fn register() {
+    LazyLock::force(&PROPOSALS);
+    LazyLock::force(&PROPOSAL_ENTRIES);
+    LazyLock::force(&PROPOSALS_DROPPED);
+    LazyLock::force(&COMMIT_DURATION);
+    LazyLock::force(&APPLY_DURATION);
+    LazyLock::force(&APPLY_WAIT);
+    LazyLock::force(&APPLY_ROUND_DURATION);
+    LazyLock::force(&APPLIED_ENTRIES);
+    LazyLock::force(&POLL_ROUND_DURATION);
+    LazyLock::force(&POLL_ROUND_FSMS);
+    LazyLock::force(&POLL_ROUND_READIES);
+    LazyLock::force(&READ_INDEX_REQUESTS);
+    LazyLock::force(&READS);
+    LazyLock::force(&RAFT_MESSAGES_RECEIVED);
+    LazyLock::force(&LEADER_CHANGES);
+    LazyLock::force(&SHARDS);
+    LazyLock::force(&LEADERS);
+    LazyLock::force(&PENDING_PROPOSALS);
+}

@@ -22,3 +22,10 @@ pub static GRPC_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
     .unwrap()
 });
+
+/// Registers every metric of this module now, so /metrics lists them
+/// (at zero) before first use.
+pub fn register() {
+    LazyLock::force(&GRPC_REQUESTS);
+    LazyLock::force(&GRPC_DURATION);
+}

@@ -58,6 +58,8 @@ pub struct Server {
     grpc_addr: SocketAddr,
     status_addr: SocketAddr,
     grpc_stop: Option<oneshot::Sender<()>>,
+    /// Ends long-lived peer streams at shutdown.
+    streams_stop: tokio::sync::watch::Sender<bool>,
     status_stop: Option<oneshot::Sender<()>>,
     grpc_task: Option<JoinHandle<()>>,
     status_task: Option<JoinHandle<()>>,
@@ -121,11 +123,19 @@ fn ensure_bootstrapped(cfg: &Config, engines: &Engines) -> anyhow::Result<Vec<No
     Ok(nodes)
 }
 
+fn register_metrics() {
+    flotilla_storage::metrics::register();
+    flotilla_raftstore::metrics::register();
+    flotilla_transport::metrics::register();
+    crate::metrics::register();
+}
+
 impl Server {
     /// Starts a node. Must run inside a multi-threaded tokio runtime.
     pub async fn start(cfg: Config, listeners: Option<Listeners>) -> anyhow::Result<Server> {
         cfg.validate()?;
         let started = Instant::now();
+        register_metrics();
         let node_id = cfg.server.node_id;
         let listeners = match listeners {
             Some(l) => l,
@@ -177,6 +187,7 @@ impl Server {
         // INVALID_ARGUMENT; the transport's own cap only stops abuse.
         let decode_cap = cfg.limits.max_request_size_bytes.saturating_mul(4).max(16 << 20);
         let (grpc_stop, grpc_stop_rx) = oneshot::channel::<()>();
+        let (streams_stop, streams_stop_rx) = tokio::sync::watch::channel(false);
         listeners.grpc.set_nonblocking(true)?;
         let incoming = tonic::transport::server::TcpIncoming::from(
             tokio::net::TcpListener::from_std(listeners.grpc)?,
@@ -188,7 +199,7 @@ impl Server {
             .add_service(KvServer::new(KvService::new(ctx.clone())).max_decoding_message_size(decode_cap))
             .add_service(AdminServer::new(AdminService::new(ctx.clone())))
             .add_service(
-                RaftServer::new(RaftService::new(node_id, router.clone()))
+                RaftServer::new(RaftService::new(node_id, router.clone(), streams_stop_rx))
                     .max_decoding_message_size(max_msg),
             )
             .serve_with_incoming_shutdown(incoming, async {
@@ -223,6 +234,7 @@ impl Server {
             grpc_addr,
             status_addr,
             grpc_stop: Some(grpc_stop),
+            streams_stop,
             status_stop: Some(status_stop),
             grpc_task: Some(grpc_task),
             status_task: Some(status_task),
@@ -260,17 +272,23 @@ impl Server {
     }
 
     async fn stop(&mut self) {
+        let _ = self.streams_stop.send(true);
         if let Some(tx) = self.grpc_stop.take() {
             let _ = tx.send(());
         }
         if let Some(tx) = self.status_stop.take() {
             let _ = tx.send(());
         }
-        // In-flight requests get a moment to finish; then stop regardless
-        // (their callbacks are cancelled by the raftstore shutdown).
+        // In-flight requests finish (each is bounded by the request
+        // timeout) and connections close; the engines are released only
+        // once every connection task has let go of the services.
         for task in [self.grpc_task.take(), self.status_task.take()].into_iter().flatten() {
             let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(2), task).await.is_err() {
+            if tokio::time::timeout(self.ctx.request_timeout() + Duration::from_secs(1), task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(node_id = self.ctx.node_id, "server did not stop in time; aborting it");
                 abort.abort();
             }
         }

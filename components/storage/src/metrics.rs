@@ -40,3 +40,12 @@ pub static RAFT_LOG_WRITES: LazyLock<IntCounter> = LazyLock::new(|| {
     )
     .unwrap()
 });
+
+/// Registers every metric of this module now, so /metrics lists them
+/// (at zero) before first use.
+pub fn register() {
+    LazyLock::force(&RAFT_LOG_WRITE_DURATION);
+    LazyLock::force(&RAFT_LOG_WRITE_BYTES);
+    LazyLock::force(&RAFT_LOG_SYNCED_WRITES);
+    LazyLock::force(&RAFT_LOG_WRITES);
+}

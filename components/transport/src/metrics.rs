@@ -50,3 +50,13 @@ pub static RECONNECTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
     .unwrap()
 });
+
+/// Registers every metric of this module now, so /metrics lists them
+/// (at zero) before first use.
+pub fn register() {
+    LazyLock::force(&MESSAGES_SENT);
+    LazyLock::force(&MESSAGES_DROPPED);
+    LazyLock::force(&MESSAGES_RECEIVED);
+    LazyLock::force(&BATCH_SIZE);
+    LazyLock::force(&RECONNECTS);
+}

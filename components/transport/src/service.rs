@@ -11,11 +11,22 @@ use crate::metrics;
 pub struct RaftService {
     node_id: NodeId,
     router: StoreRouter,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RaftService {
-    pub fn new(node_id: NodeId, router: StoreRouter) -> Self {
-        RaftService { node_id, router }
+    /// `shutdown` turning true ends every open stream, so a graceful server
+    /// shutdown does not wait forever on peers' long-lived calls.
+    pub fn new(
+        node_id: NodeId,
+        router: StoreRouter,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        RaftService {
+            node_id,
+            router,
+            shutdown,
+        }
     }
 }
 
@@ -23,7 +34,17 @@ impl RaftService {
 impl Raft for RaftService {
     async fn raft(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<Done>, Status> {
         let mut stream = req.into_inner();
-        while let Some(batch) = stream.message().await? {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let batch = tokio::select! {
+                m = stream.message() => match m? {
+                    Some(b) => b,
+                    None => break,
+                },
+                _ = shutdown.wait_for(|stop| *stop) => {
+                    return Err(Status::unavailable("node is shutting down"));
+                }
+            };
             let Some(first) = batch.messages.first() else { continue };
             metrics::MESSAGES_RECEIVED
                 .with_label_values(&[&first.from_node.to_string()])
