@@ -95,12 +95,21 @@ async fn api_operations_cross_shards_in_order() {
     let pairs: Vec<(Bytes, Bytes)> = (0..=255u8).map(|i| (b([i, 1]), b([i]))).collect();
     client.batch_put(pairs.clone()).await.unwrap();
     let mut got = client
-        .batch_get(pairs.iter().map(|(k, _)| k.clone()).chain([b("absent")]).collect())
+        .batch_get(
+            pairs
+                .iter()
+                .map(|(k, _)| k.clone())
+                .chain([b("absent")])
+                .collect(),
+        )
         .await
         .unwrap();
     got.sort_by(|a, b| a.key.cmp(&b.key));
     assert_eq!(got.len(), 256);
-    assert!(got.iter().zip(&pairs).all(|(g, (k, v))| g.key == *k && g.value == *v));
+    assert!(got
+        .iter()
+        .zip(&pairs)
+        .all(|(g, (k, v))| g.key == *k && g.value == *v));
 
     // A scan crossing every shard is one ordered result, forward and back.
     let all = client.scan(b(""), b(""), 1000, false).await.unwrap();
@@ -116,7 +125,10 @@ async fn api_operations_cross_shards_in_order() {
     assert_eq!(tail.first().unwrap().key, b([0x9f, 1]));
     assert_eq!(tail.len(), 5);
     // Limits longer than a shard's share force pagination inside shards.
-    let range = client.scan(b([0x10]), b([0xf0]), 10_000, false).await.unwrap();
+    let range = client
+        .scan(b([0x10]), b([0xf0]), 10_000, false)
+        .await
+        .unwrap();
     assert_eq!(range.len(), 0xf0 - 0x10);
 
     // DeleteRange over several shards leaves the rest.
@@ -126,16 +138,32 @@ async fn api_operations_cross_shards_in_order() {
     assert!(left.iter().all(|p| p.key[0] < 0x20 || p.key[0] >= 0xc0));
     // An open-ended DeleteRange reaches the last shard's end.
     client.delete_range(b([0xf0]), b("")).await.unwrap();
-    assert_eq!(client.scan(b([0xf0]), b(""), 100, false).await.unwrap().len(), 0);
+    assert_eq!(
+        client
+            .scan(b([0xf0]), b(""), 100, false)
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
 
     // CompareAndSwap: absent → set, wrong expectation fails, delete.
     let k = b("counter");
-    let r = client.compare_and_swap(k.clone(), None, Some(b("1"))).await.unwrap();
+    let r = client
+        .compare_and_swap(k.clone(), None, Some(b("1")))
+        .await
+        .unwrap();
     assert!(r.succeeded && r.previous.is_none());
-    let r = client.compare_and_swap(k.clone(), None, Some(b("x"))).await.unwrap();
+    let r = client
+        .compare_and_swap(k.clone(), None, Some(b("x")))
+        .await
+        .unwrap();
     assert!(!r.succeeded);
     assert_eq!(r.previous, Some(b("1")));
-    let r = client.compare_and_swap(k.clone(), Some(b("1")), None).await.unwrap();
+    let r = client
+        .compare_and_swap(k.clone(), Some(b("1")), None)
+        .await
+        .unwrap();
     assert!(r.succeeded);
     assert_eq!(client.get(k.clone()).await.unwrap(), None);
     client.delete(b([0x00, 1])).await.unwrap();
@@ -263,9 +291,18 @@ async fn a_stopped_node_restarts_on_its_data_and_catches_up() {
     }
     c.restart_node(3).await;
     for i in 0..100u32 {
-        wait_local_value(&c, 3, format!("k{i:03}").as_bytes(), Some(format!("v{i}").as_bytes())).await;
+        wait_local_value(
+            &c,
+            3,
+            format!("k{i:03}").as_bytes(),
+            Some(format!("v{i}").as_bytes()),
+        )
+        .await;
     }
-    assert_eq!(c.server(3).kv_engine().get(b"early").unwrap(), Some(b"1".to_vec()));
+    assert_eq!(
+        c.server(3).kv_engine().get(b"early").unwrap(),
+        Some(b"1".to_vec())
+    );
 
     // The whole cluster restarts on its data and serves everything.
     for n in c.node_ids() {
@@ -277,7 +314,14 @@ async fn a_stopped_node_restarts_on_its_data_and_catches_up() {
     c.wait_all_leaders(WAIT).await;
     let client = c.client().await;
     assert_eq!(client.get(b("k042")).await.unwrap(), Some(b("v42")));
-    assert_eq!(client.scan(b("k"), b("l"), 1000, false).await.unwrap().len(), 100);
+    assert_eq!(
+        client
+            .scan(b("k"), b("l"), 1000, false)
+            .await
+            .unwrap()
+            .len(),
+        100
+    );
     c.shutdown().await;
 }
 
@@ -297,7 +341,10 @@ async fn sixty_four_shards_on_three_nodes_all_elect_and_serve() {
     for s in &shards {
         let key = s.descriptor.start_key.clone();
         let key = if key.is_empty() { b("\0") } else { key };
-        client.put(key.clone(), b(s.descriptor.id.to_string())).await.unwrap();
+        client
+            .put(key.clone(), b(s.descriptor.id.to_string()))
+            .await
+            .unwrap();
     }
     for s in &shards {
         let key = s.descriptor.start_key.clone();

@@ -164,7 +164,10 @@ async fn kill9_the_busiest_leader_under_writes_loses_nothing() {
         if now > before_kill + 200 {
             break;
         }
-        assert!(Instant::now() < deadline, "writes stalled after the kill ({now} acked)");
+        assert!(
+            Instant::now() < deadline,
+            "writes stalled after the kill ({now} acked)"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

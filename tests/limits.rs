@@ -52,16 +52,22 @@ async fn requests_over_a_limit_are_refused_and_write_nothing() {
         .unwrap();
 
     let put = |key: Bytes, value: Bytes| PutRequest {
-        context: ctx.clone(),
+        context: ctx,
         key,
         value,
     };
     assert_invalid(kv.put(put(b(""), b("v"))).await, "key must not be empty");
-    assert_invalid(kv.put(put(b([7u8; 17]), b("v"))).await, "limits.max-key-size-bytes = 16");
-    assert_invalid(kv.put(put(b("k"), b([1u8; 65]))).await, "limits.max-value-size-bytes = 64");
+    assert_invalid(
+        kv.put(put(b([7u8; 17]), b("v"))).await,
+        "limits.max-key-size-bytes = 16",
+    );
+    assert_invalid(
+        kv.put(put(b("k"), b([1u8; 65]))).await,
+        "limits.max-value-size-bytes = 64",
+    );
     assert_invalid(
         kv.get(GetRequest {
-            context: ctx.clone(),
+            context: ctx,
             key: b(""),
         })
         .await,
@@ -74,7 +80,7 @@ async fn requests_over_a_limit_are_refused_and_write_nothing() {
     };
     assert_invalid(
         kv.batch_put(BatchPutRequest {
-            context: ctx.clone(),
+            context: ctx,
             pairs: (0..5).map(pair).collect(),
         })
         .await,
@@ -82,7 +88,7 @@ async fn requests_over_a_limit_are_refused_and_write_nothing() {
     );
     assert_invalid(
         kv.batch_put(BatchPutRequest {
-            context: ctx.clone(),
+            context: ctx,
             pairs: vec![],
         })
         .await,
@@ -90,7 +96,7 @@ async fn requests_over_a_limit_are_refused_and_write_nothing() {
     );
     assert_invalid(
         kv.batch_get(BatchGetRequest {
-            context: ctx.clone(),
+            context: ctx,
             keys: (0..5).map(|i| b([i])).collect(),
         })
         .await,
@@ -100,7 +106,7 @@ async fn requests_over_a_limit_are_refused_and_write_nothing() {
     // 200-byte request limit.
     assert_invalid(
         kv.batch_put(BatchPutRequest {
-            context: ctx.clone(),
+            context: ctx,
             pairs: (0..4)
                 .map(|i| KvPair {
                     key: b([b'r', i]),
@@ -113,7 +119,7 @@ async fn requests_over_a_limit_are_refused_and_write_nothing() {
     );
     assert_invalid(
         kv.scan(ScanRequest {
-            context: ctx.clone(),
+            context: ctx,
             start_key: b("z"),
             end_key: b("a"),
             limit: 10,
@@ -124,7 +130,7 @@ async fn requests_over_a_limit_are_refused_and_write_nothing() {
     );
     assert_invalid(
         kv.delete_range(DeleteRangeRequest {
-            context: ctx.clone(),
+            context: ctx,
             start_key: b("z"),
             end_key: b("a"),
         })
@@ -133,7 +139,7 @@ async fn requests_over_a_limit_are_refused_and_write_nothing() {
     );
     assert_invalid(
         kv.compare_and_swap(CompareAndSwapRequest {
-            context: ctx.clone(),
+            context: ctx,
             key: b("c"),
             expected_exists: false,
             expected_value: b(""),
@@ -190,7 +196,10 @@ async fn routing_errors_are_structured() {
         .await
         .unwrap()
         .into_inner();
-    assert!(matches!(r.error.unwrap().kind, Some(Kind::KeyNotInShard(_))));
+    assert!(matches!(
+        r.error.unwrap().kind,
+        Some(Kind::KeyNotInShard(_))
+    ));
 
     // A stale epoch.
     let mut stale = first.epoch.unwrap();
@@ -225,6 +234,9 @@ async fn routing_errors_are_structured() {
         .await
         .unwrap()
         .into_inner();
-    assert!(matches!(r.error.unwrap().kind, Some(Kind::ShardNotFound(_))));
+    assert!(matches!(
+        r.error.unwrap().kind,
+        Some(Kind::ShardNotFound(_))
+    ));
     c.shutdown().await;
 }

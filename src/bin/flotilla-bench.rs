@@ -117,6 +117,9 @@ impl Stats {
 
 /// Sum of raft-engine fsyncs reported by the nodes' /metrics.
 async fn fsyncs(endpoints: &[String]) -> Option<f64> {
+    if endpoints.is_empty() {
+        return None;
+    }
     let mut total = 0.0;
     for ep in endpoints.iter().filter(|e| !e.is_empty()) {
         let mut s = tokio::net::TcpStream::connect(ep).await.ok()?;
@@ -145,7 +148,10 @@ async fn main() -> anyhow::Result<()> {
     .with_context(|| format!("connecting to {}", args.endpoints.join(",")))?;
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let value: Bytes = (0..args.value_size).map(|_| rng.gen::<u8>()).collect::<Vec<_>>().into();
+    let value: Bytes = (0..args.value_size)
+        .map(|_| rng.gen::<u8>())
+        .collect::<Vec<_>>()
+        .into();
 
     if args.load {
         let t = Instant::now();
@@ -156,10 +162,19 @@ async fn main() -> anyhow::Result<()> {
             client.batch_put(pairs).await.context("loading keys")?;
             i = end;
         }
-        eprintln!("loaded {} keys in {:.1}s", args.keys, t.elapsed().as_secs_f64());
+        eprintln!(
+            "loaded {} keys in {:.1}s",
+            args.keys,
+            t.elapsed().as_secs_f64()
+        );
     }
 
-    let metrics_eps: Vec<String> = args.metrics_endpoints.iter().filter(|e| !e.is_empty()).cloned().collect();
+    let metrics_eps: Vec<String> = args
+        .metrics_endpoints
+        .iter()
+        .filter(|e| !e.is_empty())
+        .cloned()
+        .collect();
     let fsyncs_before = fsyncs(&metrics_eps).await;
     let stop = Arc::new(AtomicBool::new(false));
     let done_ops = Arc::new(AtomicU64::new(0));
@@ -233,7 +248,7 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let fsyncs_after = fsyncs(&metrics_eps).await;
     let fsync_per_write = match (fsyncs_before, fsyncs_after) {
-        (Some(b), Some(a)) if stats.put.len() > 0 => Some((a - b) / stats.put.len() as f64),
+        (Some(b), Some(a)) if !stats.put.is_empty() => Some((a - b) / stats.put.len() as f64),
         _ => None,
     };
 
@@ -252,10 +267,10 @@ async fn main() -> anyhow::Result<()> {
         })
     };
     let mut rows = Vec::new();
-    if stats.put.len() > 0 || stats.put_errors > 0 {
+    if !stats.put.is_empty() || stats.put_errors > 0 {
         rows.push(row("put", &stats.put, stats.put_errors));
     }
-    if stats.get.len() > 0 || stats.get_errors > 0 {
+    if !stats.get.is_empty() || stats.get_errors > 0 {
         rows.push(row("get", &stats.get, stats.get_errors));
     }
     let summary = json!({
@@ -273,7 +288,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut t = comfy_table::Table::new();
     t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
-    t.set_header(vec!["OP", "COUNT", "ERRORS", "OPS/S", "P50 ms", "P90 ms", "P99 ms", "P99.9 ms", "MAX ms"]);
+    t.set_header(vec![
+        "OP", "COUNT", "ERRORS", "OPS/S", "P50 ms", "P90 ms", "P99 ms", "P99.9 ms", "MAX ms",
+    ]);
     for r in &rows {
         let f = |k: &str| format!("{:.2}", r[k].as_f64().unwrap_or(0.0));
         t.add_row(vec![

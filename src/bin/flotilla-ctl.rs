@@ -16,7 +16,12 @@ use serde_json::json;
 #[command(version, about = "Talk to a Flotilla cluster")]
 struct Args {
     /// Comma-separated gRPC addresses of any cluster nodes.
-    #[arg(long, global = true, default_value = "127.0.0.1:20161", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:20161",
+        value_delimiter = ','
+    )]
     endpoints: Vec<String>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
@@ -101,7 +106,7 @@ fn parse(hex: bool, s: &str) -> anyhow::Result<Bytes> {
         return Ok(Bytes::copy_from_slice(s.as_bytes()));
     }
     let s = s.strip_prefix("0x").unwrap_or(s);
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         bail!("hex input {s:?} has an odd number of digits");
     }
     (0..s.len())
@@ -112,14 +117,27 @@ fn parse(hex: bool, s: &str) -> anyhow::Result<Bytes> {
         .with_context(|| format!("bad hex input {s:?}"))
 }
 
+/// Data as text when it is printable UTF-8, else as hex.
 fn show(b: &[u8]) -> String {
     match std::str::from_utf8(b) {
         Ok(s) if s.chars().all(|c| !c.is_control()) => s.to_string(),
-        _ => {
-            let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-            format!("0x{hex}")
-        }
+        _ => hex(b),
     }
+}
+
+/// A range bound: text only when every byte is visible ASCII (a space or
+/// an accent would be misread in a table), else hex.
+fn show_bound(b: &[u8]) -> String {
+    if b.iter().all(u8::is_ascii_graphic) {
+        String::from_utf8_lossy(b).into_owned()
+    } else {
+        hex(b)
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    let digits: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("0x{digits}")
 }
 
 fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
@@ -256,8 +274,8 @@ async fn run() -> anyhow::Result<()> {
                         let e = d.epoch();
                         json!({
                             "id": d.id,
-                            "start_key": show(&d.start_key),
-                            "end_key": show(&d.end_key),
+                            "start_key": show_bound(&d.start_key),
+                            "end_key": show_bound(&d.end_key),
                             "conf_ver": e.conf_ver,
                             "version": e.version,
                             "replicas": d.replicas.iter().map(|r| json!({"id": r.id, "node_id": r.node_id})).collect::<Vec<_>>(),
@@ -275,20 +293,38 @@ async fn run() -> anyhow::Result<()> {
                         vec![
                             d.id.to_string(),
                             show(&d.start_key),
-                            if d.end_key.is_empty() { "+inf".into() } else { show(&d.end_key) },
+                            if d.end_key.is_empty() {
+                                "+inf".into()
+                            } else {
+                                show(&d.end_key)
+                            },
                             format!("{}/{}", e.conf_ver, e.version),
                             d.replicas
                                 .iter()
                                 .map(|r| format!("{}@n{}", r.id, r.node_id))
                                 .collect::<Vec<_>>()
                                 .join(" "),
-                            if s.leader_node == 0 { "?".into() } else { format!("n{}", s.leader_node) },
+                            if s.leader_node == 0 {
+                                "?".into()
+                            } else {
+                                format!("n{}", s.leader_node)
+                            },
                         ]
                     })
                     .collect();
                 println!(
                     "{}",
-                    table(&["SHARD", "START", "END", "EPOCH (conf/ver)", "REPLICAS", "LEADER"], rows)
+                    table(
+                        &[
+                            "SHARD",
+                            "START",
+                            "END",
+                            "EPOCH (conf/ver)",
+                            "REPLICAS",
+                            "LEADER"
+                        ],
+                        rows
+                    )
                 );
             }
         }
@@ -322,7 +358,9 @@ async fn run() -> anyhow::Result<()> {
                             "-".into(),
                             "-".into(),
                         ]);
-                        nodes_json.push(json!({"id": id, "address": addr, "up": false, "error": e.to_string()}));
+                        nodes_json.push(
+                            json!({"id": id, "address": addr, "up": false, "error": e.to_string()}),
+                        );
                     }
                 }
             }
@@ -335,9 +373,24 @@ async fn run() -> anyhow::Result<()> {
             } else {
                 println!(
                     "{}",
-                    table(&["NODE", "ADDRESS", "STATE", "REPLICAS", "LEADERS", "NO LEADER", "UPTIME"], rows)
+                    table(
+                        &[
+                            "NODE",
+                            "ADDRESS",
+                            "STATE",
+                            "REPLICAS",
+                            "LEADERS",
+                            "NO LEADER",
+                            "UPTIME"
+                        ],
+                        rows
+                    )
                 );
-                println!("{} shards, {} without a known leader", shards.len(), without_leader);
+                println!(
+                    "{} shards, {} without a known leader",
+                    shards.len(),
+                    without_leader
+                );
             }
         }
     }

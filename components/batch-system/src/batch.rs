@@ -209,7 +209,12 @@ impl<N: Fsm, C: Fsm, H: PollHandler<N, C>> Poller<N, C, H> {
             }
         }
         let results = batch.results.drain(..);
-        for ((fsm, mb), r) in batch.normals.drain(..).zip(batch.mailboxes.drain(..)).zip(results) {
+        for ((fsm, mb), r) in batch
+            .normals
+            .drain(..)
+            .zip(batch.mailboxes.drain(..))
+            .zip(results)
+        {
             if fsm.is_stopped() {
                 mb.close();
                 drop(fsm);

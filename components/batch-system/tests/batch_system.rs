@@ -209,7 +209,11 @@ fn no_message_is_lost_under_concurrent_senders() {
     let total = 4 * per_sender;
     let probes = t.probes.clone();
     wait_until("every message handled", Duration::from_secs(20), || {
-        probes.iter().map(|p| p.handled.load(Ordering::SeqCst)).sum::<usize>() == total
+        probes
+            .iter()
+            .map(|p| p.handled.load(Ordering::SeqCst))
+            .sum::<usize>()
+            == total
     });
     // Every FSM got exactly its share: sum matches and nothing is double-counted.
     let mut expected = [0usize; 16];
@@ -242,7 +246,11 @@ fn an_fsm_is_never_polled_by_two_threads_at_once() {
     }
     let probes = t.probes.clone();
     wait_until("every message handled", Duration::from_secs(30), || {
-        probes.iter().map(|p| p.handled.load(Ordering::SeqCst)).sum::<usize>() == 8_000
+        probes
+            .iter()
+            .map(|p| p.handled.load(Ordering::SeqCst))
+            .sum::<usize>()
+            == 8_000
     });
     for p in &t.probes {
         assert_eq!(p.overlaps.load(Ordering::SeqCst), 0);
@@ -275,7 +283,9 @@ fn a_hot_fsm_does_not_starve_the_others() {
         let (tx, rx) = mpsc::channel();
         let sent = Instant::now();
         t.router.send(cold, Msg::Ack(tx)).unwrap();
-        let id = rx.recv_timeout(Duration::from_secs(2)).expect("cold FSM starved");
+        let id = rx
+            .recv_timeout(Duration::from_secs(2))
+            .expect("cold FSM starved");
         assert_eq!(id, cold);
         assert!(sent.elapsed() < Duration::from_secs(1));
     }
@@ -305,7 +315,10 @@ fn a_stopped_fsm_is_dropped_and_its_mailbox_refuses() {
         Err(SendError::Disconnected(_)) => {}
         other => panic!("expected Disconnected, got {:?}", other.is_ok()),
     }
-    assert!(matches!(t.router.send(99, Msg::Inc), Err(SendError::NotFound(_))));
+    assert!(matches!(
+        t.router.send(99, Msg::Inc),
+        Err(SendError::NotFound(_))
+    ));
 }
 
 #[test]
@@ -359,6 +372,9 @@ fn shutdown_joins_pollers_and_drops_every_fsm_with_its_messages() {
             Err(mpsc::RecvTimeoutError::Timeout) => panic!("a message was left hanging"),
         }
     }
-    assert!(matches!(t.router.send(0, Msg::Inc), Err(SendError::NotFound(_))));
+    assert!(matches!(
+        t.router.send(0, Msg::Inc),
+        Err(SendError::NotFound(_))
+    ));
     assert!(t.router.is_shutdown());
 }

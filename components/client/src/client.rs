@@ -236,7 +236,9 @@ impl Client {
     async fn refresh_key(&self, key: &[u8]) -> std::result::Result<(), String> {
         let mut last = String::new();
         for addr in self.candidates() {
-            let Ok(mut admin) = self.admin(&addr) else { continue };
+            let Ok(mut admin) = self.admin(&addr) else {
+                continue;
+            };
             let call = admin.get_route(GetRouteRequest {
                 key: Bytes::copy_from_slice(key),
             });
@@ -329,9 +331,7 @@ impl Client {
             let addr = self.inner.cache.read().nodes.get(&node).cloned();
             let Some(addr) = addr else {
                 self.inner.cache.write().invalidate(desc.id);
-                retry
-                    .backoff(format!("no address for node {node}"))
-                    .await?;
+                retry.backoff(format!("no address for node {node}")).await?;
                 continue;
             };
             let ctx = ShardContext {
@@ -340,7 +340,8 @@ impl Client {
                 replica_id: desc.replica_on(node).map(|r| r.id).unwrap_or(0),
             };
             let kv = self.kv(&addr)?;
-            let outcome = tokio::time::timeout(retry.remaining(), call(kv, ctx, desc.clone())).await;
+            let outcome =
+                tokio::time::timeout(retry.remaining(), call(kv, ctx, desc.clone())).await;
             let err = match outcome {
                 Err(_) if !idempotent => {
                     return Err(Error::Indeterminate(format!(
@@ -648,21 +649,27 @@ impl Client {
         loop {
             let end2 = end.clone();
             let (_, desc) = self
-                .on_shard(&cursor, false, true, |_| true, |mut kv, ctx, desc| {
-                    let start = cursor.clone();
-                    let end = clip_end(&end2, &desc);
-                    async move {
-                        let r = kv
-                            .delete_range(kvpb::DeleteRangeRequest {
-                                context: Some(ctx),
-                                start_key: start,
-                                end_key: end,
-                            })
-                            .await?
-                            .into_inner();
-                        Ok((r.error, ()))
-                    }
-                })
+                .on_shard(
+                    &cursor,
+                    false,
+                    true,
+                    |_| true,
+                    |mut kv, ctx, desc| {
+                        let start = cursor.clone();
+                        let end = clip_end(&end2, &desc);
+                        async move {
+                            let r = kv
+                                .delete_range(kvpb::DeleteRangeRequest {
+                                    context: Some(ctx),
+                                    start_key: start,
+                                    end_key: end,
+                                })
+                                .await?
+                                .into_inner();
+                            Ok((r.error, ()))
+                        }
+                    },
+                )
                 .await
                 .map_err(public)?;
             if reaches(&desc, &end) {
@@ -694,26 +701,32 @@ impl Client {
             let anchor = if reverse { hi.clone() } else { lo.clone() };
             let (lo2, hi2) = (lo.clone(), hi.clone());
             let ((pairs, more), desc) = self
-                .on_shard(&anchor, reverse, true, |_| true, |mut kv, ctx, desc| {
-                    let (s, e) = if reverse {
-                        (clip_start(&lo2, &desc), hi2.clone())
-                    } else {
-                        (lo2.clone(), clip_end(&hi2, &desc))
-                    };
-                    async move {
-                        let r = kv
-                            .scan(kvpb::ScanRequest {
-                                context: Some(ctx),
-                                start_key: s,
-                                end_key: e,
-                                limit: want,
-                                reverse,
-                            })
-                            .await?
-                            .into_inner();
-                        Ok((r.error, (r.pairs, r.more)))
-                    }
-                })
+                .on_shard(
+                    &anchor,
+                    reverse,
+                    true,
+                    |_| true,
+                    |mut kv, ctx, desc| {
+                        let (s, e) = if reverse {
+                            (clip_start(&lo2, &desc), hi2.clone())
+                        } else {
+                            (lo2.clone(), clip_end(&hi2, &desc))
+                        };
+                        async move {
+                            let r = kv
+                                .scan(kvpb::ScanRequest {
+                                    context: Some(ctx),
+                                    start_key: s,
+                                    end_key: e,
+                                    limit: want,
+                                    reverse,
+                                })
+                                .await?
+                                .into_inner();
+                            Ok((r.error, (r.pairs, r.more)))
+                        }
+                    },
+                )
                 .await
                 .map_err(public)?;
             let last = pairs.last().map(|p| p.key.clone());

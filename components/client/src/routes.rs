@@ -40,7 +40,10 @@ impl RouteCache {
         let s = if end.is_empty() {
             self.by_start.values().next_back()
         } else {
-            self.by_start.range::<[u8], _>((std::ops::Bound::Unbounded, std::ops::Bound::Excluded(end))).next_back().map(|(_, s)| s)
+            self.by_start
+                .range::<[u8], _>((std::ops::Bound::Unbounded, std::ops::Bound::Excluded(end)))
+                .next_back()
+                .map(|(_, s)| s)
         }?;
         let reaches = s.desc.end_key.is_empty() || (!end.is_empty() && s.desc.end_key[..] >= *end);
         reaches.then(|| s.clone())
@@ -57,10 +60,8 @@ impl RouteCache {
         }
         self.by_start
             .retain(|_, s| !(s.desc.id == desc.id || overlaps(&s.desc, &desc)));
-        self.by_start.insert(
-            desc.start_key.clone(),
-            CachedShard { desc, leader_node },
-        );
+        self.by_start
+            .insert(desc.start_key.clone(), CachedShard { desc, leader_node });
     }
 
     pub fn insert_route(&mut self, r: ShardRoute) {
@@ -100,7 +101,10 @@ mod tests {
             id,
             start_key: Bytes::copy_from_slice(s.as_bytes()),
             end_key: Bytes::copy_from_slice(e.as_bytes()),
-            epoch: Some(Epoch { conf_ver: 1, version }),
+            epoch: Some(Epoch {
+                conf_ver: 1,
+                version,
+            }),
             replicas: vec![],
         }
     }
@@ -118,7 +122,11 @@ mod tests {
         c.insert(shard(2, "m", "t", 2), 0);
         assert!(c.locate(b"x").is_none());
         c.insert(shard(1, "", "", 0), 0);
-        assert_eq!(c.locate(b"a").unwrap().desc.id, 1, "older epoch of 1 is still newest");
+        assert_eq!(
+            c.locate(b"a").unwrap().desc.id,
+            1,
+            "older epoch of 1 is still newest"
+        );
         c.invalidate(1);
         assert!(c.locate(b"a").is_none());
     }

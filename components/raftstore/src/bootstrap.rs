@@ -47,7 +47,10 @@ pub fn split_key(i: usize, k: usize) -> Vec<u8> {
 
 /// The shards of a new cluster of `nodes` with `k` shards.
 pub fn initial_layout(nodes: &[NodeId], k: usize) -> Vec<ShardDescriptor> {
-    assert!(k >= 1 && k <= 65536, "initial shard count must be in 1..=65536");
+    assert!(
+        (1..=65536).contains(&k),
+        "initial shard count must be in 1..=65536"
+    );
     let mut nodes = nodes.to_vec();
     nodes.sort_unstable();
     nodes.dedup();
@@ -146,7 +149,10 @@ mod tests {
             assert_eq!(nodes, vec![1, 2, 3]);
         }
         // Replica ids are unique and above the shard ids.
-        let mut ids: Vec<_> = l.iter().flat_map(|d| d.replicas.iter().map(|r| r.id)).collect();
+        let mut ids: Vec<_> = l
+            .iter()
+            .flat_map(|d| d.replicas.iter().map(|r| r.id))
+            .collect();
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), 24);

@@ -50,9 +50,7 @@ pub mod transport;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use meta::{ShardMeta, StoreMeta};
-pub use msg::{
-    CasOutcome, KeySpan, ReadRequest, ReplicaStatus, WriteRequest, WriteResult,
-};
+pub use msg::{CasOutcome, KeySpan, ReadRequest, ReplicaStatus, WriteRequest, WriteResult};
 pub use store::{Engines, Store, StoreRouter};
 pub use transport::{RaftMessage, Transport};
 

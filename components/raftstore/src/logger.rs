@@ -44,5 +44,8 @@ impl Drain for TracingDrain {
 
 /// A slog logger for one replica.
 pub fn replica_logger(shard_id: u64, replica_id: u64) -> slog::Logger {
-    slog::Logger::root(TracingDrain.fuse(), slog::o!("shard_id" => shard_id, "replica_id" => replica_id))
+    slog::Logger::root(
+        TracingDrain.fuse(),
+        slog::o!("shard_id" => shard_id, "replica_id" => replica_id),
+    )
 }

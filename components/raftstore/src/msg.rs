@@ -53,7 +53,10 @@ pub struct WriteRequest {
 pub enum KeySpan {
     Point(Bytes),
     /// `[start, end)`; an empty `end` means the end of the shard.
-    Range { start: Bytes, end: Bytes },
+    Range {
+        start: Bytes,
+        end: Bytes,
+    },
 }
 
 impl KeySpan {
@@ -65,9 +68,8 @@ impl KeySpan {
                 if !shard.contains(start) {
                     return Some(start);
                 }
-                let end_ok = end.is_empty()
-                    || shard.end_key.is_empty()
-                    || end[..] <= shard.end_key[..];
+                let end_ok =
+                    end.is_empty() || shard.end_key.is_empty() || end[..] <= shard.end_key[..];
                 (!end_ok).then_some(&end[..])
             }
         }
@@ -149,9 +151,13 @@ pub enum ReplicaMsg {
     Tick,
     Applied(ApplyResult),
     /// The transport could not deliver to this peer.
-    Unreachable { to_replica: ReplicaId },
+    Unreachable {
+        to_replica: ReplicaId,
+    },
     Status(Callback<ReplicaStatus>),
-    TransferLeader { to_replica: ReplicaId },
+    TransferLeader {
+        to_replica: ReplicaId,
+    },
     /// Nothing to do but run a round (a ready was left over).
     Wake,
 }

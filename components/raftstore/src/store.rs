@@ -186,7 +186,7 @@ impl Store {
             let shard_id = descriptor.id;
 
             let (atx, arx) = crossbeam_channel::unbounded();
-            let apply = ApplyFsm::new(descriptor.clone(), replica_id, apply_state.clone(), arx);
+            let apply = ApplyFsm::new(descriptor.clone(), replica_id, apply_state, arx);
             apply_mailboxes.push((shard_id, BasicMailbox::new(atx, Box::new(apply))));
 
             let (tx, rx) = crossbeam_channel::unbounded();
@@ -217,7 +217,12 @@ impl Store {
         }
 
         let ticker = spawn_ticker(raft_router.clone(), cfg.tick_interval);
-        tracing::info!(node_id, shards = shard_ids.len(), elapsed_ms = started.elapsed().as_millis() as u64, "raftstore started");
+        tracing::info!(
+            node_id,
+            shards = shard_ids.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "raftstore started"
+        );
         Ok(Store {
             router: StoreRouter {
                 node_id,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Config {
     pub server: ServerSection,
@@ -202,19 +202,6 @@ impl Default for LogSection {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerSection::default(),
-            raftstore: RaftstoreSection::default(),
-            raft_engine: RaftEngineSection::default(),
-            rocksdb: RocksdbSection::default(),
-            limits: Limits::default(),
-            log: LogSection::default(),
-        }
-    }
-}
-
 /// A node of `--initial-cluster`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InitialNode {
@@ -248,10 +235,9 @@ impl Config {
             .addr
             .parse::<SocketAddr>()
             .map_err(|e| anyhow::anyhow!("server.addr {:?}: {e}", self.server.addr))?;
-        self.server
-            .status_addr
-            .parse::<SocketAddr>()
-            .map_err(|e| anyhow::anyhow!("server.status-addr {:?}: {e}", self.server.status_addr))?;
+        self.server.status_addr.parse::<SocketAddr>().map_err(|e| {
+            anyhow::anyhow!("server.status-addr {:?}: {e}", self.server.status_addr)
+        })?;
         let r = &self.raftstore;
         if r.heartbeat_ticks == 0 || r.election_ticks <= r.heartbeat_ticks {
             bail!("raftstore.election-ticks must exceed raftstore.heartbeat-ticks (> 0)");

@@ -144,7 +144,10 @@ impl Kv for KvService {
         .await
     }
 
-    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
         let c = &self.ctx;
         c.run("Delete", async {
             let r = req.into_inner();
@@ -201,12 +204,11 @@ impl Kv for KvService {
                 n => n.min(l.max_scan_limit),
             } as usize;
             let kv = c.kv.clone();
-            let (pairs, more) = tokio::task::spawn_blocking(move || {
-                kv.scan(&r.start_key, &end, limit, r.reverse)
-            })
-            .await
-            .map_err(internal)?
-            .map_err(internal)?;
+            let (pairs, more) =
+                tokio::task::spawn_blocking(move || kv.scan(&r.start_key, &end, limit, r.reverse))
+                    .await
+                    .map_err(internal)?
+                    .map_err(internal)?;
             Ok(ScanResponse {
                 error: None,
                 pairs: pairs

@@ -19,7 +19,9 @@ pub fn check_request_size<M: Message>(limits: &Limits, req: &M) -> Result<(), St
 
 pub fn check_key(limits: &Limits, field: &str, key: &[u8]) -> Result<(), Status> {
     if key.is_empty() {
-        return Err(Status::invalid_argument(format!("{field} must not be empty")));
+        return Err(Status::invalid_argument(format!(
+            "{field} must not be empty"
+        )));
     }
     check_bound(limits, field, key)
 }
@@ -49,7 +51,9 @@ pub fn check_value(limits: &Limits, field: &str, value: &[u8]) -> Result<(), Sta
 
 pub fn check_batch(limits: &Limits, field: &str, n: usize) -> Result<(), Status> {
     if n == 0 {
-        return Err(Status::invalid_argument(format!("{field} must not be empty")));
+        return Err(Status::invalid_argument(format!(
+            "{field} must not be empty"
+        )));
     }
     if n > limits.max_batch_keys {
         return Err(Status::invalid_argument(format!(

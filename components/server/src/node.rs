@@ -45,8 +45,7 @@ pub struct Listeners {
 impl Listeners {
     pub fn bind(grpc: &str, status: &str) -> anyhow::Result<Self> {
         let g = std::net::TcpListener::bind(grpc).with_context(|| format!("binding {grpc}"))?;
-        let s =
-            std::net::TcpListener::bind(status).with_context(|| format!("binding {status}"))?;
+        let s = std::net::TcpListener::bind(status).with_context(|| format!("binding {status}"))?;
         Ok(Listeners { grpc: g, status: s })
     }
 }
@@ -104,7 +103,10 @@ fn ensure_bootstrapped(cfg: &Config, engines: &Engines) -> anyhow::Result<Vec<No
     }
     let initial = cfg.initial_cluster()?;
     if initial.is_empty() {
-        bail!("new data dir {}: --initial-cluster is required to bootstrap", cfg.server.data_dir.display());
+        bail!(
+            "new data dir {}: --initial-cluster is required to bootstrap",
+            cfg.server.data_dir.display()
+        );
     }
     if !initial.iter().any(|n| n.id == node_id) {
         bail!("--initial-cluster does not list this node ({node_id})");
@@ -119,7 +121,12 @@ fn ensure_bootstrapped(cfg: &Config, engines: &Engines) -> anyhow::Result<Vec<No
     let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
     let layout = initial_layout(&ids, cfg.server.initial_shards);
     bootstrap_node(&engines.kv, &engines.raft, node_id, &nodes, &layout)?;
-    tracing::info!(node_id, nodes = nodes.len(), shards = layout.len(), "bootstrapped a new cluster member");
+    tracing::info!(
+        node_id,
+        nodes = nodes.len(),
+        shards = layout.len(),
+        "bootstrapped a new cluster member"
+    );
     Ok(nodes)
 }
 
@@ -173,7 +180,9 @@ impl Server {
         let status_addr = listeners.status.local_addr()?;
         let ctx = Arc::new(NodeContext {
             node_id,
-            addr: addresses.get(node_id).unwrap_or_else(|| grpc_addr.to_string()),
+            addr: addresses
+                .get(node_id)
+                .unwrap_or_else(|| grpc_addr.to_string()),
             cfg: cfg.clone(),
             router: router.clone(),
             kv: engines.kv.clone(),
@@ -185,7 +194,11 @@ impl Server {
 
         // Requests past the limit are refused by the handlers with a clear
         // INVALID_ARGUMENT; the transport's own cap only stops abuse.
-        let decode_cap = cfg.limits.max_request_size_bytes.saturating_mul(4).max(16 << 20);
+        let decode_cap = cfg
+            .limits
+            .max_request_size_bytes
+            .saturating_mul(4)
+            .max(16 << 20);
         let (grpc_stop, grpc_stop_rx) = oneshot::channel::<()>();
         let (streams_stop, streams_stop_rx) = tokio::sync::watch::channel(false);
         listeners.grpc.set_nonblocking(true)?;
@@ -196,7 +209,9 @@ impl Server {
         let grpc = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .add_service(KvServer::new(KvService::new(ctx.clone())).max_decoding_message_size(decode_cap))
+            .add_service(
+                KvServer::new(KvService::new(ctx.clone())).max_decoding_message_size(decode_cap),
+            )
             .add_service(AdminServer::new(AdminService::new(ctx.clone())))
             .add_service(
                 RaftServer::new(RaftService::new(node_id, router.clone(), streams_stop_rx))
@@ -282,13 +297,19 @@ impl Server {
         // In-flight requests finish (each is bounded by the request
         // timeout) and connections close; the engines are released only
         // once every connection task has let go of the services.
-        for task in [self.grpc_task.take(), self.status_task.take()].into_iter().flatten() {
+        for task in [self.grpc_task.take(), self.status_task.take()]
+            .into_iter()
+            .flatten()
+        {
             let abort = task.abort_handle();
             if tokio::time::timeout(self.ctx.request_timeout() + Duration::from_secs(1), task)
                 .await
                 .is_err()
             {
-                tracing::warn!(node_id = self.ctx.node_id, "server did not stop in time; aborting it");
+                tracing::warn!(
+                    node_id = self.ctx.node_id,
+                    "server did not stop in time; aborting it"
+                );
                 abort.abort();
             }
         }

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use flotilla_proto::error as pb;
 use flotilla_proto::kv::ShardContext;
 use flotilla_proto::raftcmd::WriteCommand;
-use flotilla_raftstore::{Error as StoreError, KeySpan, ReadRequest, StoreRouter, WriteRequest, WriteResult};
+use flotilla_raftstore::{
+    Error as StoreError, KeySpan, ReadRequest, StoreRouter, WriteRequest, WriteResult,
+};
 use flotilla_storage::{KvEngine, RaftLogEngine};
 use flotilla_transport::AddressBook;
 use tokio::sync::oneshot;
@@ -166,7 +168,9 @@ impl NodeContext {
                 "server_is_busy",
                 Kind::ServerIsBusy(pb::ServerIsBusy { reason }),
             ),
-            StoreError::StaleCommand(_) => ("stale_command", Kind::StaleCommand(pb::StaleCommand {})),
+            StoreError::StaleCommand(_) => {
+                ("stale_command", Kind::StaleCommand(pb::StaleCommand {}))
+            }
             StoreError::Indeterminate(_) => {
                 ("indeterminate", Kind::Indeterminate(pb::Indeterminate {}))
             }

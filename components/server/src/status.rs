@@ -55,7 +55,11 @@ async fn metrics() -> impl IntoResponse {
     if let Err(e) = encoder.encode(&prometheus::gather(), &mut buf) {
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
     }
-    ([(header::CONTENT_TYPE, encoder.format_type().to_string())], buf).into_response()
+    (
+        [(header::CONTENT_TYPE, encoder.format_type().to_string())],
+        buf,
+    )
+        .into_response()
 }
 
 #[derive(Serialize)]
@@ -81,8 +85,21 @@ async fn status(State(ctx): State<Arc<NodeContext>>) -> Json<NodeStatus> {
         shards: c.replicas,
         leaders: c.leaders,
         shards_without_leader: c.without_leader,
-        raft_engine_bytes: ctx.raft.used_size() as u64,
-        rocksdb_bytes: ctx.kv.property_sum("rocksdb.total-sst-files-size")
-            + ctx.kv.property_sum("rocksdb.cur-size-all-mem-tables"),
+        raft_engine_bytes: dir_size(&ctx.cfg.server.data_dir.join("raft")),
+        rocksdb_bytes: dir_size(&ctx.cfg.server.data_dir.join("kv")),
     })
+}
+
+/// Bytes of the regular files directly under `dir` (what the engine
+/// occupies on disk, preallocated space included).
+pub fn dir_size(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }

@@ -91,7 +91,9 @@ impl EntryCache {
     /// Appends the cached part of `[low, high)` to `out`; `low` must be at or
     /// after the first cached index.
     pub fn fetch(&self, low: Index, high: Index, out: &mut Vec<Entry>) {
-        let Some(first) = self.first_index() else { return };
+        let Some(first) = self.first_index() else {
+            return;
+        };
         debug_assert!(low >= first);
         let start = (low - first) as usize;
         let end = ((high - first) as usize).min(self.entries.len());
@@ -104,11 +106,12 @@ mod tests {
     use super::*;
 
     fn ent(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = vec![0u8; 10].into();
-        e
+        Entry {
+            index,
+            term,
+            data: vec![0u8; 10].into(),
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -169,7 +169,11 @@ impl KvEngine {
     }
 
     pub fn put_node_ident(&self, wb: &mut WriteBatch, ident: &NodeIdent) {
-        wb.put_cf(self.cf(CF_META), keys::NODE_IDENT_KEY, ident.encode_to_vec());
+        wb.put_cf(
+            self.cf(CF_META),
+            keys::NODE_IDENT_KEY,
+            ident.encode_to_vec(),
+        );
     }
 
     pub fn put_shard_state(&self, wb: &mut WriteBatch, shard_id: ShardId, s: &ShardLocalState) {
@@ -189,7 +193,11 @@ impl KvEngine {
     }
 
     pub fn put_directory_entry(&self, wb: &mut WriteBatch, d: &ShardDescriptor) {
-        wb.put_cf(self.cf(CF_META), keys::directory_key(d.id), d.encode_to_vec());
+        wb.put_cf(
+            self.cf(CF_META),
+            keys::directory_key(d.id),
+            d.encode_to_vec(),
+        );
     }
 
     /// Every replica hosted here, with its apply state, ordered by shard id.
@@ -329,7 +337,10 @@ mod tests {
         }
         e.write(wb, true).unwrap();
         let loaded = e.load_shards().unwrap();
-        let ids: Vec<_> = loaded.iter().map(|(s, a)| (s.shard.as_ref().unwrap().id, a.applied_index)).collect();
+        let ids: Vec<_> = loaded
+            .iter()
+            .map(|(s, a)| (s.shard.as_ref().unwrap().id, a.applied_index))
+            .collect();
         assert_eq!(ids, vec![(2, 2), (17, 17), (300, 300)]);
     }
 }

@@ -66,12 +66,13 @@ impl RaftLocalState {
             });
         }
         let u = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap());
-        let mut hs = HardState::default();
-        hs.term = u(1);
-        hs.vote = u(9);
-        hs.commit = u(17);
         Ok(RaftLocalState {
-            hard_state: hs,
+            hard_state: HardState {
+                term: u(1),
+                vote: u(9),
+                commit: u(17),
+                ..Default::default()
+            },
             last_index: u(25),
         })
     }
@@ -207,12 +208,13 @@ mod tests {
 
     #[test]
     fn raft_state_round_trips() {
-        let mut hs = HardState::default();
-        hs.term = 7;
-        hs.vote = 3;
-        hs.commit = 42;
         let s = RaftLocalState {
-            hard_state: hs,
+            hard_state: HardState {
+                term: 7,
+                vote: 3,
+                commit: 42,
+                ..Default::default()
+            },
             last_index: 99,
         };
         let b = s.encode();

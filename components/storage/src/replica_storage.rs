@@ -60,11 +60,12 @@ pub fn initial_apply_state() -> ApplyState {
 
 /// The raft state of a freshly bootstrapped shard.
 pub fn initial_raft_state() -> RaftLocalState {
-    let mut hs = HardState::default();
-    hs.term = RAFT_INIT_TERM;
-    hs.commit = RAFT_INIT_INDEX;
     RaftLocalState {
-        hard_state: hs,
+        hard_state: HardState {
+            term: RAFT_INIT_TERM,
+            commit: RAFT_INIT_INDEX,
+            ..Default::default()
+        },
         last_index: RAFT_INIT_INDEX,
     }
 }
@@ -83,10 +84,12 @@ impl ReplicaStorage {
         apply_state: ApplyState,
         conf_state: ConfState,
     ) -> Result<Self> {
-        let mut raft_state = engine.raft_state(shard_id)?.ok_or_else(|| Error::Corruption {
-            what: format!("shard {shard_id}"),
-            detail: "no raft state in raft-engine".into(),
-        })?;
+        let mut raft_state = engine
+            .raft_state(shard_id)?
+            .ok_or_else(|| Error::Corruption {
+                what: format!("shard {shard_id}"),
+                detail: "no raft state in raft-engine".into(),
+            })?;
         if raft_state.last_index < apply_state.applied_index {
             return Err(Error::Corruption {
                 what: format!("shard {shard_id}"),
@@ -293,11 +296,12 @@ mod tests {
     use raft::Storage;
 
     fn ent(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = format!("e{index}").into_bytes().into();
-        e
+        Entry {
+            index,
+            term,
+            data: format!("e{index}").into_bytes().into(),
+            ..Default::default()
+        }
     }
 
     fn new_storage(dir: &std::path::Path) -> (Arc<RaftLogEngine>, ReplicaStorage) {
@@ -347,14 +351,8 @@ mod tests {
         drop(engine);
 
         let engine = RaftLogEngine::open(dir.path(), &Default::default()).unwrap();
-        let s = ReplicaStorage::recover(
-            1,
-            11,
-            engine,
-            initial_apply_state(),
-            ConfState::default(),
-        )
-        .unwrap();
+        let s = ReplicaStorage::recover(1, 11, engine, initial_apply_state(), ConfState::default())
+            .unwrap();
         assert_eq!(raft::Storage::last_index(&s).unwrap(), 8);
         assert_eq!(s.term(8).unwrap(), 7);
         assert_eq!(s.term(7).unwrap(), 6);

@@ -142,7 +142,11 @@ impl TestCluster {
     }
 
     pub async fn client_with_timeout(&self, timeout: Duration) -> Client {
-        let endpoints = self.node_ids().iter().map(|id| self.grpc_addr(*id)).collect();
+        let endpoints = self
+            .node_ids()
+            .iter()
+            .map(|id| self.grpc_addr(*id))
+            .collect();
         Client::connect(ClientConfig {
             endpoints,
             timeout,
@@ -230,7 +234,12 @@ impl TestCluster {
 
     /// Waits until `shard_id` has a leader among `among` (all running nodes
     /// when empty) that every running replica on those nodes agrees on.
-    pub async fn wait_leader(&self, shard_id: ShardId, among: &[NodeId], timeout: Duration) -> NodeId {
+    pub async fn wait_leader(
+        &self,
+        shard_id: ShardId,
+        among: &[NodeId],
+        timeout: Duration,
+    ) -> NodeId {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(l) = self.leader_of(shard_id) {

@@ -166,7 +166,12 @@ impl Transport for RaftClient {
                 }
             }
         }
-        inner.pending.lock().entry(msg.to_node).or_default().push(msg);
+        inner
+            .pending
+            .lock()
+            .entry(msg.to_node)
+            .or_default()
+            .push(msg);
     }
 
     fn flush(&self) {
@@ -203,7 +208,8 @@ impl Inner {
                 .or_insert_with(|| {
                     let (tx, rx) = mpsc::channel(self.cfg.queue_batches);
                     let inner = self.clone();
-                    self.runtime.spawn(async move { inner.run_peer(to, rx).await });
+                    self.runtime
+                        .spawn(async move { inner.run_peer(to, rx).await });
                     tx
                 })
                 .clone()
@@ -219,7 +225,9 @@ impl Inner {
     }
 
     fn report_unreachable(&self, msgs: &[RaftMessage]) {
-        let Some(router) = self.router.get() else { return };
+        let Some(router) = self.router.get() else {
+            return;
+        };
         let targets: HashSet<_> = msgs.iter().map(|m| (m.shard_id, m.to_replica)).collect();
         for (shard_id, to_replica) in targets {
             router.report_unreachable(shard_id, to_replica);
@@ -227,7 +235,12 @@ impl Inner {
     }
 
     /// Drops everything queued for a peer that cannot be reached.
-    fn drain_unreachable(&self, to: NodeId, rx: &mut mpsc::Receiver<Vec<RaftMessage>>, first: Vec<RaftMessage>) {
+    fn drain_unreachable(
+        &self,
+        to: NodeId,
+        rx: &mut mpsc::Receiver<Vec<RaftMessage>>,
+        first: Vec<RaftMessage>,
+    ) {
         let mut dropped = first;
         while let Ok(mut more) = rx.try_recv() {
             dropped.append(&mut more);
@@ -305,7 +318,13 @@ impl Inner {
                 }
                 let n = msgs.len();
                 let envelopes: Vec<RaftEnvelope> = msgs.iter().map(encode).collect();
-                if tx.send(RaftBatch { messages: envelopes }).await.is_err() {
+                if tx
+                    .send(RaftBatch {
+                        messages: envelopes,
+                    })
+                    .await
+                    .is_err()
+                {
                     drop_metric(to, "stream_closed", n);
                     self.report_unreachable(&msgs);
                     break;
@@ -331,10 +350,6 @@ fn encode(m: &RaftMessage) -> RaftEnvelope {
         from_replica: m.from_replica,
         to_replica: m.to_replica,
         epoch: Some(m.epoch),
-        message: Bytes::from(
-            m.msg
-                .write_to_bytes()
-                .expect("raft messages always encode"),
-        ),
+        message: Bytes::from(m.msg.write_to_bytes().expect("raft messages always encode")),
     }
 }

@@ -45,13 +45,19 @@ impl Raft for RaftService {
                     return Err(Status::unavailable("node is shutting down"));
                 }
             };
-            let Some(first) = batch.messages.first() else { continue };
+            let Some(first) = batch.messages.first() else {
+                continue;
+            };
             metrics::MESSAGES_RECEIVED
                 .with_label_values(&[&first.from_node.to_string()])
                 .inc_by(batch.messages.len() as u64);
             for env in batch.messages {
                 if env.to_node != self.node_id {
-                    tracing::warn!(to_node = env.to_node, node_id = self.node_id, "raft message addressed to another node; dropped");
+                    tracing::warn!(
+                        to_node = env.to_node,
+                        node_id = self.node_id,
+                        "raft message addressed to another node; dropped"
+                    );
                     continue;
                 }
                 let msg = match raft::eraftpb::Message::parse_from_bytes(&env.message) {

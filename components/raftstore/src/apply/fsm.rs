@@ -79,14 +79,19 @@ impl ApplyFsm {
             ctx.results.push((
                 self.shard_id,
                 ApplyResult {
-                    apply_state: self.apply_state.clone(),
+                    apply_state: self.apply_state,
                 },
             ));
         }
         HandleResult::drained()
     }
 
-    fn apply_entry(&mut self, entry: Entry, proposals: &mut VecDeque<Proposal>, ctx: &mut ApplyCtx) {
+    fn apply_entry(
+        &mut self,
+        entry: Entry,
+        proposals: &mut VecDeque<Proposal>,
+        ctx: &mut ApplyCtx,
+    ) {
         assert_eq!(
             entry.index,
             self.apply_state.applied_index + 1,
@@ -95,10 +100,17 @@ impl ApplyFsm {
             self.replica_id
         );
         let results = match entry.get_entry_type() {
-            EntryType::EntryNormal if !entry.data.is_empty() => Some(self.exec_command(&entry, ctx)),
+            EntryType::EntryNormal if !entry.data.is_empty() => {
+                Some(self.exec_command(&entry, ctx))
+            }
             EntryType::EntryNormal => None,
             EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                tracing::warn!(shard_id = self.shard_id, replica_id = self.replica_id, index = entry.index, "membership changes are not supported yet; entry skipped");
+                tracing::warn!(
+                    shard_id = self.shard_id,
+                    replica_id = self.replica_id,
+                    index = entry.index,
+                    "membership changes are not supported yet; entry skipped"
+                );
                 None
             }
         };
@@ -138,11 +150,7 @@ impl ApplyFsm {
                 self.shard_id, entry.index
             )
         });
-        let version = cmd
-            .header
-            .and_then(|h| h.epoch)
-            .unwrap_or_default()
-            .version;
+        let version = cmd.header.and_then(|h| h.epoch).unwrap_or_default().version;
         if version != self.descriptor.epoch().version {
             let err = Error::EpochNotMatch {
                 shard_id: self.shard_id,

@@ -201,7 +201,7 @@ impl ReplicaFsm {
     }
 
     /// Checks a client request against leadership, epoch and range.
-    fn check_request<'a>(
+    fn check_request(
         &self,
         epoch: &flotilla_proto::meta::Epoch,
         spans: impl IntoIterator<Item = KeySpan>,
@@ -274,7 +274,12 @@ impl ReplicaFsm {
             ReplicaMsg::Status(cb) => cb(self.status()),
             ReplicaMsg::TransferLeader { to_replica } => {
                 if self.is_leader() && self.descriptor.replica(to_replica).is_some() {
-                    tracing::info!(shard_id = self.shard_id, replica_id = self.replica_id, to_replica, "transferring leadership");
+                    tracing::info!(
+                        shard_id = self.shard_id,
+                        replica_id = self.replica_id,
+                        to_replica,
+                        "transferring leadership"
+                    );
                     self.raw_node.transfer_leader(to_replica);
                 }
             }
@@ -309,7 +314,8 @@ impl ReplicaFsm {
             return;
         }
         let size = req.command.encoded_len();
-        if self.pending_write_bytes + size > ctx.cfg.max_entry_size && !self.pending_writes.is_empty()
+        if self.pending_write_bytes + size > ctx.cfg.max_entry_size
+            && !self.pending_writes.is_empty()
         {
             self.propose_pending_writes();
         }
@@ -370,7 +376,9 @@ impl ReplicaFsm {
             }
             return;
         }
-        metrics::PROPOSALS.with_label_values(&["proposed"]).inc_by(n);
+        metrics::PROPOSALS
+            .with_label_values(&["proposed"])
+            .inc_by(n);
         metrics::PROPOSAL_ENTRIES.inc();
         metrics::PENDING_PROPOSALS.inc();
         self.proposals.push(Proposal {
@@ -390,7 +398,9 @@ impl ReplicaFsm {
         if !self.is_leader() {
             let err = self.not_leader();
             let n = self.reads.fail_unconfirmed(|| err.clone());
-            metrics::READS.with_label_values(&["not_leader"]).inc_by(n as u64);
+            metrics::READS
+                .with_label_values(&["not_leader"])
+                .inc_by(n as u64);
             return;
         }
         if !self.raw_node.raft.commit_to_current_term() {
@@ -407,7 +417,11 @@ impl ReplicaFsm {
         self.raw_node.tick();
         let timeout = 2 * ctx.cfg.election_ticks as u64;
         if self.reads.retry_stale(self.ticks, timeout) > 0 {
-            tracing::debug!(shard_id = self.shard_id, replica_id = self.replica_id, "re-issuing a read index that got no answer");
+            tracing::debug!(
+                shard_id = self.shard_id,
+                replica_id = self.replica_id,
+                "re-issuing a read index that got no answer"
+            );
         }
         if let Some(t) = self.ticks_since_stepdown.as_mut() {
             *t += 1;
@@ -423,7 +437,12 @@ impl ReplicaFsm {
         if n == 0 {
             return;
         }
-        tracing::warn!(shard_id = self.shard_id, replica_id = self.replica_id, proposals = n, "leadership lost; pending proposals have an unknown outcome");
+        tracing::warn!(
+            shard_id = self.shard_id,
+            replica_id = self.replica_id,
+            proposals = n,
+            "leadership lost; pending proposals have an unknown outcome"
+        );
         metrics::PROPOSALS_DROPPED
             .with_label_values(&["indeterminate"])
             .inc_by(n as u64);
@@ -442,29 +461,45 @@ impl ReplicaFsm {
         self.raw_node.mut_store().set_apply_state(res.apply_state);
         let served = self.reads.serve(applied);
         if served > 0 {
-            metrics::READS.with_label_values(&["served"]).inc_by(served as u64);
+            metrics::READS
+                .with_label_values(&["served"])
+                .inc_by(served as u64);
         }
     }
 
     fn on_role_change(&mut self, ctx: &PollContext) {
         let raft = &self.raw_node.raft;
         let is_leader = raft.state == StateRole::Leader;
-        ctx.meta.set_leader(self.shard_id, raft.leader_id, raft.term);
+        ctx.meta
+            .set_leader(self.shard_id, raft.leader_id, raft.term);
         if is_leader != self.was_leader {
             metrics::LEADER_CHANGES.inc();
             if is_leader {
                 metrics::LEADERS.inc();
                 self.ticks_since_stepdown = None;
-                tracing::info!(shard_id = self.shard_id, replica_id = self.replica_id, term = raft.term, "became leader");
+                tracing::info!(
+                    shard_id = self.shard_id,
+                    replica_id = self.replica_id,
+                    term = raft.term,
+                    "became leader"
+                );
             } else {
                 metrics::LEADERS.dec();
-                tracing::info!(shard_id = self.shard_id, replica_id = self.replica_id, term = raft.term, leader_id = raft.leader_id, "stepped down");
+                tracing::info!(
+                    shard_id = self.shard_id,
+                    replica_id = self.replica_id,
+                    term = raft.term,
+                    leader_id = raft.leader_id,
+                    "stepped down"
+                );
                 if !self.proposals.is_empty() {
                     self.ticks_since_stepdown = Some(0);
                 }
                 let err = self.not_leader();
                 let n = self.reads.fail_unconfirmed(|| err.clone());
-                metrics::READS.with_label_values(&["not_leader"]).inc_by(n as u64);
+                metrics::READS
+                    .with_label_values(&["not_leader"])
+                    .inc_by(n as u64);
             }
             self.was_leader = is_leader;
         }
@@ -474,7 +509,11 @@ impl ReplicaFsm {
         let epoch = self.descriptor.epoch();
         for msg in msgs {
             let Some(to) = self.descriptor.replica(msg.to) else {
-                tracing::warn!(shard_id = self.shard_id, to = msg.to, "dropping a message to a replica not in the descriptor");
+                tracing::warn!(
+                    shard_id = self.shard_id,
+                    to = msg.to,
+                    "dropping a message to a replica not in the descriptor"
+                );
                 continue;
             };
             ctx.transport.send(RaftMessage {
@@ -557,7 +596,9 @@ impl ReplicaFsm {
         }
         let served = self.reads.serve(self.raw_node.store().applied_index());
         if served > 0 {
-            metrics::READS.with_label_values(&["served"]).inc_by(served as u64);
+            metrics::READS
+                .with_label_values(&["served"])
+                .inc_by(served as u64);
         }
         round.readies += 1;
         self.pending_ready = Some(rd);

@@ -61,7 +61,12 @@ impl NodeFsm {
                     metrics::RAFT_MESSAGES_RECEIVED
                         .with_label_values(&["unknown_shard"])
                         .inc();
-                    tracing::debug!(shard_id = m.shard_id, from_node = m.from_node, to_replica = m.to_replica, "raft message for a shard not hosted here");
+                    tracing::debug!(
+                        shard_id = m.shard_id,
+                        from_node = m.from_node,
+                        to_replica = m.to_replica,
+                        "raft message for a shard not hosted here"
+                    );
                 }
                 ControlMsg::Tick => {
                     let c = self.meta.counts();
