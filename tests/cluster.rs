@@ -356,3 +356,45 @@ async fn sixty_four_shards_on_three_nodes_all_elect_and_serve() {
     }
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delayed_and_one_way_links_slow_but_do_not_break_replication() {
+    use flotilla_test_cluster::FilterDecision;
+    use std::sync::Arc;
+    let mut c = TestCluster::builder(3).shards(1).start().await;
+    let leader = c.wait_leader(1, &[], WAIT).await;
+    let client = c.client().await;
+    client.put(b("k0"), b("v0")).await.unwrap();
+
+    // Every message is delayed by 30 ms: writes still commit, just slower.
+    c.add_filter(Arc::new(|_: &flotilla_raftstore::RaftMessage| {
+        FilterDecision::Delay(Duration::from_millis(30))
+    }));
+    let t = Instant::now();
+    client.put(b("k1"), b("v1")).await.unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(30),
+        "the delay was applied"
+    );
+    c.heal();
+
+    // Cut one follower's outbound link only: it still receives appends (and
+    // applies them once the commit index reaches it) but cannot answer.
+    let follower = c.node_ids().into_iter().find(|n| *n != leader).unwrap();
+    c.add_filter(Arc::new(move |m: &flotilla_raftstore::RaftMessage| {
+        if m.from_node == follower {
+            FilterDecision::Drop
+        } else {
+            FilterDecision::Pass
+        }
+    }));
+    for i in 2..20 {
+        client
+            .put(b(format!("k{i}")), b(format!("v{i}")))
+            .await
+            .unwrap();
+    }
+    wait_local_value(&c, follower, b"k19", Some(b"v19")).await;
+    c.heal();
+    c.shutdown().await;
+}

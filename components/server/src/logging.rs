@@ -11,8 +11,10 @@ pub fn init(cfg: &LogSection) -> anyhow::Result<()> {
         Ok(v) if !v.is_empty() => EnvFilter::new(v),
         _ => EnvFilter::new(&cfg.level),
     };
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let r = match cfg.format.as_str() {
         "json" => builder.json().try_init(),

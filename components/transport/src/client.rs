@@ -305,7 +305,12 @@ impl Inner {
                             None => return,
                         },
                         r = &mut call => {
-                            tracing::info!(to_node = to, result = ?r.map(|r| r.map(|_| ())), "raft stream to peer closed");
+                            let why = match r {
+                                Ok(Ok(_)) => "closed by peer".to_string(),
+                                Ok(Err(s)) => format!("{:?}: {}", s.code(), s.message()),
+                                Err(e) => e.to_string(),
+                            };
+                            tracing::info!(to_node = to, reason = %why, "raft stream to peer closed");
                             break;
                         }
                     },
