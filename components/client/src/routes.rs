@@ -20,11 +20,6 @@ pub struct RouteCache {
     pub nodes: HashMap<u64, String>,
 }
 
-fn overlaps(a: &ShardDescriptor, b: &ShardDescriptor) -> bool {
-    (a.end_key.is_empty() || b.start_key < a.end_key)
-        && (b.end_key.is_empty() || a.start_key < b.end_key)
-}
-
 impl RouteCache {
     pub fn locate(&self, key: &[u8]) -> Option<CachedShard> {
         self.by_start
@@ -52,14 +47,16 @@ impl RouteCache {
     /// Installs a descriptor, replacing older ones it overlaps, unless the
     /// cache already holds a newer version of it.
     pub fn insert(&mut self, desc: ShardDescriptor, leader_node: u64) {
-        if let Some(old) = self.by_start.values().find(|s| s.desc.id == desc.id) {
-            let (o, n) = (old.desc.epoch(), desc.epoch());
-            if (o.version, o.conf_ver) > (n.version, n.conf_ver) {
-                return;
-            }
+        if self
+            .by_start
+            .values()
+            .any(|s| s.desc.id == desc.id && s.desc.is_newer_than(&desc))
+        {
+            return;
         }
-        self.by_start
-            .retain(|_, s| !(s.desc.id == desc.id || overlaps(&s.desc, &desc)));
+        self.by_start.retain(|_, s| {
+            !(s.desc.id == desc.id || s.desc.overlaps(&desc.start_key, &desc.end_key))
+        });
         self.by_start
             .insert(desc.start_key.clone(), CachedShard { desc, leader_node });
     }

@@ -47,6 +47,19 @@ impl meta::ShardDescriptor {
         key >= &self.start_key[..] && (self.end_key.is_empty() || key < &self.end_key[..])
     }
 
+    /// Whether the shard's range meets `[start, end)` (empty end = +inf).
+    pub fn overlaps(&self, start: &[u8], end: &[u8]) -> bool {
+        (end.is_empty() || self.start_key[..] < *end)
+            && (self.end_key.is_empty() || *start < self.end_key[..])
+    }
+
+    /// Whether `other` is an older version of a descriptor than this one
+    /// (splits and merges bump `version`, membership changes `conf_ver`).
+    pub fn is_newer_than(&self, other: &meta::ShardDescriptor) -> bool {
+        let (a, b) = (self.epoch(), other.epoch());
+        (a.version, a.conf_ver) > (b.version, b.conf_ver)
+    }
+
     /// The epoch, or the zero epoch when unset.
     pub fn epoch(&self) -> meta::Epoch {
         self.epoch.unwrap_or_default()

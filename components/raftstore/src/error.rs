@@ -45,6 +45,15 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    pub fn key_not_in_shard(key: &[u8], shard: &ShardDescriptor) -> Self {
+        Error::KeyNotInShard {
+            key: key.to_vec(),
+            shard_id: shard.id,
+            start: shard.start_key.to_vec(),
+            end: shard.end_key.to_vec(),
+        }
+    }
+
     /// Whether a client should refresh its route or back off and retry.
     pub fn is_retryable(&self) -> bool {
         matches!(

@@ -30,17 +30,12 @@ impl Directory {
     /// shards it overlaps with an older version are removed.
     pub fn update(&self, desc: ShardDescriptor) {
         let mut m = self.by_start.write();
-        if let Some(old) = m.values().find(|d| d.id == desc.id) {
-            let (o, n) = (old.epoch(), desc.epoch());
-            if (o.version, o.conf_ver) > (n.version, n.conf_ver) {
-                return;
-            }
+        if m.values()
+            .any(|d| d.id == desc.id && d.is_newer_than(&desc))
+        {
+            return;
         }
-        m.retain(|_, d| {
-            let overlaps = (desc.end_key.is_empty() || d.start_key < desc.end_key)
-                && (d.end_key.is_empty() || desc.start_key < d.end_key);
-            !(overlaps || d.id == desc.id)
-        });
+        m.retain(|_, d| !(d.id == desc.id || d.overlaps(&desc.start_key, &desc.end_key)));
         m.insert(desc.start_key.clone(), desc);
     }
 
@@ -72,10 +67,7 @@ impl Directory {
         self.by_start
             .read()
             .values()
-            .filter(|d| {
-                (end.is_empty() || d.start_key[..] < *end)
-                    && (d.end_key.is_empty() || *start < d.end_key[..])
-            })
+            .filter(|d| d.overlaps(start, end))
             .cloned()
             .collect()
     }

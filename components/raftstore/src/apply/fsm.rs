@@ -169,12 +169,7 @@ impl ApplyFsm {
     fn exec_write(&mut self, w: WriteCommand, ctx: &mut ApplyCtx) -> Result<WriteResult> {
         for span in write_spans(&w) {
             if let Some(key) = span.outside(&self.descriptor) {
-                return Err(Error::KeyNotInShard {
-                    key: key.to_vec(),
-                    shard_id: self.shard_id,
-                    start: self.descriptor.start_key.to_vec(),
-                    end: self.descriptor.end_key.to_vec(),
-                });
+                return Err(Error::key_not_in_shard(key, &self.descriptor));
             }
         }
         let mut result = WriteResult::default();

@@ -224,12 +224,7 @@ impl ReplicaFsm {
         }
         for span in spans {
             if let Some(key) = span.outside(&self.descriptor) {
-                return Err(Error::KeyNotInShard {
-                    key: key.to_vec(),
-                    shard_id: self.shard_id,
-                    start: self.descriptor.start_key.to_vec(),
-                    end: self.descriptor.end_key.to_vec(),
-                });
+                return Err(Error::key_not_in_shard(key, &self.descriptor));
             }
         }
         Ok(())
