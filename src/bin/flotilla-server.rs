@@ -60,6 +60,8 @@ fn main() -> anyhow::Result<()> {
         s.initial_shards = v;
     }
     flotilla_server::logging::init(&cfg.log)?;
+    // FAILPOINTS=name=action;... arms fail points (tests only).
+    let _failpoints = fail::FailScenario::setup();
     // A panic anywhere (a failed fsync, a broken invariant) stops the whole
     // node: a poller thread must not die while the others go on.
     let default_hook = std::panic::take_hook();

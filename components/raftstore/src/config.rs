@@ -35,6 +35,19 @@ pub struct Config {
     /// Ticks a leader that lost leadership waits for the outcome of its
     /// pending proposals before answering them Indeterminate.
     pub abandon_proposals_after_ticks: usize,
+    /// Ticks between a leader's log-compaction checks.
+    pub raft_log_gc_ticks: usize,
+    /// Entries a compaction must remove at least (smaller ones wait).
+    pub raft_log_gc_threshold: u64,
+    /// Entries in a shard's log past which the leader compacts even if a
+    /// follower still needs them (it then gets a snapshot).
+    pub raft_log_gc_count_limit: u64,
+    /// Bytes of a shard's log past which the same happens.
+    pub raft_log_gc_size_limit: u64,
+    /// How often raft-engine purges files no log needs.
+    pub raft_engine_purge_interval: Duration,
+    /// Threads building snapshots and hashing shards.
+    pub snap_workers: usize,
 }
 
 impl Default for Config {
@@ -53,6 +66,12 @@ impl Default for Config {
             max_uncommitted_size: 64 << 20,
             max_entry_size: 1 << 20,
             abandon_proposals_after_ticks: 20,
+            raft_log_gc_ticks: 30,
+            raft_log_gc_threshold: 50,
+            raft_log_gc_count_limit: 20_000,
+            raft_log_gc_size_limit: 64 << 20,
+            raft_engine_purge_interval: Duration::from_secs(10),
+            snap_workers: 2,
         }
     }
 }

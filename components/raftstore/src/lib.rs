@@ -29,8 +29,16 @@
 //! - Every client callback is answered exactly once (see `replica::fsm`).
 //! - A failed raft-engine write or RocksDB apply write panics the node.
 //!
+//! # Durability
+//! - Log GC: the leader proposes `CompactLog` (an entry, so every replica
+//!   truncates at the same index); the GC worker syncs RocksDB's WAL and
+//!   then deletes the entries from raft-engine; raft-engine files are purged
+//!   periodically (`worker`).
+//! - Snapshots: built by the snapshot workers from a RocksDB snapshot the
+//!   apply poller takes after its write; sent by the transport as a separate
+//!   stream; installed as documented in `snapshot`.
+//!
 //! # Not done yet
-//! - Snapshots, log compaction (durability issue).
 //! - Membership changes, splits, replica creation from messages (placement
 //!   issue): messages for unknown shards are counted and dropped.
 //! - Lease reads, follower reads, hibernation.
@@ -44,8 +52,10 @@ pub mod meta;
 pub mod metrics;
 pub mod msg;
 pub mod replica;
+pub mod snapshot;
 pub mod store;
 pub mod transport;
+pub mod worker;
 
 pub use config::Config;
 pub use error::{Error, Result};

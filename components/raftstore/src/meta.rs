@@ -29,9 +29,18 @@ impl ShardMeta {
     }
 }
 
+/// The latest hash a local replica computed of its shard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardHash {
+    pub index: u64,
+    pub hash: u64,
+    pub keys: u64,
+}
+
 #[derive(Default)]
 pub struct StoreMeta {
     shards: RwLock<HashMap<ShardId, ShardMeta>>,
+    hashes: RwLock<HashMap<ShardId, ShardHash>>,
 }
 
 /// Counts for status pages.
@@ -56,6 +65,22 @@ impl StoreMeta {
             m.leader_id = leader_id;
             m.term = term;
         }
+    }
+
+    pub fn set_descriptor(&self, desc: flotilla_proto::meta::ShardDescriptor) {
+        if let Some(m) = self.shards.write().get_mut(&desc.id) {
+            m.descriptor = desc;
+        }
+    }
+
+    pub fn set_hash(&self, shard_id: ShardId, index: u64, hash: u64, keys: u64) {
+        self.hashes
+            .write()
+            .insert(shard_id, ShardHash { index, hash, keys });
+    }
+
+    pub fn hash(&self, shard_id: ShardId) -> Option<ShardHash> {
+        self.hashes.read().get(&shard_id).copied()
     }
 
     pub fn get(&self, shard_id: ShardId) -> Option<ShardMeta> {

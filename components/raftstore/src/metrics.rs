@@ -160,6 +160,59 @@ pub static PENDING_PROPOSALS: LazyLock<IntGauge> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static SNAPSHOTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_snapshots_total",
+        "Snapshot events: generated, sent, send_failed, received, applied, generate_failed.",
+        &["event"]
+    )
+    .unwrap()
+});
+
+pub static SNAPSHOT_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "flotilla_snapshot_duration_seconds",
+        "Duration of snapshot phases: generate, send, receive, apply.",
+        &["phase"],
+        prometheus::exponential_buckets(0.001, 2.0, 18).unwrap()
+    )
+    .unwrap()
+});
+
+pub static SNAPSHOT_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_snapshot_bytes_total",
+        "Snapshot file bytes sent and received.",
+        &["direction"]
+    )
+    .unwrap()
+});
+
+pub static LOG_COMPACTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "flotilla_raft_log_compactions_total",
+        "Shard logs truncated in raft-engine."
+    )
+    .unwrap()
+});
+
+pub static RAFT_ENGINE_PURGES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "flotilla_raft_engine_purges_total",
+        "raft-engine purge passes."
+    )
+    .unwrap()
+});
+
+pub static RAFT_ENGINE_PURGE_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "flotilla_raft_engine_purge_duration_seconds",
+        "Duration of one raft-engine purge pass.",
+        prometheus::exponential_buckets(0.0001, 2.0, 18).unwrap()
+    )
+    .unwrap()
+});
+
 /// Registers every metric of this module now, so /metrics lists them
 /// (at zero) before first use.
 pub fn register() {
@@ -181,4 +234,10 @@ pub fn register() {
     LazyLock::force(&SHARDS);
     LazyLock::force(&LEADERS);
     LazyLock::force(&PENDING_PROPOSALS);
+    LazyLock::force(&SNAPSHOTS);
+    LazyLock::force(&SNAPSHOT_DURATION);
+    LazyLock::force(&SNAPSHOT_BYTES);
+    LazyLock::force(&LOG_COMPACTIONS);
+    LazyLock::force(&RAFT_ENGINE_PURGES);
+    LazyLock::force(&RAFT_ENGINE_PURGE_DURATION);
 }

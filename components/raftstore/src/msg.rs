@@ -8,9 +8,10 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use flotilla_proto::local::ApplyState;
+use flotilla_proto::local::{ApplyState, SnapshotData};
 use flotilla_proto::meta::{Epoch, ShardDescriptor};
 use flotilla_proto::raftcmd::{op, WriteCommand};
+use flotilla_storage::replica_storage::GeneratedSnapshot;
 use raft::eraftpb::Entry;
 use raft::StateRole;
 
@@ -99,11 +100,48 @@ pub struct ReadRequest {
     pub cb: ReadCallback,
 }
 
-/// A proposed log entry and the callbacks of the commands batched into it.
+/// Called with the log index an admin command got once it applied.
+pub type AdminCallback = Callback<Result<Index>>;
+
+/// Who waits for a proposed entry.
+pub enum ProposalCallbacks {
+    /// Client writes batched into the entry, in command order.
+    Writes(Vec<WriteCallback>),
+    /// An admin command (no callback when proposed by the replica itself).
+    Admin(Option<AdminCallback>),
+}
+
+impl ProposalCallbacks {
+    pub fn len(&self) -> usize {
+        match self {
+            ProposalCallbacks::Writes(v) => v.len(),
+            ProposalCallbacks::Admin(cb) => usize::from(cb.is_some()),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Answers every waiter with an error made by `err`.
+    pub fn fail(self, err: impl Fn() -> crate::Error) {
+        match self {
+            ProposalCallbacks::Writes(v) => {
+                for cb in v {
+                    cb(Err(err()));
+                }
+            }
+            ProposalCallbacks::Admin(Some(cb)) => cb(Err(err())),
+            ProposalCallbacks::Admin(None) => {}
+        }
+    }
+}
+
+/// A proposed log entry and whoever waits for it.
 pub struct Proposal {
     pub index: Index,
     pub term: Term,
-    pub callbacks: Vec<WriteCallback>,
+    pub callbacks: ProposalCallbacks,
     pub proposed_at: Instant,
 }
 
@@ -116,14 +154,38 @@ pub struct ApplyTask {
     pub sent_at: Instant,
 }
 
+/// A received snapshot to install: its data replaces the shard's range.
+pub struct SnapshotInstall {
+    pub index: Index,
+    pub term: Term,
+    pub data: SnapshotData,
+}
+
 pub enum ApplyMsg {
     Apply(ApplyTask),
+    /// Build a snapshot of what is applied so far.
+    GenerateSnapshot,
+    Install(SnapshotInstall),
+}
+
+/// Effects of admin commands and snapshots the replica FSM must follow.
+#[derive(Clone, Debug)]
+pub enum ExecResult {
+    /// The log was truncated up to this index (inclusive).
+    CompactLog { index: Index },
+    /// A received snapshot is now the shard's state.
+    SnapshotInstalled {
+        index: Index,
+        term: Term,
+        shard: ShardDescriptor,
+    },
 }
 
 /// What the apply poller reports back to the replica after a round.
 #[derive(Clone, Debug)]
 pub struct ApplyResult {
     pub apply_state: ApplyState,
+    pub exec: Vec<ExecResult>,
 }
 
 /// A replica's view of itself, for status pages and ctl.
@@ -158,6 +220,17 @@ pub enum ReplicaMsg {
     TransferLeader {
         to_replica: ReplicaId,
     },
+    /// A snapshot build finished (`None`: it failed).
+    SnapshotGenerated(Option<Box<GeneratedSnapshot>>),
+    /// A snapshot sent to `to_replica` arrived (`ok`) or not.
+    SnapshotStatus {
+        to_replica: ReplicaId,
+        ok: bool,
+    },
+    /// Compact the log now (leader only); the callback gets the index.
+    CompactLog(Option<AdminCallback>),
+    /// Have every replica hash the shard (leader only).
+    ComputeHash(AdminCallback),
     /// Nothing to do but run a round (a ready was left over).
     Wake,
 }

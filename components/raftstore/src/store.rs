@@ -12,22 +12,26 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use flotilla_batch_system::{create_system, BasicMailbox, BatchSystem, SendError};
-use flotilla_storage::{KvEngine, RaftLogEngine};
+use flotilla_storage::{KvEngine, RaftLogEngine, SnapManager};
 
 use crate::apply::{ApplyControlFsm, ApplyFsm, ApplyPollerBuilder};
 use crate::config::Config;
 use crate::meta::{ShardMeta, StoreMeta};
-use crate::msg::{Callback, ControlMsg, ReadRequest, ReplicaMsg, ReplicaStatus, WriteRequest};
+use crate::msg::{
+    AdminCallback, Callback, ControlMsg, ReadRequest, ReplicaMsg, ReplicaStatus, WriteRequest,
+};
 use crate::replica::poller::{ApplyRouter, PollContext, RaftRouter};
 use crate::replica::{NodeFsm, RaftPollerBuilder, ReplicaFsm};
 use crate::transport::{RaftMessage, Transport};
+use crate::worker::{GcWorker, SnapWorker};
 use crate::{metrics, Error, NodeId, ReplicaId, Result, ShardId};
 
-/// The node's two storage engines.
+/// The node's two storage engines and its snapshot files.
 #[derive(Clone)]
 pub struct Engines {
     pub kv: KvEngine,
     pub raft: Arc<RaftLogEngine>,
+    pub snap_mgr: Arc<SnapManager>,
 }
 
 /// The handle the server uses to reach replicas. Cheap to clone.
@@ -111,6 +115,29 @@ impl StoreRouter {
             .map_err(|e| routing_error(shard_id, e).0)
     }
 
+    /// Tells a replica whether the snapshot it sent to `to_replica` arrived.
+    pub fn report_snapshot(&self, shard_id: ShardId, to_replica: ReplicaId, ok: bool) {
+        let _ = self
+            .raft
+            .force_send(shard_id, ReplicaMsg::SnapshotStatus { to_replica, ok });
+    }
+
+    /// Asks a shard's leader to compact its log now; `cb` gets the index the
+    /// log is truncated to.
+    pub fn compact_log(&self, shard_id: ShardId, cb: AdminCallback) -> Result<()> {
+        self.raft
+            .force_send(shard_id, ReplicaMsg::CompactLog(Some(cb)))
+            .map_err(|e| routing_error(shard_id, e).0)
+    }
+
+    /// Asks a shard's leader to have every replica hash the shard at the
+    /// same log index; `cb` gets that index.
+    pub fn compute_hash(&self, shard_id: ShardId, cb: AdminCallback) -> Result<()> {
+        self.raft
+            .force_send(shard_id, ReplicaMsg::ComputeHash(cb))
+            .map_err(|e| routing_error(shard_id, e).0)
+    }
+
     /// Asks the leader of a shard to hand leadership to `to_replica`.
     pub fn transfer_leader(&self, shard_id: ShardId, to_replica: ReplicaId) -> Result<()> {
         self.raft
@@ -124,6 +151,8 @@ pub struct Store {
     raft_system: BatchSystem<ReplicaFsm, NodeFsm>,
     apply_system: BatchSystem<ApplyFsm, ApplyControlFsm>,
     ticker: Option<(JoinHandle<()>, Sender<()>)>,
+    snap_worker: SnapWorker,
+    gc_worker: GcWorker,
 }
 
 impl Store {
@@ -164,6 +193,18 @@ impl Store {
             Box::new(ApplyControlFsm::new(actl_rx)),
         );
 
+        let snap_worker = SnapWorker::start(
+            cfg.snap_workers,
+            engines.snap_mgr.clone(),
+            raft_router.clone(),
+            meta.clone(),
+        );
+        let gc_worker = GcWorker::start(
+            engines.kv.clone(),
+            engines.raft.clone(),
+            raft_router.clone(),
+            cfg.raft_engine_purge_interval,
+        );
         let ctx = Arc::new(PollContext {
             node_id,
             cfg: cfg.clone(),
@@ -172,9 +213,27 @@ impl Store {
             apply_router: apply_router.clone(),
             raft_router: raft_router.clone(),
             meta: meta.clone(),
+            snap_mgr: engines.snap_mgr.clone(),
+            gc_tasks: gc_worker.sender(),
         });
 
-        let shards = engines.kv.load_shards()?;
+        let mut shards = engines.kv.load_shards()?;
+        // Finish snapshot installs a crash interrupted.
+        let mut reload = false;
+        for (state, apply_state) in &shards {
+            let id = state.shard.as_ref().map(|d| d.id).unwrap_or_default();
+            reload |= crate::snapshot::recover(
+                &engines.kv,
+                &engines.raft,
+                &engines.snap_mgr,
+                id,
+                state.replica_id,
+                apply_state.applied_index,
+            )?;
+        }
+        if reload {
+            shards = engines.kv.load_shards()?;
+        }
         let mut raft_mailboxes = Vec::with_capacity(shards.len());
         let mut apply_mailboxes = Vec::with_capacity(shards.len());
         for (state, apply_state) in shards {
@@ -208,6 +267,8 @@ impl Store {
 
         apply_system.spawn(ApplyPollerBuilder {
             kv: engines.kv.clone(),
+            snap_mgr: engines.snap_mgr.clone(),
+            snap_jobs: snap_worker.sender(),
             raft_router: raft_router.clone(),
         });
         raft_system.spawn(RaftPollerBuilder { ctx: ctx.clone() });
@@ -232,6 +293,8 @@ impl Store {
             raft_system,
             apply_system,
             ticker: Some(ticker),
+            snap_worker,
+            gc_worker,
         })
     }
 
@@ -247,6 +310,8 @@ impl Store {
             let _ = handle.join();
             self.raft_system.shutdown();
             self.apply_system.shutdown();
+            self.snap_worker.stop();
+            self.gc_worker.stop();
             tracing::info!(node_id = self.router.node_id, "raftstore stopped");
         }
     }

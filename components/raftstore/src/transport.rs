@@ -31,4 +31,8 @@ pub trait Transport: Send + Sync + 'static {
     fn send(&self, msg: RaftMessage);
     /// Sends everything queued since the last flush.
     fn flush(&self);
+    /// Sends a MsgSnapshot with its snapshot file, apart from other traffic.
+    /// The outcome is reported to the sending replica
+    /// (`StoreRouter::report_snapshot`).
+    fn send_snapshot(&self, msg: RaftMessage);
 }

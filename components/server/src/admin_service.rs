@@ -50,8 +50,105 @@ fn refresh_directory(ctx: &NodeContext) {
     }
 }
 
+/// Waits for an admin callback of the raftstore.
+async fn admin_call(
+    ctx: &NodeContext,
+    send: impl FnOnce(flotilla_raftstore::msg::AdminCallback) -> flotilla_raftstore::Result<()>,
+) -> Result<u64, Status> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    send(Box::new(move |r| {
+        let _ = tx.send(r);
+    }))
+    .map_err(store_status)?;
+    match tokio::time::timeout(ctx.request_timeout(), rx).await {
+        Ok(Ok(r)) => r.map_err(store_status),
+        Ok(Err(_)) => Err(Status::unavailable("node is shutting down")),
+        Err(_) => Err(Status::deadline_exceeded(
+            "the admin command did not apply in time",
+        )),
+    }
+}
+
+fn store_status(e: flotilla_raftstore::Error) -> Status {
+    use flotilla_raftstore::Error as E;
+    match e {
+        E::NotLeader { .. } => Status::failed_precondition(e.to_string()),
+        E::ShardNotFound(_) => Status::not_found(e.to_string()),
+        E::Shutdown => Status::unavailable(e.to_string()),
+        _ => Status::unavailable(e.to_string()),
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn replica_status(
+        &self,
+        req: Request<ReplicaStatusRequest>,
+    ) -> Result<Response<ReplicaStatusResponse>, Status> {
+        let shard_id = req.into_inner().shard_id;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.ctx
+            .router
+            .status(
+                shard_id,
+                Box::new(move |s| {
+                    let _ = tx.send(s);
+                }),
+            )
+            .map_err(store_status)?;
+        let s = rx
+            .await
+            .map_err(|_| Status::unavailable("node is shutting down"))?;
+        Ok(Response::new(ReplicaStatusResponse {
+            node_id: self.ctx.node_id,
+            replica_id: s.replica_id,
+            role: format!("{:?}", s.role).to_lowercase(),
+            term: s.term,
+            leader_replica_id: s.leader_id,
+            commit_index: s.commit_index,
+            applied_index: s.applied_index,
+            last_index: s.last_index,
+            truncated_index: s.truncated_index,
+            pending_proposals: s.pending_proposals as u64,
+            shard: Some(s.shard),
+        }))
+    }
+
+    async fn compute_hash(
+        &self,
+        req: Request<ComputeHashRequest>,
+    ) -> Result<Response<ComputeHashResponse>, Status> {
+        let shard_id = req.into_inner().shard_id;
+        let r = &self.ctx.router;
+        let index = admin_call(&self.ctx, |cb| r.compute_hash(shard_id, cb)).await?;
+        Ok(Response::new(ComputeHashResponse { index }))
+    }
+
+    async fn shard_hash(
+        &self,
+        req: Request<ShardHashRequest>,
+    ) -> Result<Response<ShardHashResponse>, Status> {
+        let shard_id = req.into_inner().shard_id;
+        let h = self.ctx.router.meta().hash(shard_id).ok_or_else(|| {
+            Status::not_found(format!("no hash of shard {shard_id} on this node yet"))
+        })?;
+        Ok(Response::new(ShardHashResponse {
+            index: h.index,
+            hash: h.hash,
+            keys: h.keys,
+        }))
+    }
+
+    async fn compact_log(
+        &self,
+        req: Request<CompactLogRequest>,
+    ) -> Result<Response<CompactLogResponse>, Status> {
+        let shard_id = req.into_inner().shard_id;
+        let r = &self.ctx.router;
+        let index = admin_call(&self.ctx, |cb| r.compact_log(shard_id, cb)).await?;
+        Ok(Response::new(CompactLogResponse { index }))
+    }
+
     async fn get_route(
         &self,
         req: Request<GetRouteRequest>,

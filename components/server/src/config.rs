@@ -70,11 +70,23 @@ pub struct RaftstoreSection {
     pub max_uncommitted_size_bytes: u64,
     pub max_entry_size_bytes: usize,
     pub abandon_proposals_after_ticks: usize,
+    pub raft_log_gc_ticks: usize,
+    pub raft_log_gc_threshold: u64,
+    pub raft_log_gc_count_limit: u64,
+    pub raft_log_gc_size_limit_bytes: u64,
+    pub raft_engine_purge_interval_ms: u64,
+    pub snap_workers: usize,
+    pub snap_max_concurrent_send: usize,
+    pub snap_max_concurrent_recv: usize,
+    pub snap_chunk_size_bytes: usize,
+    pub snap_send_timeout_ms: u64,
+    pub snap_max_send_bytes_per_sec: u64,
 }
 
 impl Default for RaftstoreSection {
     fn default() -> Self {
         let d = flotilla_raftstore::Config::default();
+        let s = flotilla_transport::SnapshotConfig::default();
         RaftstoreSection {
             raft_pollers: d.raft_pollers,
             apply_pollers: d.apply_pollers,
@@ -89,6 +101,17 @@ impl Default for RaftstoreSection {
             max_uncommitted_size_bytes: d.max_uncommitted_size,
             max_entry_size_bytes: d.max_entry_size,
             abandon_proposals_after_ticks: d.abandon_proposals_after_ticks,
+            raft_log_gc_ticks: d.raft_log_gc_ticks,
+            raft_log_gc_threshold: d.raft_log_gc_threshold,
+            raft_log_gc_count_limit: d.raft_log_gc_count_limit,
+            raft_log_gc_size_limit_bytes: d.raft_log_gc_size_limit,
+            raft_engine_purge_interval_ms: d.raft_engine_purge_interval.as_millis() as u64,
+            snap_workers: d.snap_workers,
+            snap_max_concurrent_send: s.max_concurrent_send,
+            snap_max_concurrent_recv: s.max_concurrent_recv,
+            snap_chunk_size_bytes: s.chunk_bytes,
+            snap_send_timeout_ms: s.send_timeout.as_millis() as u64,
+            snap_max_send_bytes_per_sec: s.max_send_bytes_per_sec,
         }
     }
 }
@@ -109,6 +132,22 @@ impl RaftstoreSection {
             max_uncommitted_size: self.max_uncommitted_size_bytes,
             max_entry_size: self.max_entry_size_bytes,
             abandon_proposals_after_ticks: self.abandon_proposals_after_ticks,
+            raft_log_gc_ticks: self.raft_log_gc_ticks,
+            raft_log_gc_threshold: self.raft_log_gc_threshold,
+            raft_log_gc_count_limit: self.raft_log_gc_count_limit,
+            raft_log_gc_size_limit: self.raft_log_gc_size_limit_bytes,
+            raft_engine_purge_interval: Duration::from_millis(self.raft_engine_purge_interval_ms),
+            snap_workers: self.snap_workers,
+        }
+    }
+
+    pub fn to_snapshot(&self) -> flotilla_transport::SnapshotConfig {
+        flotilla_transport::SnapshotConfig {
+            max_concurrent_send: self.snap_max_concurrent_send,
+            max_concurrent_recv: self.snap_max_concurrent_recv,
+            chunk_bytes: self.snap_chunk_size_bytes,
+            send_timeout: Duration::from_millis(self.snap_send_timeout_ms),
+            max_send_bytes_per_sec: self.snap_max_send_bytes_per_sec,
         }
     }
 }

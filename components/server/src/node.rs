@@ -24,7 +24,7 @@ use flotilla_proto::meta::Node;
 use flotilla_proto::raft::raft_server::RaftServer;
 use flotilla_raftstore::bootstrap::{bootstrap_node, initial_layout};
 use flotilla_raftstore::{Engines, Store, StoreRouter};
-use flotilla_storage::{KvConfig, KvEngine, RaftLogConfig, RaftLogEngine};
+use flotilla_storage::{KvConfig, KvEngine, RaftLogConfig, RaftLogEngine, SnapManager};
 use flotilla_transport::{AddressBook, RaftClient, RaftClientConfig, RaftService};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -81,7 +81,8 @@ fn open_engines(cfg: &Config) -> anyhow::Result<Engines> {
         enable_log_recycle: cfg.raft_engine.enable_log_recycle,
     };
     let raft = RaftLogEngine::open(&dir.join("raft"), &raft_cfg).context("opening raft-engine")?;
-    Ok(Engines { kv, raft })
+    let snap_mgr = Arc::new(SnapManager::open(&dir.join("snap")).context("opening snap/")?);
+    Ok(Engines { kv, raft, snap_mgr })
 }
 
 /// Bootstraps a new data dir, or checks an existing one; returns the nodes
@@ -162,9 +163,11 @@ impl Server {
             node_id,
             RaftClientConfig {
                 max_message_bytes: max_msg,
+                snapshot: cfg.raftstore.to_snapshot(),
                 ..Default::default()
             },
             addresses.clone(),
+            engines.snap_mgr.clone(),
             tokio::runtime::Handle::current(),
         );
         let store = Store::start(
@@ -214,8 +217,14 @@ impl Server {
             )
             .add_service(AdminServer::new(AdminService::new(ctx.clone())))
             .add_service(
-                RaftServer::new(RaftService::new(node_id, router.clone(), streams_stop_rx))
-                    .max_decoding_message_size(max_msg),
+                RaftServer::new(RaftService::new(
+                    node_id,
+                    router.clone(),
+                    streams_stop_rx,
+                    engines.snap_mgr.clone(),
+                    cfg.raftstore.snap_max_concurrent_recv,
+                ))
+                .max_decoding_message_size(max_msg),
             )
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = grpc_stop_rx.await;

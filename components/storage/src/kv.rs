@@ -16,8 +16,9 @@ use flotilla_proto::local::{ApplyState, NodeIdent, ShardLocalState};
 use flotilla_proto::meta::ShardDescriptor;
 use flotilla_proto::Message;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options,
-    ReadOptions, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
+    IngestExternalFileOptions, Options, ReadOptions, SnapshotWithThreadMode, WriteBatch,
+    WriteOptions, DB,
 };
 
 use crate::keys;
@@ -102,6 +103,64 @@ impl KvEngine {
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
         Ok(self.db.write_opt(batch, &opts)?)
+    }
+
+    /// Forces the RocksDB write-ahead log to disk. Called before raft log
+    /// entries are deleted: entries applied without sync must be durable
+    /// first, or a crash could lose them with nothing left to replay.
+    pub fn sync_wal(&self) -> Result<()> {
+        Ok(self.db.flush_wal(true)?)
+    }
+
+    /// A consistent point-in-time view that keeps the database alive.
+    pub fn snapshot(&self) -> KvSnapshot {
+        let snap = self.db.snapshot();
+        // SAFETY: the snapshot borrows the DB inside `self.db`'s Arc
+        // allocation. KvSnapshot keeps a clone of that Arc and declares the
+        // snapshot field first, so the snapshot is released before the
+        // allocation can be freed.
+        let snap = unsafe {
+            std::mem::transmute::<SnapshotWithThreadMode<'_, DB>, SnapshotWithThreadMode<'static, DB>>(
+                snap,
+            )
+        };
+        KvSnapshot {
+            snap,
+            _db: self.db.clone(),
+        }
+    }
+
+    /// Stages the deletion of every user key in `[start, end)` (empty end =
+    /// +inf) into `wb`.
+    pub fn delete_range(&self, wb: &mut WriteBatch, start: &[u8], end: &[u8]) -> Result<()> {
+        let cf = self.cf(CF_DEFAULT);
+        if end.is_empty() {
+            // RocksDB needs an upper bound: one past the greatest key present.
+            let (last, _) = self.scan(start, &[], 1, true)?;
+            if let Some((mut upper, _)) = last.into_iter().next() {
+                upper.push(0);
+                wb.delete_range_cf(cf, start, &upper[..]);
+            }
+        } else if start < end {
+            wb.delete_range_cf(cf, start, end);
+        }
+        Ok(())
+    }
+
+    /// Ingests an SST file of user data. The file is hard-linked into the
+    /// database, so the caller's path stays valid until it deletes it.
+    pub fn ingest(&self, path: &Path) -> Result<()> {
+        let link = path.with_extension("ingest");
+        let _ = std::fs::remove_file(&link);
+        std::fs::hard_link(path, &link)
+            .map_err(|e| Error::Other(format!("linking {}: {e}", path.display())))?;
+        let mut opts = IngestExternalFileOptions::default();
+        opts.set_move_files(true);
+        let r =
+            self.db
+                .ingest_external_file_cf_opts(self.cf(CF_DEFAULT), &opts, vec![link.clone()]);
+        let _ = std::fs::remove_file(&link);
+        Ok(r?)
     }
 
     /// Reads one user key.
@@ -281,6 +340,44 @@ impl KvEngine {
                     .flatten()
             })
             .sum()
+    }
+}
+
+/// A RocksDB snapshot that owns a handle to its database, so it can move
+/// to a worker thread (snapshot generation, hashing).
+pub struct KvSnapshot {
+    // Declared first: dropped (released) before the database handle.
+    snap: SnapshotWithThreadMode<'static, DB>,
+    _db: Arc<DB>,
+}
+
+impl KvSnapshot {
+    /// Calls `f` with every user pair of `[start, end)` (empty end = +inf)
+    /// in key order; stops early if `f` returns an error.
+    pub fn for_each<E: From<Error>>(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(start.to_vec());
+        if !end.is_empty() {
+            opts.set_iterate_upper_bound(end.to_vec());
+        }
+        opts.fill_cache(false);
+        let cf = self
+            ._db
+            .cf_handle(CF_DEFAULT)
+            .expect("default column family");
+        let mut it = self.snap.raw_iterator_cf_opt(cf, opts);
+        it.seek_to_first();
+        while it.valid() {
+            f(it.key().unwrap(), it.value().unwrap())?;
+            it.next();
+        }
+        it.status().map_err(Error::from)?;
+        Ok(())
     }
 }
 

@@ -23,11 +23,8 @@
 //!   write on the apply path panics the node (see `KvEngine::write`). Neither
 //!   is ever ignored.
 //!
-//! # Not done
-//!
-//! - Snapshots (generation, chunked transfer, ingest) and log compaction come
-//!   with the durability issue; `snapshot()` answers
-//!   `SnapshotTemporarilyUnavailable` for now.
+//! - [`SnapManager`]: snapshot files (one SST of a shard's range) built from
+//!   a RocksDB snapshot, sent to and ingested by lagging replicas.
 
 pub mod entry_cache;
 pub mod error;
@@ -36,11 +33,13 @@ pub mod kv;
 pub mod metrics;
 pub mod raft_log;
 pub mod replica_storage;
+pub mod snap;
 
 pub use error::{Error, Result};
-pub use kv::{KvConfig, KvEngine, CF_DEFAULT, CF_META};
+pub use kv::{KvConfig, KvEngine, KvSnapshot, CF_DEFAULT, CF_META};
 pub use raft_log::{RaftLocalState, RaftLogConfig, RaftLogEngine};
 pub use replica_storage::{ReplicaStorage, RAFT_INIT_INDEX, RAFT_INIT_TERM};
+pub use snap::SnapManager;
 
 /// Identifier of a shard; also its raft-engine group id.
 pub type ShardId = u64;

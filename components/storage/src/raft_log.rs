@@ -6,19 +6,25 @@
 //! - one key-value record, key `b"rs"`, the [`RaftLocalState`]:
 //!
 //! ```text
-//! byte 0      format version (1)
-//! bytes 1..9  hard state term,   u64 big-endian
-//! bytes 9..17 hard state vote,   u64 big-endian
-//! bytes 17..25 hard state commit, u64 big-endian
-//! bytes 25..33 last index,       u64 big-endian
+//! byte 0        format version (1)
+//! bytes 1..9    hard state term,   u64 big-endian
+//! bytes 9..17   hard state vote,   u64 big-endian
+//! bytes 17..25  hard state commit, u64 big-endian
+//! bytes 25..33  last index,        u64 big-endian
+//! bytes 33..41  term of the entry at the last index, u64 big-endian
 //! ```
 //!
-//! The last index is recorded because raft-engine forgets a group's indexes
-//! once every entry is compacted away.
+//! The last index and its term are recorded because raft-engine forgets a
+//! group's indexes once every entry is compacted away, and so that a restart
+//! reads no entry to recover a replica.
+//! - while a snapshot is being installed, key `b"ps"`: a prost
+//!   `local.PendingSnapshot` (see `ReplicaStorage::apply_snapshot`).
 
 use std::path::Path;
 use std::sync::Arc;
 
+use flotilla_proto::local::PendingSnapshot;
+use flotilla_proto::Message as _;
 use raft::eraftpb::{Entry, HardState};
 use raft_engine::{Engine, LogBatch, MessageExt, ReadableSize};
 
@@ -36,8 +42,9 @@ impl MessageExt for EntryExt {
 }
 
 pub const RAFT_STATE_KEY: &[u8] = b"rs";
+pub const PENDING_SNAPSHOT_KEY: &[u8] = b"ps";
 const RAFT_STATE_VERSION: u8 = 1;
-const RAFT_STATE_LEN: usize = 33;
+const RAFT_STATE_LEN: usize = 41;
 
 /// What a replica must remember of its Raft group across restarts, besides
 /// the entries.
@@ -45,6 +52,7 @@ const RAFT_STATE_LEN: usize = 33;
 pub struct RaftLocalState {
     pub hard_state: HardState,
     pub last_index: Index,
+    pub last_term: crate::Term,
 }
 
 impl RaftLocalState {
@@ -55,6 +63,7 @@ impl RaftLocalState {
         v.extend_from_slice(&self.hard_state.vote.to_be_bytes());
         v.extend_from_slice(&self.hard_state.commit.to_be_bytes());
         v.extend_from_slice(&self.last_index.to_be_bytes());
+        v.extend_from_slice(&self.last_term.to_be_bytes());
         v
     }
 
@@ -74,6 +83,7 @@ impl RaftLocalState {
                 ..Default::default()
             },
             last_index: u(25),
+            last_term: u(33),
         })
     }
 }
@@ -153,6 +163,28 @@ impl RaftLogEngine {
             .expect("raft state key is not an internal key");
     }
 
+    pub fn pending_snapshot(&self, shard_id: ShardId) -> Result<Option<PendingSnapshot>> {
+        match self.engine.get(shard_id, PENDING_SNAPSHOT_KEY) {
+            Some(v) => Ok(Some(PendingSnapshot::decode(&v[..])?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_pending_snapshot(batch: &mut LogBatch, shard_id: ShardId, p: &PendingSnapshot) {
+        batch
+            .put(shard_id, PENDING_SNAPSHOT_KEY.to_vec(), p.encode_to_vec())
+            .expect("pending snapshot key is not an internal key");
+    }
+
+    pub fn delete_pending_snapshot(batch: &mut LogBatch, shard_id: ShardId) {
+        batch.delete(shard_id, PENDING_SNAPSHOT_KEY.to_vec());
+    }
+
+    /// Stages the removal of every entry below `index`.
+    pub fn compact_to(batch: &mut LogBatch, shard_id: ShardId, index: Index) {
+        batch.add_command(shard_id, raft_engine::Command::Compact { index });
+    }
+
     /// Stages `entries` (contiguous, may overwrite the tail) into `batch`.
     pub fn append_entries(batch: &mut LogBatch, shard_id: ShardId, entries: &[Entry]) {
         batch
@@ -197,6 +229,12 @@ impl RaftLogEngine {
         self.engine.get_used_size()
     }
 
+    /// Rewrites or deletes log files no group needs; returns the groups
+    /// whose old entries keep files alive (their logs should be compacted).
+    pub fn purge_expired_files(&self) -> Result<Vec<ShardId>> {
+        Ok(self.engine.purge_expired_files()?)
+    }
+
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
@@ -216,6 +254,7 @@ mod tests {
                 ..Default::default()
             },
             last_index: 99,
+            last_term: 6,
         };
         let b = s.encode();
         assert_eq!(b.len(), RAFT_STATE_LEN);

@@ -18,9 +18,12 @@
 //! and [`ReplicaStorage::stage_raft_state`]; the in-memory state moves at once
 //! because raft-rs only reads what it has been told is stable.
 
+use std::cell::RefCell;
 use std::sync::Arc;
+use std::time::Instant;
 
-use flotilla_proto::local::ApplyState;
+use flotilla_proto::local::{ApplyState, SnapshotData};
+use flotilla_proto::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 use raft_engine::LogBatch;
@@ -37,15 +40,54 @@ pub const RAFT_INIT_TERM: Term = 5;
 /// Bytes of recent entries cached per replica.
 pub const ENTRY_CACHE_BYTES: usize = 1 << 20;
 
+/// A snapshot built on this node, ready to be sent.
+#[derive(Clone, Debug)]
+pub struct GeneratedSnapshot {
+    pub index: Index,
+    pub term: Term,
+    pub conf_state: ConfState,
+    pub data: SnapshotData,
+    pub generated_at: Instant,
+}
+
+impl GeneratedSnapshot {
+    fn to_raft(&self) -> Snapshot {
+        let mut s = Snapshot::default();
+        let m = s.mut_metadata();
+        m.index = self.index;
+        m.term = self.term;
+        m.set_conf_state(self.conf_state.clone());
+        s.data = self.data.encode_to_vec().into();
+        s
+    }
+}
+
+/// Snapshot generation, driven by raft asking for a snapshot:
+/// `Idle → Requested` (raft asked; the replica FSM hands the request to the
+/// apply FSM) `→ Generating → Ready` (kept for every follower that needs
+/// it until the log is compacted past it).
+#[derive(Debug)]
+enum SnapState {
+    Idle,
+    Requested,
+    Generating,
+    Ready(Box<GeneratedSnapshot>),
+}
+
+/// A snapshot older than this is rebuilt rather than sent again.
+const SNAPSHOT_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
 pub struct ReplicaStorage {
     shard_id: ShardId,
     replica_id: ReplicaId,
     engine: Arc<RaftLogEngine>,
     raft_state: RaftLocalState,
-    last_term: Term,
     apply_state: ApplyState,
     conf_state: ConfState,
     cache: EntryCache,
+    snap_state: RefCell<SnapState>,
+    /// Approximate bytes of the entries in the log.
+    log_bytes: u64,
 }
 
 /// The apply state of a freshly bootstrapped shard.
@@ -67,7 +109,22 @@ pub fn initial_raft_state() -> RaftLocalState {
             ..Default::default()
         },
         last_index: RAFT_INIT_INDEX,
+        last_term: RAFT_INIT_TERM,
     }
+}
+
+/// The Raft configuration of a descriptor: voters and learners.
+pub fn conf_state_of(desc: &flotilla_proto::meta::ShardDescriptor) -> ConfState {
+    use flotilla_proto::meta::ReplicaRole;
+    let mut cs = ConfState::default();
+    for r in &desc.replicas {
+        if r.role == ReplicaRole::Learner as i32 {
+            cs.learners.push(r.id);
+        } else {
+            cs.voters.push(r.id);
+        }
+    }
+    cs
 }
 
 fn store_err(e: Error) -> raft::Error {
@@ -104,18 +161,17 @@ impl ReplicaStorage {
         if raft_state.hard_state.commit < apply_state.applied_index {
             raft_state.hard_state.commit = apply_state.applied_index;
         }
-        let mut s = ReplicaStorage {
+        Ok(ReplicaStorage {
             shard_id,
             replica_id,
             engine,
             raft_state,
-            last_term: 0,
             apply_state,
             conf_state,
             cache: EntryCache::new(ENTRY_CACHE_BYTES),
-        };
-        s.last_term = s.read_term(s.raft_state.last_index)?;
-        Ok(s)
+            snap_state: RefCell::new(SnapState::Idle),
+            log_bytes: 0,
+        })
     }
 
     pub fn shard_id(&self) -> ShardId {
@@ -150,11 +206,91 @@ impl ReplicaStorage {
         self.cache.bytes()
     }
 
-    /// Records apply progress reported by the apply poller, trimming the
-    /// entry cache of what is no longer needed for apply.
+    /// Approximate bytes of entries in the log (since start-up).
+    pub fn log_bytes(&self) -> u64 {
+        self.log_bytes
+    }
+
+    /// Entries in the log.
+    pub fn log_entries(&self) -> u64 {
+        self.raft_state.last_index - self.apply_state.truncated_index
+    }
+
+    /// Records apply progress reported by the apply poller (including a log
+    /// truncation), trimming the entry cache of what apply no longer needs.
     pub fn set_apply_state(&mut self, state: ApplyState) {
+        let old_entries = self.log_entries();
         self.cache.compact_to(state.applied_index + 1);
         self.apply_state = state;
+        if let Some(b) = (self.log_bytes * self.log_entries()).checked_div(old_entries) {
+            self.log_bytes = b;
+        }
+    }
+
+    /// Makes the log start after a snapshot at (`index`, `term`): the raft
+    /// state moves to it and every older entry is gone. Stages the raft-engine
+    /// side (compaction of the old log, raft state, the pending-snapshot
+    /// record) into `batch`; the caller installs the data.
+    pub fn apply_snapshot(
+        &mut self,
+        index: Index,
+        term: Term,
+        data: &SnapshotData,
+        batch: &mut LogBatch,
+    ) {
+        self.raft_state.last_index = index;
+        self.raft_state.last_term = term;
+        if self.raft_state.hard_state.commit < index {
+            self.raft_state.hard_state.commit = index;
+        }
+        self.apply_state.truncated_index = index;
+        self.apply_state.truncated_term = term;
+        self.cache.clear();
+        self.log_bytes = 0;
+        if let Some(shard) = &data.shard {
+            self.conf_state = crate::replica_storage::conf_state_of(shard);
+        }
+        // Appending right after a compacted range is fine; appending over it
+        // or leaving a gap would panic raft-engine, so the old log goes in
+        // the same batch.
+        RaftLogEngine::compact_to(batch, self.shard_id, index + 1);
+        RaftLogEngine::put_pending_snapshot(
+            batch,
+            self.shard_id,
+            &flotilla_proto::local::PendingSnapshot {
+                index,
+                term,
+                data: Some(data.clone()),
+            },
+        );
+        self.stage_raft_state(batch);
+    }
+
+    /// Whether raft asked for a snapshot that nobody builds yet; marks it
+    /// being built.
+    pub fn take_snapshot_request(&self) -> bool {
+        let mut st = self.snap_state.borrow_mut();
+        if matches!(*st, SnapState::Requested) {
+            *st = SnapState::Generating;
+            return true;
+        }
+        false
+    }
+
+    /// A snapshot build finished (`None`: it failed; raft will ask again).
+    pub fn on_snapshot_generated(&self, snap: Option<GeneratedSnapshot>) {
+        *self.snap_state.borrow_mut() = match snap {
+            Some(s) => SnapState::Ready(Box::new(s)),
+            None => SnapState::Idle,
+        };
+    }
+
+    /// The snapshot ready to send, if any.
+    pub fn generated_snapshot(&self) -> Option<GeneratedSnapshot> {
+        match &*self.snap_state.borrow() {
+            SnapState::Ready(s) => Some((**s).clone()),
+            _ => None,
+        }
     }
 
     pub fn set_conf_state(&mut self, cs: ConfState) {
@@ -166,8 +302,12 @@ impl ReplicaStorage {
         let Some(last) = entries.last() else { return };
         RaftLogEngine::append_entries(batch, self.shard_id, entries);
         self.cache.append(entries);
+        self.log_bytes += entries
+            .iter()
+            .map(|e| e.data.len() as u64 + 16)
+            .sum::<u64>();
         self.raft_state.last_index = last.index;
-        self.last_term = last.term;
+        self.raft_state.last_term = last.term;
     }
 
     pub fn set_hard_state(&mut self, hs: HardState) {
@@ -268,7 +408,7 @@ impl raft::Storage for ReplicaStorage {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         if idx == self.raft_state.last_index {
-            return Ok(self.last_term);
+            return Ok(self.raft_state.last_term);
         }
         self.read_term(idx).map_err(store_err)
     }
@@ -281,9 +421,20 @@ impl raft::Storage for ReplicaStorage {
         Ok(self.raft_state.last_index)
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Snapshot generation arrives with the durability work; until then a
-        // follower that needs one waits (raft retries later).
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let mut st = self.snap_state.borrow_mut();
+        match &*st {
+            SnapState::Ready(s)
+                if s.index >= request_index
+                    && s.index >= self.apply_state.truncated_index
+                    && s.generated_at.elapsed() < SNAPSHOT_MAX_AGE =>
+            {
+                return Ok(s.to_raft());
+            }
+            SnapState::Requested | SnapState::Generating => {}
+            _ => *st = SnapState::Requested,
+        }
+        // Built in the background; raft asks again later.
         Err(raft::Error::Store(
             StorageError::SnapshotTemporarilyUnavailable,
         ))

@@ -275,6 +275,74 @@ impl TestCluster {
         }
     }
 
+    /// A replica's own view of itself.
+    pub async fn replica_status(
+        &self,
+        node: NodeId,
+        shard_id: ShardId,
+    ) -> flotilla_raftstore::ReplicaStatus {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.router(node)
+            .status(
+                shard_id,
+                Box::new(move |s| {
+                    let _ = tx.send(s);
+                }),
+            )
+            .expect("replica exists");
+        rx.await.expect("status answered")
+    }
+
+    /// Has every replica of `shard_id` hash its data at one log index and
+    /// returns each running node's (node, hash, keys) once all reached it. A
+    /// replica that skips the hash entry (it caught up by snapshot) makes the
+    /// leader hash again.
+    pub async fn shard_hashes(
+        &self,
+        shard_id: ShardId,
+        timeout: Duration,
+    ) -> Vec<(NodeId, u64, u64)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let leader = self.wait_leader(shard_id, &[], timeout).await;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.router(leader)
+                .compute_hash(
+                    shard_id,
+                    Box::new(move |r| {
+                        let _ = tx.send(r);
+                    }),
+                )
+                .expect("leader exists");
+            let index = match rx.await {
+                Ok(Ok(index)) => index,
+                _ => {
+                    assert!(Instant::now() < deadline, "shard {shard_id} cannot hash");
+                    continue;
+                }
+            };
+            let round_end = (Instant::now() + Duration::from_secs(3)).min(deadline);
+            while Instant::now() < round_end {
+                let hashes: Vec<_> = self
+                    .servers
+                    .iter()
+                    .filter_map(|(id, s)| {
+                        let h = s.router().meta().hash(shard_id)?;
+                        (h.index == index).then_some((*id, h.hash, h.keys))
+                    })
+                    .collect();
+                if hashes.len() == self.servers.len() {
+                    return hashes;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replicas of shard {shard_id} did not all hash the same index"
+            );
+        }
+    }
+
     /// Shuts every node down.
     pub async fn shutdown(mut self) {
         let ids: Vec<_> = self.servers.keys().copied().collect();

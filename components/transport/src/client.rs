@@ -16,6 +16,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::filter::{Filter, FilterDecision};
 use crate::metrics;
+use crate::snapshot::{self, SnapshotConfig};
+use flotilla_raftstore::metrics as store_metrics;
+use flotilla_storage::SnapManager;
 
 /// Node id → gRPC address of every node this one may talk to.
 #[derive(Clone, Default)]
@@ -55,6 +58,7 @@ pub struct RaftClientConfig {
     pub backoff_max: Duration,
     /// Largest gRPC message sent or received on the raft service, bytes.
     pub max_message_bytes: usize,
+    pub snapshot: SnapshotConfig,
 }
 
 impl Default for RaftClientConfig {
@@ -66,6 +70,7 @@ impl Default for RaftClientConfig {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             max_message_bytes: 64 << 20,
+            snapshot: SnapshotConfig::default(),
         }
     }
 }
@@ -80,6 +85,8 @@ struct Inner {
     router: OnceLock<StoreRouter>,
     filters: RwLock<Vec<Arc<dyn Filter>>>,
     has_filters: AtomicBool,
+    snap_mgr: Arc<SnapManager>,
+    snap_sends: Arc<tokio::sync::Semaphore>,
 }
 
 /// Sends raft messages to peer nodes. Cheap to clone.
@@ -95,8 +102,12 @@ impl RaftClient {
         node_id: NodeId,
         cfg: RaftClientConfig,
         addresses: AddressBook,
+        snap_mgr: Arc<SnapManager>,
         runtime: tokio::runtime::Handle,
     ) -> Self {
+        let snap_sends = Arc::new(tokio::sync::Semaphore::new(
+            cfg.snapshot.max_concurrent_send.max(1),
+        ));
         RaftClient {
             inner: Arc::new(Inner {
                 node_id,
@@ -108,6 +119,8 @@ impl RaftClient {
                 router: OnceLock::new(),
                 filters: RwLock::default(),
                 has_filters: AtomicBool::new(false),
+                snap_mgr,
+                snap_sends,
             }),
         }
     }
@@ -138,32 +151,48 @@ impl RaftClient {
     }
 }
 
+impl Inner {
+    fn decide(&self, msg: &RaftMessage) -> FilterDecision {
+        if !self.has_filters.load(Ordering::Relaxed) {
+            return FilterDecision::Pass;
+        }
+        self.filters
+            .read()
+            .iter()
+            .map(|f| f.decide(msg))
+            .find(|d| *d != FilterDecision::Pass)
+            .unwrap_or(FilterDecision::Pass)
+    }
+}
+
 impl Transport for RaftClient {
+    fn send_snapshot(&self, msg: RaftMessage) {
+        let inner = self.inner.clone();
+        self.inner.runtime.spawn(async move {
+            let (shard_id, to_replica) = (msg.shard_id, msg.to_replica);
+            let ok = inner.send_snapshot(&msg).await;
+            if let Some(router) = inner.router.get() {
+                router.report_snapshot(shard_id, to_replica, ok);
+            }
+        });
+    }
+
     fn send(&self, msg: RaftMessage) {
         let inner = &self.inner;
-        if inner.has_filters.load(Ordering::Relaxed) {
-            let decision = inner
-                .filters
-                .read()
-                .iter()
-                .map(|f| f.decide(&msg))
-                .find(|d| *d != FilterDecision::Pass)
-                .unwrap_or(FilterDecision::Pass);
-            match decision {
-                FilterDecision::Pass => {}
-                FilterDecision::Drop => {
-                    drop_metric(msg.to_node, "filtered", 1);
-                    return;
-                }
-                FilterDecision::Delay(d) => {
-                    let inner = self.inner.clone();
-                    self.inner.runtime.spawn(async move {
-                        tokio::time::sleep(d).await;
-                        let to = msg.to_node;
-                        inner.dispatch(to, vec![msg]);
-                    });
-                    return;
-                }
+        match inner.decide(&msg) {
+            FilterDecision::Pass => {}
+            FilterDecision::Drop => {
+                drop_metric(msg.to_node, "filtered", 1);
+                return;
+            }
+            FilterDecision::Delay(d) => {
+                let inner = self.inner.clone();
+                self.inner.runtime.spawn(async move {
+                    tokio::time::sleep(d).await;
+                    let to = msg.to_node;
+                    inner.dispatch(to, vec![msg]);
+                });
+                return;
             }
         }
         inner
@@ -221,6 +250,59 @@ impl Inner {
             };
             drop_metric(to, "queue_full", msgs.len());
             self.report_unreachable(&msgs);
+        }
+    }
+
+    /// Sends one snapshot; true when the receiver stepped it.
+    async fn send_snapshot(&self, msg: &RaftMessage) -> bool {
+        let to = msg.to_node;
+        match self.decide(msg) {
+            FilterDecision::Drop => return false,
+            FilterDecision::Delay(d) => tokio::time::sleep(d).await,
+            FilterDecision::Pass => {}
+        }
+        let cfg = &self.cfg.snapshot;
+        let started = std::time::Instant::now();
+        let Ok(_permit) = self.snap_sends.acquire().await else {
+            return false;
+        };
+        let result = async {
+            let addr = self
+                .addresses
+                .get(to)
+                .ok_or_else(|| format!("no address for node {to}"))?;
+            let channel = self.connect(&addr).await?;
+            snapshot::send(cfg, &self.snap_mgr, channel, msg, encode(msg)).await
+        };
+        let outcome = match tokio::time::timeout(cfg.send_timeout, result).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("timed out after {:?}", cfg.send_timeout)),
+        };
+        match outcome {
+            Ok(bytes) => {
+                store_metrics::SNAPSHOTS.with_label_values(&["sent"]).inc();
+                store_metrics::SNAPSHOT_BYTES
+                    .with_label_values(&["sent"])
+                    .inc_by(bytes);
+                store_metrics::SNAPSHOT_DURATION
+                    .with_label_values(&["send"])
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::info!(
+                    shard_id = msg.shard_id,
+                    to_node = to,
+                    bytes,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "snapshot sent"
+                );
+                true
+            }
+            Err(e) => {
+                store_metrics::SNAPSHOTS
+                    .with_label_values(&["send_failed"])
+                    .inc();
+                tracing::warn!(shard_id = msg.shard_id, to_node = to, error = %e, "sending a snapshot failed");
+                false
+            }
         }
     }
 

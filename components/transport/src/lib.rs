@@ -31,15 +31,22 @@
 //! messages by sender, receiver, shard or type. In-process cluster tests use
 //! them to cut links and build partitions over the real gRPC transport.
 //!
+//! # Snapshots
+//!
+//! MsgSnapshot travels with its file on a separate `Snapshot` call per
+//! snapshot (see `snapshot`), limited in number and rate.
+//!
 //! # Not done
-//! - Snapshot streaming (durability issue); TLS between peers.
+//! - TLS between peers.
 
 mod client;
 mod filter;
 mod service;
+mod snapshot;
 
 pub use client::{AddressBook, RaftClient, RaftClientConfig};
 pub use filter::{Filter, FilterDecision, PartitionFilter};
 pub use service::RaftService;
+pub use snapshot::SnapshotConfig;
 
 pub mod metrics;

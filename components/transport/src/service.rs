@@ -1,9 +1,13 @@
 //! The receiving side: the `Raft` gRPC service.
 
+use std::sync::Arc;
+
 use flotilla_proto::raft::raft_server::Raft;
-use flotilla_proto::raft::{Done, RaftBatch};
+use flotilla_proto::raft::{Done, RaftBatch, SnapshotChunk};
 use flotilla_raftstore::{NodeId, RaftMessage, StoreRouter};
+use flotilla_storage::SnapManager;
 use protobuf::Message as _;
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics;
@@ -12,6 +16,8 @@ pub struct RaftService {
     node_id: NodeId,
     router: StoreRouter,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    snap_mgr: Arc<SnapManager>,
+    snap_recvs: Arc<Semaphore>,
 }
 
 impl RaftService {
@@ -21,17 +27,39 @@ impl RaftService {
         node_id: NodeId,
         router: StoreRouter,
         shutdown: tokio::sync::watch::Receiver<bool>,
+        snap_mgr: Arc<SnapManager>,
+        max_concurrent_snapshot_recv: usize,
     ) -> Self {
         RaftService {
             node_id,
             router,
             shutdown,
+            snap_mgr,
+            snap_recvs: Arc::new(Semaphore::new(max_concurrent_snapshot_recv.max(1))),
         }
     }
 }
 
 #[tonic::async_trait]
 impl Raft for RaftService {
+    async fn snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<Done>, Status> {
+        let mut shutdown = self.shutdown.clone();
+        let receive = crate::snapshot::receive(
+            self.node_id,
+            &self.snap_mgr,
+            &self.router,
+            &self.snap_recvs,
+            req.into_inner(),
+        );
+        tokio::select! {
+            r = receive => r.map(|_| Response::new(Done {})),
+            _ = shutdown.wait_for(|stop| *stop) => Err(Status::unavailable("node is shutting down")),
+        }
+    }
+
     async fn raft(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<Done>, Status> {
         let mut stream = req.into_inner();
         let mut shutdown = self.shutdown.clone();

@@ -1,4 +1,15 @@
 //! One shard's apply state machine.
+//!
+//! Within a round the FSM applies its committed entries into the round's
+//! shared write batch. Three things need the batch written first and are
+//! done in `finish_round`, after the round's write:
+//! - building a snapshot (the RocksDB snapshot must hold what the apply
+//!   state says is applied);
+//! - hashing at a `ComputeHash` entry: the FSM stops after that entry so the
+//!   hash is taken at exactly its index on every replica, and goes on next
+//!   round;
+//! - installing a received snapshot (clear the range, ingest, new apply
+//!   state), which replaces everything applied before it.
 
 use std::collections::VecDeque;
 
@@ -7,15 +18,25 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use flotilla_batch_system::{Fsm, HandleResult};
 use flotilla_proto::local::ApplyState;
 use flotilla_proto::meta::ShardDescriptor;
-use flotilla_proto::raftcmd::{op, Cas, RaftCommand, WriteCommand};
+use flotilla_proto::raftcmd::{admin_command, op, Cas, RaftCommand, WriteCommand};
 use flotilla_proto::Message as _;
 use flotilla_storage::CF_DEFAULT;
 use raft::eraftpb::{Entry, EntryType};
 
 use super::overlay::Lookup;
-use super::poller::ApplyCtx;
-use crate::msg::{write_spans, ApplyMsg, ApplyResult, CasOutcome, Proposal, WriteResult};
-use crate::{metrics, Error, ReplicaId, Result, ShardId};
+use super::poller::{Answer, ApplyCtx};
+use crate::msg::{
+    write_spans, ApplyMsg, ApplyResult, CasOutcome, ExecResult, Proposal, ProposalCallbacks,
+    SnapshotInstall, WriteResult,
+};
+use crate::worker::SnapJob;
+use crate::{metrics, Error, Index, ReplicaId, Result, ShardId};
+
+/// Entries left over when the FSM stopped early in a round.
+struct Stash {
+    entries: VecDeque<Entry>,
+    proposals: VecDeque<Proposal>,
+}
 
 pub struct ApplyFsm {
     shard_id: ShardId,
@@ -24,6 +45,13 @@ pub struct ApplyFsm {
     apply_state: ApplyState,
     receiver: Receiver<ApplyMsg>,
     stopped: bool,
+    stash: Option<Stash>,
+    // What this round did, for `finish_round`.
+    applied_in_round: bool,
+    exec: Vec<ExecResult>,
+    gen_snapshot: bool,
+    hash_at: Option<Index>,
+    install: Option<SnapshotInstall>,
 }
 
 impl Fsm for ApplyFsm {
@@ -31,6 +59,13 @@ impl Fsm for ApplyFsm {
     fn is_stopped(&self) -> bool {
         self.stopped
     }
+}
+
+/// What an applied entry produced for its proposal.
+enum EntryOutcome {
+    None,
+    Writes(Vec<Result<WriteResult>>),
+    Admin,
 }
 
 impl ApplyFsm {
@@ -47,43 +82,72 @@ impl ApplyFsm {
             apply_state,
             receiver,
             stopped: false,
+            stash: None,
+            applied_in_round: false,
+            exec: Vec::new(),
+            gen_snapshot: false,
+            hash_at: None,
+            install: None,
         }
     }
 
-    /// Applies every task in the mailbox into the round's write batch.
+    /// Whether the FSM must stop taking work until the round's write.
+    fn must_wait(&self) -> bool {
+        self.hash_at.is_some() || self.install.is_some()
+    }
+
+    /// Applies queued work into the round's write batch.
     pub fn handle(&mut self, ctx: &mut ApplyCtx) -> HandleResult {
-        let mut applied_any = false;
-        loop {
-            let task = match self.receiver.try_recv() {
-                Ok(ApplyMsg::Apply(task)) => task,
+        if let Some(stash) = self.stash.take() {
+            self.apply_entries(stash.entries, stash.proposals, ctx);
+        }
+        while !self.must_wait() {
+            match self.receiver.try_recv() {
+                Ok(ApplyMsg::Apply(task)) => {
+                    metrics::APPLY_WAIT.observe(task.sent_at.elapsed().as_secs_f64());
+                    self.apply_entries(task.entries.into(), task.proposals.into(), ctx);
+                }
+                Ok(ApplyMsg::GenerateSnapshot) => self.gen_snapshot = true,
+                Ok(ApplyMsg::Install(s)) => self.install = Some(s),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     self.stopped = true;
                     break;
                 }
-            };
-            metrics::APPLY_WAIT.observe(task.sent_at.elapsed().as_secs_f64());
-            let mut proposals = VecDeque::from(task.proposals);
-            for entry in task.entries {
-                self.apply_entry(entry, &mut proposals, ctx);
-                applied_any = true;
-            }
-            // Every proposal handed over has an index within the entries.
-            for p in proposals {
-                answer_stale(p, ctx);
             }
         }
-        if applied_any {
+        // Data and apply state go in the same write batch.
+        if self.applied_in_round {
             ctx.kv
                 .put_apply_state(&mut ctx.wb, self.shard_id, &self.apply_state);
-            ctx.results.push((
-                self.shard_id,
-                ApplyResult {
-                    apply_state: self.apply_state,
-                },
-            ));
         }
-        HandleResult::drained()
+        if self.must_wait() || self.stash.is_some() {
+            // Resume after the round's write.
+            HandleResult::KeepProcessing
+        } else {
+            HandleResult::drained()
+        }
+    }
+
+    fn apply_entries(
+        &mut self,
+        mut entries: VecDeque<Entry>,
+        mut proposals: VecDeque<Proposal>,
+        ctx: &mut ApplyCtx,
+    ) {
+        while let Some(entry) = entries.pop_front() {
+            self.apply_entry(entry, &mut proposals, ctx);
+            if self.must_wait() {
+                if !entries.is_empty() || !proposals.is_empty() {
+                    self.stash = Some(Stash { entries, proposals });
+                }
+                return;
+            }
+        }
+        // Every proposal handed over has an index within the entries.
+        for p in proposals {
+            answer_stale(p, ctx);
+        }
     }
 
     fn apply_entry(
@@ -99,11 +163,9 @@ impl ApplyFsm {
             self.shard_id,
             self.replica_id
         );
-        let results = match entry.get_entry_type() {
-            EntryType::EntryNormal if !entry.data.is_empty() => {
-                Some(self.exec_command(&entry, ctx))
-            }
-            EntryType::EntryNormal => None,
+        let outcome = match entry.get_entry_type() {
+            EntryType::EntryNormal if !entry.data.is_empty() => self.exec_command(&entry, ctx),
+            EntryType::EntryNormal => EntryOutcome::None,
             EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                 tracing::warn!(
                     shard_id = self.shard_id,
@@ -111,11 +173,12 @@ impl ApplyFsm {
                     index = entry.index,
                     "membership changes are not supported yet; entry skipped"
                 );
-                None
+                EntryOutcome::None
             }
         };
         self.apply_state.applied_index = entry.index;
         self.apply_state.applied_term = entry.term;
+        self.applied_in_round = true;
         ctx.entries += 1;
 
         while let Some(p) = proposals.front() {
@@ -127,41 +190,75 @@ impl ApplyFsm {
                 answer_stale(p, ctx);
                 continue;
             }
-            let results = results.clone().unwrap_or_default();
-            assert_eq!(
-                results.len(),
-                p.callbacks.len(),
-                "shard {}: entry {} carries {} commands for {} callbacks",
-                self.shard_id,
-                entry.index,
-                results.len(),
-                p.callbacks.len()
-            );
-            for (cb, r) in p.callbacks.into_iter().zip(results) {
-                ctx.answers.push((cb, r, Some(p.proposed_at)));
+            match (p.callbacks, &outcome) {
+                (ProposalCallbacks::Writes(cbs), EntryOutcome::Writes(results)) => {
+                    assert_eq!(
+                        results.len(),
+                        cbs.len(),
+                        "shard {}: entry {} carries {} commands for {} callbacks",
+                        self.shard_id,
+                        entry.index,
+                        results.len(),
+                        cbs.len()
+                    );
+                    for (cb, r) in cbs.into_iter().zip(results.iter().cloned()) {
+                        ctx.answers.push(Answer::Write(cb, r, Some(p.proposed_at)));
+                    }
+                }
+                (ProposalCallbacks::Admin(Some(cb)), EntryOutcome::Admin) => {
+                    ctx.answers.push(Answer::Admin(cb, Ok(entry.index)));
+                }
+                (ProposalCallbacks::Admin(None), EntryOutcome::Admin) => {}
+                (cbs, _) => panic!(
+                    "shard {}: entry {} does not carry what was proposed ({} waiters)",
+                    self.shard_id,
+                    entry.index,
+                    cbs.len()
+                ),
             }
         }
     }
 
-    fn exec_command(&mut self, entry: &Entry, ctx: &mut ApplyCtx) -> Vec<Result<WriteResult>> {
+    fn exec_command(&mut self, entry: &Entry, ctx: &mut ApplyCtx) -> EntryOutcome {
         let cmd = RaftCommand::decode(&entry.data[..]).unwrap_or_else(|e| {
             panic!(
                 "shard {} entry {}: undecodable command: {e}",
                 self.shard_id, entry.index
             )
         });
+        if let Some(admin) = cmd.admin.and_then(|a| a.cmd) {
+            self.exec_admin(admin, entry.index);
+            return EntryOutcome::Admin;
+        }
         let version = cmd.header.and_then(|h| h.epoch).unwrap_or_default().version;
         if version != self.descriptor.epoch().version {
             let err = Error::EpochNotMatch {
                 shard_id: self.shard_id,
                 current: vec![self.descriptor.clone()],
             };
-            return cmd.writes.iter().map(|_| Err(err.clone())).collect();
+            return EntryOutcome::Writes(cmd.writes.iter().map(|_| Err(err.clone())).collect());
         }
-        cmd.writes
-            .into_iter()
-            .map(|w| self.exec_write(w, ctx))
-            .collect()
+        EntryOutcome::Writes(
+            cmd.writes
+                .into_iter()
+                .map(|w| self.exec_write(w, ctx))
+                .collect(),
+        )
+    }
+
+    fn exec_admin(&mut self, admin: admin_command::Cmd, index: Index) {
+        match admin {
+            admin_command::Cmd::CompactLog(c) => {
+                // A compaction proposed before a snapshot install or an
+                // earlier compaction may be out of date.
+                if c.index > self.apply_state.truncated_index && c.index < index {
+                    self.apply_state.truncated_index = c.index;
+                    self.apply_state.truncated_term = c.term;
+                    self.exec.push(ExecResult::CompactLog { index: c.index });
+                }
+            }
+            admin_command::Cmd::ComputeHash(_) => self.hash_at = Some(index),
+        }
     }
 
     /// Applies one client command: all of its ops, or none if any key lies
@@ -191,20 +288,107 @@ impl ApplyFsm {
         }
         Ok(result)
     }
+
+    /// Runs what had to wait for the round's write, then reports to the
+    /// replica FSM.
+    pub fn finish_round(&mut self, ctx: &mut ApplyCtx) {
+        if let Some(index) = self.hash_at.take() {
+            let _ = ctx.snap_jobs.send(SnapJob::Hash {
+                shard: self.descriptor.clone(),
+                index,
+                snap: ctx.kv.snapshot(),
+            });
+        }
+        if std::mem::take(&mut self.gen_snapshot) {
+            let _ = ctx.snap_jobs.send(SnapJob::Generate {
+                shard: self.descriptor.clone(),
+                apply_state: self.apply_state,
+                snap: ctx.kv.snapshot(),
+            });
+        }
+        if let Some(install) = self.install.take() {
+            self.install_snapshot(install, ctx);
+        }
+        if std::mem::take(&mut self.applied_in_round) || !self.exec.is_empty() {
+            ctx.results.push((
+                self.shard_id,
+                ApplyResult {
+                    apply_state: self.apply_state,
+                    exec: std::mem::take(&mut self.exec),
+                },
+            ));
+        }
+    }
+
+    fn install_snapshot(&mut self, s: SnapshotInstall, ctx: &mut ApplyCtx) {
+        if s.index <= self.apply_state.applied_index {
+            tracing::warn!(
+                shard_id = self.shard_id,
+                index = s.index,
+                applied = self.apply_state.applied_index,
+                "ignoring a snapshot older than the applied state"
+            );
+            return;
+        }
+        let started = std::time::Instant::now();
+        let shard = s
+            .data
+            .shard
+            .clone()
+            .unwrap_or_else(|| self.descriptor.clone());
+        if let Err(e) = crate::snapshot::install(
+            &ctx.kv,
+            &ctx.snap_mgr,
+            self.replica_id,
+            s.index,
+            s.term,
+            &s.data,
+        ) {
+            // The raft state already points past the old log; the restart
+            // installs the snapshot again from its pending record.
+            tracing::error!(shard_id = self.shard_id, index = s.index, error = %e, "installing a snapshot failed; stopping the node");
+            panic!("installing a snapshot failed: {e}");
+        }
+        self.apply_state = ApplyState {
+            applied_index: s.index,
+            applied_term: s.term,
+            truncated_index: s.index,
+            truncated_term: s.term,
+        };
+        self.descriptor = shard.clone();
+        self.exec.push(ExecResult::SnapshotInstalled {
+            index: s.index,
+            term: s.term,
+            shard,
+        });
+        metrics::SNAPSHOTS.with_label_values(&["applied"]).inc();
+        metrics::SNAPSHOT_DURATION
+            .with_label_values(&["apply"])
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            shard_id = self.shard_id,
+            replica_id = self.replica_id,
+            index = s.index,
+            keys = s.data.keys,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot installed"
+        );
+    }
 }
 
 fn answer_stale(p: Proposal, ctx: &mut ApplyCtx) {
     metrics::PROPOSALS_DROPPED
         .with_label_values(&["stale"])
         .inc_by(p.callbacks.len() as u64);
-    for cb in p.callbacks {
-        ctx.answers.push((
-            cb,
-            Err(Error::StaleCommand(
-                "its log entry was replaced by a newer leader".into(),
-            )),
-            None,
-        ));
+    let err = || Error::StaleCommand("its log entry was replaced by a newer leader".into());
+    match p.callbacks {
+        ProposalCallbacks::Writes(cbs) => {
+            for cb in cbs {
+                ctx.answers.push(Answer::Write(cb, Err(err()), None));
+            }
+        }
+        ProposalCallbacks::Admin(Some(cb)) => ctx.answers.push(Answer::Admin(cb, Err(err()))),
+        ProposalCallbacks::Admin(None) => {}
     }
 }
 
@@ -219,25 +403,19 @@ fn put(ctx: &mut ApplyCtx, key: Bytes, value: Option<Bytes>) {
 
 /// Deletes `[start, end)`; an empty `end` means +inf (the last shard).
 fn delete_range(ctx: &mut ApplyCtx, start: Bytes, end: Bytes) {
-    let cf = ctx.kv.cf(CF_DEFAULT);
     if end.is_empty() {
-        // RocksDB needs an upper bound: one past the greatest key present.
-        let (last_db, _) = ctx
-            .kv
-            .scan(&start, &[], 1, true)
-            .unwrap_or_else(|e| panic!("apply: reading RocksDB failed: {e}"));
-        let last = last_db
-            .into_iter()
-            .map(|(k, _)| Bytes::from(k))
-            .chain(ctx.overlay.last_key_from(&start).cloned())
-            .max();
-        if let Some(mut upper) = last.map(|k| k.to_vec()) {
+        // Keys written earlier in this round are only in the batch: cover
+        // them too.
+        let cf = ctx.kv.cf(CF_DEFAULT);
+        if let Some(last) = ctx.overlay.last_key_from(&start) {
+            let mut upper = last.to_vec();
             upper.push(0);
             ctx.wb.delete_range_cf(cf, &start[..], &upper[..]);
         }
-    } else if start < end {
-        ctx.wb.delete_range_cf(cf, &start[..], &end[..]);
     }
+    ctx.kv
+        .delete_range(&mut ctx.wb, &start, &end)
+        .unwrap_or_else(|e| panic!("apply: reading RocksDB failed: {e}"));
     ctx.overlay.delete_range(start, end);
 }
 

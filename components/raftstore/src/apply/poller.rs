@@ -1,18 +1,21 @@
 //! The apply poll round: every shard's committed entries go into one
-//! RocksDB write batch; callbacks are answered after the write.
+//! RocksDB write batch; then what had to wait for the write (snapshots,
+//! hashes), then callbacks, then results to the replica FSMs.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use flotilla_batch_system::{Fsm, HandleResult, HandlerBuilder, PollHandler};
-use flotilla_storage::KvEngine;
+use flotilla_storage::{KvEngine, SnapManager};
 use rocksdb::WriteBatch;
 
 use super::fsm::ApplyFsm;
 use super::overlay::Overlay;
-use crate::msg::{ApplyResult, ReplicaMsg, WriteCallback, WriteResult};
+use crate::msg::{AdminCallback, ApplyResult, ReplicaMsg, WriteCallback, WriteResult};
 use crate::replica::poller::RaftRouter;
-use crate::{metrics, Result, ShardId};
+use crate::worker::SnapJob;
+use crate::{metrics, Index, Result, ShardId};
 
 /// The apply pool's control FSM. It has nothing to do yet; the batch-system
 /// requires one.
@@ -33,14 +36,21 @@ impl Fsm for ApplyControlFsm {
     }
 }
 
+/// A callback to answer once the round's batch is written.
+pub enum Answer {
+    /// A client write, with its proposal time for latency metrics.
+    Write(WriteCallback, Result<WriteResult>, Option<Instant>),
+    Admin(AdminCallback, Result<Index>),
+}
+
 /// What one apply round accumulates.
 pub struct ApplyCtx {
     pub kv: KvEngine,
+    pub snap_mgr: Arc<SnapManager>,
+    pub snap_jobs: Sender<SnapJob>,
     pub wb: WriteBatch,
     pub overlay: Overlay,
-    /// Callbacks to answer once the batch is written, with the proposal
-    /// time for latency metrics.
-    pub answers: Vec<(WriteCallback, Result<WriteResult>, Option<Instant>)>,
+    pub answers: Vec<Answer>,
     pub results: Vec<(ShardId, ApplyResult)>,
     pub entries: u64,
 }
@@ -67,9 +77,10 @@ impl PollHandler<ApplyFsm, ApplyControlFsm> for ApplyPoller {
         fsm.handle(&mut self.ctx)
     }
 
-    fn end(&mut self, _normals: &mut [Box<ApplyFsm>]) {
+    fn end(&mut self, normals: &mut [Box<ApplyFsm>]) {
         let ctx = &mut self.ctx;
         if !ctx.wb.is_empty() {
+            fail::fail_point!("apply_before_write");
             let wb = std::mem::take(&mut ctx.wb);
             if let Err(e) = ctx.kv.write(wb, false) {
                 // The entries are committed; skipping them would diverge
@@ -79,13 +90,21 @@ impl PollHandler<ApplyFsm, ApplyControlFsm> for ApplyPoller {
             }
         }
         ctx.overlay.clear();
+        for fsm in normals.iter_mut() {
+            fsm.finish_round(ctx);
+        }
         metrics::APPLIED_ENTRIES.inc_by(ctx.entries);
         ctx.entries = 0;
-        for (cb, result, proposed_at) in ctx.answers.drain(..) {
-            if let Some(t) = proposed_at {
-                metrics::APPLY_DURATION.observe(t.elapsed().as_secs_f64());
+        for answer in ctx.answers.drain(..) {
+            match answer {
+                Answer::Write(cb, result, proposed_at) => {
+                    if let Some(t) = proposed_at {
+                        metrics::APPLY_DURATION.observe(t.elapsed().as_secs_f64());
+                    }
+                    cb(result);
+                }
+                Answer::Admin(cb, result) => cb(result),
             }
-            cb(result);
         }
         for (shard_id, res) in ctx.results.drain(..) {
             let _ = self
@@ -101,6 +120,8 @@ impl PollHandler<ApplyFsm, ApplyControlFsm> for ApplyPoller {
 
 pub struct ApplyPollerBuilder {
     pub kv: KvEngine,
+    pub snap_mgr: Arc<SnapManager>,
+    pub snap_jobs: Sender<SnapJob>,
     pub raft_router: RaftRouter,
 }
 
@@ -110,6 +131,8 @@ impl HandlerBuilder<ApplyFsm, ApplyControlFsm> for ApplyPollerBuilder {
         ApplyPoller {
             ctx: ApplyCtx {
                 kv: self.kv.clone(),
+                snap_mgr: self.snap_mgr.clone(),
+                snap_jobs: self.snap_jobs.clone(),
                 wb: WriteBatch::default(),
                 overlay: Overlay::default(),
                 answers: Vec::new(),

@@ -28,23 +28,28 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, TryRecvError};
 use flotilla_batch_system::{Fsm, HandleResult};
-use flotilla_proto::local::{ApplyState, ShardLocalState};
-use flotilla_proto::meta::{ReplicaRole, ShardDescriptor};
-use flotilla_proto::raftcmd::{CmdHeader, RaftCommand, WriteCommand};
+use flotilla_proto::local::{ApplyState, ShardLocalState, SnapshotData};
+use flotilla_proto::meta::ShardDescriptor;
+use flotilla_proto::raftcmd::{
+    admin_command, AdminCommand, CmdHeader, CompactLog, ComputeHash, RaftCommand, WriteCommand,
+};
 use flotilla_proto::Message as _;
+use flotilla_storage::replica_storage::conf_state_of;
 use flotilla_storage::{ReplicaStorage, RAFT_INIT_INDEX, RAFT_INIT_TERM};
-use raft::eraftpb::{ConfState, Entry, Message};
-use raft::{RawNode, Ready, StateRole};
+use raft::eraftpb::{Entry, Message, MessageType};
+use raft::{RawNode, Ready, SnapshotStatus, StateRole, Storage as _};
 use raft_engine::LogBatch;
 
 use crate::msg::{
-    ApplyMsg, ApplyResult, ApplyTask, KeySpan, Proposal, ReadRequest, ReplicaMsg, ReplicaStatus,
-    WriteCallback, WriteRequest,
+    AdminCallback, ApplyMsg, ApplyResult, ApplyTask, ExecResult, KeySpan, Proposal,
+    ProposalCallbacks, ReadRequest, ReplicaMsg, ReplicaStatus, SnapshotInstall, WriteCallback,
+    WriteRequest,
 };
 use crate::replica::poller::PollContext;
 use crate::replica::proposal::ProposalQueue;
 use crate::replica::read::ReadQueue;
 use crate::transport::RaftMessage;
+use crate::worker::GcTask;
 use crate::{metrics, Error, ReplicaId, Result, ShardId};
 
 /// What one poll round accumulates across replicas.
@@ -68,6 +73,8 @@ pub struct ReplicaFsm {
     pending_write_bytes: usize,
     /// The ready taken this round, advanced after the round's write.
     pending_ready: Option<Ready>,
+    /// A received snapshot to hand to apply once its raft state is durable.
+    pending_install: Option<SnapshotInstall>,
     was_leader: bool,
     /// Ticks since this replica stopped leading with proposals pending.
     ticks_since_stepdown: Option<usize>,
@@ -80,19 +87,6 @@ impl Fsm for ReplicaFsm {
     fn is_stopped(&self) -> bool {
         self.stopped
     }
-}
-
-/// The Raft configuration state of a descriptor.
-pub fn conf_state_of(desc: &ShardDescriptor) -> ConfState {
-    let mut cs = ConfState::default();
-    for r in &desc.replicas {
-        if r.role == ReplicaRole::Learner as i32 {
-            cs.learners.push(r.id);
-        } else {
-            cs.voters.push(r.id);
-        }
-    }
-    cs
 }
 
 impl ReplicaFsm {
@@ -143,6 +137,7 @@ impl ReplicaFsm {
             pending_writes: Vec::new(),
             pending_write_bytes: 0,
             pending_ready: None,
+            pending_install: None,
             was_leader: false,
             ticks_since_stepdown: None,
             ticks: 0,
@@ -248,6 +243,7 @@ impl ReplicaFsm {
         }
         self.propose_pending_writes();
         self.issue_pending_reads();
+        self.maybe_request_snapshot(ctx);
         if self.raw_node.has_ready() {
             self.collect_ready(ctx, round);
         }
@@ -264,7 +260,7 @@ impl ReplicaFsm {
             ReplicaMsg::Write(req) => self.on_write(req, ctx),
             ReplicaMsg::Read(req) => self.on_read(req),
             ReplicaMsg::Tick => self.on_tick(ctx),
-            ReplicaMsg::Applied(res) => self.on_applied(res),
+            ReplicaMsg::Applied(res) => self.on_applied(res, ctx),
             ReplicaMsg::Unreachable { to_replica } => self.raw_node.report_unreachable(to_replica),
             ReplicaMsg::Status(cb) => cb(self.status()),
             ReplicaMsg::TransferLeader { to_replica } => {
@@ -278,8 +274,119 @@ impl ReplicaFsm {
                     self.raw_node.transfer_leader(to_replica);
                 }
             }
+            ReplicaMsg::SnapshotGenerated(snap) => {
+                self.raw_node
+                    .store()
+                    .on_snapshot_generated(snap.map(|s| *s));
+            }
+            ReplicaMsg::SnapshotStatus { to_replica, ok } => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw_node.report_snapshot(to_replica, status);
+            }
+            ReplicaMsg::CompactLog(cb) => self.compact_log(ctx, true, cb),
+            ReplicaMsg::ComputeHash(cb) => {
+                let cmd = admin_command::Cmd::ComputeHash(ComputeHash {});
+                self.propose_admin(cmd, Some(cb));
+            }
             ReplicaMsg::Wake => {}
         }
+    }
+
+    /// Hands a snapshot request from raft to the apply FSM, which builds it
+    /// from what it has applied.
+    fn maybe_request_snapshot(&mut self, ctx: &PollContext) {
+        if self.raw_node.store().take_snapshot_request() {
+            tracing::info!(
+                shard_id = self.shard_id,
+                replica_id = self.replica_id,
+                "a follower needs a snapshot; building one"
+            );
+            if ctx
+                .apply_router
+                .force_send(self.shard_id, ApplyMsg::GenerateSnapshot)
+                .is_err()
+            {
+                self.raw_node.store().on_snapshot_generated(None);
+            }
+        }
+    }
+
+    /// Proposes an admin command; `cb` gets the entry's index once applied.
+    fn propose_admin(&mut self, cmd: admin_command::Cmd, cb: Option<AdminCallback>) {
+        if !self.is_leader() {
+            if let Some(cb) = cb {
+                cb(Err(self.not_leader()));
+            }
+            return;
+        }
+        let cmd = RaftCommand {
+            header: Some(CmdHeader {
+                shard_id: self.shard_id,
+                epoch: Some(self.descriptor.epoch()),
+            }),
+            writes: vec![],
+            admin: Some(AdminCommand { cmd: Some(cmd) }),
+        };
+        self.propose_entry(cmd, ProposalCallbacks::Admin(cb));
+    }
+
+    /// The leader's log GC: truncates what every follower has, or, past
+    /// the count or size limit (or when `force`d), what every recently
+    /// active follower has; the others will need a snapshot.
+    fn compact_log(&mut self, ctx: &PollContext, force: bool, cb: Option<AdminCallback>) {
+        if !self.is_leader() {
+            if let Some(cb) = cb {
+                cb(Err(self.not_leader()));
+            }
+            return;
+        }
+        let store = self.raw_node.store();
+        let applied = store.applied_index();
+        let truncated = store.truncated_index();
+        let (mut all, mut active) = (u64::MAX, u64::MAX);
+        for (id, pr) in self.raw_node.raft.prs().iter() {
+            all = all.min(pr.matched);
+            if pr.recent_active || *id == self.replica_id {
+                active = active.min(pr.matched);
+            }
+        }
+        let cfg = &ctx.cfg;
+        let over = store.log_entries() >= cfg.raft_log_gc_count_limit
+            || store.log_bytes() >= cfg.raft_log_gc_size_limit;
+        let target = if over || force {
+            applied.min(active)
+        } else {
+            applied.min(all)
+        };
+        if target <= truncated || (!force && target - truncated < cfg.raft_log_gc_threshold) {
+            if let Some(cb) = cb {
+                cb(Ok(truncated));
+            }
+            return;
+        }
+        let Ok(term) = store.term(target) else {
+            if let Some(cb) = cb {
+                cb(Ok(truncated));
+            }
+            return;
+        };
+        tracing::debug!(
+            shard_id = self.shard_id,
+            replica_id = self.replica_id,
+            index = target,
+            over,
+            force,
+            "compacting the raft log"
+        );
+        let cmd = admin_command::Cmd::CompactLog(CompactLog {
+            index: target,
+            term,
+        });
+        self.propose_admin(cmd, cb);
     }
 
     fn on_raft_message(&mut self, m: RaftMessage) {
@@ -344,14 +451,22 @@ impl ReplicaFsm {
             return;
         }
         let (commands, callbacks): (Vec<_>, Vec<_>) = writes.into_iter().unzip();
-        let n = commands.len() as u64;
         let cmd = RaftCommand {
             header: Some(CmdHeader {
                 shard_id: self.shard_id,
                 epoch: Some(self.descriptor.epoch()),
             }),
             writes: commands,
+            admin: None,
         };
+        self.propose_entry(cmd, ProposalCallbacks::Writes(callbacks));
+    }
+
+    /// Appends one entry to the leader's log and remembers who waits for
+    /// it; answers them at once if raft refuses it.
+    fn propose_entry(&mut self, cmd: RaftCommand, callbacks: ProposalCallbacks) {
+        let n = callbacks.len() as u64;
+        let is_write = matches!(callbacks, ProposalCallbacks::Writes(_));
         let last_before = self.raw_node.raft.raft_log.last_index();
         let result = self.raw_node.propose(vec![], cmd.encode_to_vec());
         let index = self.raw_node.raft.raft_log.last_index();
@@ -365,16 +480,18 @@ impl ReplicaFsm {
             Err(e) => Some(Error::StaleCommand(e.to_string())),
         };
         if let Some(err) = err {
-            metrics::PROPOSALS.with_label_values(&["dropped"]).inc_by(n);
-            for cb in callbacks {
-                cb(Err(err.clone()));
+            if is_write {
+                metrics::PROPOSALS.with_label_values(&["dropped"]).inc_by(n);
             }
+            callbacks.fail(|| err.clone());
             return;
         }
-        metrics::PROPOSALS
-            .with_label_values(&["proposed"])
-            .inc_by(n);
-        metrics::PROPOSAL_ENTRIES.inc();
+        if is_write {
+            metrics::PROPOSALS
+                .with_label_values(&["proposed"])
+                .inc_by(n);
+            metrics::PROPOSAL_ENTRIES.inc();
+        }
         metrics::PENDING_PROPOSALS.inc();
         self.proposals.push(Proposal {
             index,
@@ -410,6 +527,13 @@ impl ReplicaFsm {
     fn on_tick(&mut self, ctx: &PollContext) {
         self.ticks += 1;
         self.raw_node.tick();
+        if self
+            .ticks
+            .is_multiple_of(ctx.cfg.raft_log_gc_ticks.max(1) as u64)
+            && self.is_leader()
+        {
+            self.compact_log(ctx, false, None);
+        }
         let timeout = 2 * ctx.cfg.election_ticks as u64;
         if self.reads.retry_stale(self.ticks, timeout) > 0 {
             tracing::debug!(
@@ -450,10 +574,33 @@ impl ReplicaFsm {
         });
     }
 
-    fn on_applied(&mut self, res: ApplyResult) {
+    fn on_applied(&mut self, res: ApplyResult, ctx: &PollContext) {
         let applied = res.apply_state.applied_index;
         self.raw_node.advance_apply_to(applied);
         self.raw_node.mut_store().set_apply_state(res.apply_state);
+        for exec in res.exec {
+            match exec {
+                ExecResult::CompactLog { index } => {
+                    let _ = ctx.gc_tasks.send(GcTask {
+                        shard_id: self.shard_id,
+                        compact_to: index + 1,
+                    });
+                }
+                ExecResult::SnapshotInstalled { index, term, shard } => {
+                    if let Err(e) = crate::snapshot::cleanup(
+                        &ctx.raft_engine,
+                        &ctx.snap_mgr,
+                        self.shard_id,
+                        index,
+                        term,
+                    ) {
+                        tracing::warn!(shard_id = self.shard_id, error = %e, "cleaning up after a snapshot failed");
+                    }
+                    self.descriptor = shard.clone();
+                    ctx.meta.set_descriptor(shard);
+                }
+            }
+        }
         let served = self.reads.serve(applied);
         if served > 0 {
             metrics::READS
@@ -511,7 +658,8 @@ impl ReplicaFsm {
                 );
                 continue;
             };
-            ctx.transport.send(RaftMessage {
+            let is_snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
+            let m = RaftMessage {
                 shard_id: self.shard_id,
                 from_node: ctx.node_id,
                 to_node: to.node_id,
@@ -519,7 +667,18 @@ impl ReplicaFsm {
                 to_replica: msg.to,
                 epoch,
                 msg,
-            });
+            };
+            if is_snapshot {
+                tracing::info!(
+                    shard_id = self.shard_id,
+                    to_replica = m.to_replica,
+                    index = m.msg.get_snapshot().get_metadata().index,
+                    "sending a snapshot"
+                );
+                ctx.transport.send_snapshot(m);
+            } else {
+                ctx.transport.send(m);
+            }
         }
     }
 
@@ -559,11 +718,9 @@ impl ReplicaFsm {
         if !rd.messages().is_empty() {
             self.send_messages(rd.take_messages(), ctx);
         }
-        assert!(
-            rd.snapshot().is_empty(),
-            "shard {}: raft snapshots are not supported yet",
-            self.shard_id
-        );
+        if !rd.snapshot().is_empty() {
+            self.stage_snapshot(&rd, ctx, round);
+        }
         let committed = rd.take_committed_entries();
         if !committed.is_empty() {
             self.send_to_apply(committed, ctx);
@@ -599,11 +756,46 @@ impl ReplicaFsm {
         self.pending_ready = Some(rd);
     }
 
+    /// A snapshot from the leader replaces the log: stage the raft-engine
+    /// side into this round's write; the data is installed by the apply FSM
+    /// once that write is durable (see `crate::snapshot`).
+    fn stage_snapshot(&mut self, rd: &Ready, ctx: &PollContext, round: &mut RoundCtx) {
+        let meta = rd.snapshot().get_metadata();
+        let (index, term) = (meta.index, meta.term);
+        let data = match SnapshotData::decode(&rd.snapshot().data[..]) {
+            Ok(d) => d,
+            Err(e) => panic!("shard {}: undecodable snapshot data: {e}", self.shard_id),
+        };
+        tracing::info!(
+            shard_id = self.shard_id,
+            replica_id = self.replica_id,
+            index,
+            term,
+            keys = data.keys,
+            "installing a snapshot from the leader"
+        );
+        self.raw_node
+            .mut_store()
+            .apply_snapshot(index, term, &data, &mut round.log_batch);
+        if let Some(shard) = &data.shard {
+            self.descriptor = shard.clone();
+            ctx.meta.set_descriptor(shard.clone());
+        }
+        metrics::SNAPSHOTS.with_label_values(&["received"]).inc();
+        self.pending_install = Some(SnapshotInstall { index, term, data });
+    }
+
     /// Called after the round's raft-engine write is durable.
     pub fn post_persist(&mut self, ctx: &PollContext) {
         let Some(mut rd) = self.pending_ready.take() else {
             return;
         };
+        // Before any entry committed after the snapshot.
+        if let Some(install) = self.pending_install.take() {
+            let _ = ctx
+                .apply_router
+                .force_send(self.shard_id, ApplyMsg::Install(install));
+        }
         if !rd.persisted_messages().is_empty() {
             self.send_messages(rd.take_persisted_messages(), ctx);
         }
@@ -618,6 +810,7 @@ impl ReplicaFsm {
         if !committed.is_empty() {
             self.send_to_apply(committed, ctx);
         }
+        self.maybe_request_snapshot(ctx);
         // Whatever became ready because of this write (more committed
         // entries, for example) is handled in another round.
         if self.raw_node.has_ready() {

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 use flotilla_batch_system::{Fsm, HandleResult, HandlerBuilder, PollHandler, Router};
-use flotilla_storage::RaftLogEngine;
+use flotilla_storage::{RaftLogEngine, SnapManager};
 
 use crate::apply::{ApplyControlFsm, ApplyFsm};
 use crate::config::Config;
@@ -40,6 +40,8 @@ pub struct PollContext {
     pub apply_router: ApplyRouter,
     pub raft_router: RaftRouter,
     pub meta: Arc<StoreMeta>,
+    pub snap_mgr: Arc<SnapManager>,
+    pub gc_tasks: crossbeam_channel::Sender<crate::worker::GcTask>,
 }
 
 /// The node's control FSM on the raft pollers: messages for shards the node
@@ -120,6 +122,7 @@ impl PollHandler<ReplicaFsm, NodeFsm> for RaftPoller {
                 tracing::error!(error = %e, "raft-engine write failed; stopping the node");
                 panic!("raft-engine write failed: {e}");
             }
+            fail::fail_point!("raft_after_log_write");
         }
         for fsm in normals.iter_mut() {
             if fsm.has_pending_ready() {

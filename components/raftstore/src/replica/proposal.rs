@@ -32,9 +32,9 @@ impl ProposalQueue {
         // left behind; those can no longer commit with their own term.
         while self.queue.back().is_some_and(|last| last.index >= p.index) {
             let stale = self.queue.pop_back().unwrap();
-            fail_all(stale, || {
-                Error::StaleCommand("a newer leader term reused its log index".into())
-            });
+            stale
+                .callbacks
+                .fail(|| Error::StaleCommand("a newer leader term reused its log index".into()));
         }
         self.queue.push_back(p);
     }
@@ -56,14 +56,7 @@ impl ProposalQueue {
     /// Answers every proposal with an error made by `err`.
     pub fn fail_all(&mut self, err: impl Fn() -> Error) {
         for p in self.queue.drain(..) {
-            fail_all(p, &err);
+            p.callbacks.fail(&err);
         }
-    }
-}
-
-/// Answers every callback of a proposal with an error.
-pub fn fail_all(p: Proposal, err: impl Fn() -> Error) {
-    for cb in p.callbacks {
-        cb(Err(err()));
     }
 }

@@ -1,0 +1,259 @@
+//! Background workers of a node, off the poller threads:
+//!
+//! - [`SnapWorker`]: a small pool that builds snapshot files and hashes
+//!   shards from RocksDB snapshots taken by the apply pollers. A slow
+//!   snapshot never holds up a poll round.
+//! - [`GcWorker`]: one thread that deletes compacted Raft log entries from
+//!   raft-engine, in batches, after forcing RocksDB's WAL to disk (entries
+//!   applied without sync must be durable before the log that could replay
+//!   them goes), and that periodically purges raft-engine files, asking the
+//!   shards that keep old files alive to compact.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use flotilla_proto::local::ApplyState;
+use flotilla_proto::meta::ShardDescriptor;
+use flotilla_storage::replica_storage::{conf_state_of, GeneratedSnapshot};
+use flotilla_storage::snap::hash_range;
+use flotilla_storage::{KvEngine, KvSnapshot, RaftLogEngine, SnapManager};
+use raft_engine::LogBatch;
+
+use crate::meta::StoreMeta;
+use crate::msg::ReplicaMsg;
+use crate::replica::poller::RaftRouter;
+use crate::{metrics, Index, ShardId};
+
+pub enum SnapJob {
+    /// Build the snapshot of `shard` at `apply_state` from `snap`.
+    Generate {
+        shard: ShardDescriptor,
+        apply_state: ApplyState,
+        snap: KvSnapshot,
+    },
+    /// Hash the shard's range as of log index `index`.
+    Hash {
+        shard: ShardDescriptor,
+        index: Index,
+        snap: KvSnapshot,
+    },
+}
+
+pub struct SnapWorker {
+    tx: Option<Sender<SnapJob>>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl SnapWorker {
+    pub fn start(
+        threads: usize,
+        mgr: Arc<SnapManager>,
+        router: RaftRouter,
+        meta: Arc<StoreMeta>,
+    ) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded::<SnapJob>();
+        let handles = (0..threads.max(1))
+            .map(|i| {
+                let rx = rx.clone();
+                let mgr = mgr.clone();
+                let router = router.clone();
+                let meta = meta.clone();
+                std::thread::Builder::new()
+                    .name(format!("snap-worker-{i}"))
+                    .spawn(move || {
+                        for job in rx {
+                            run_snap_job(job, &mgr, &router, &meta);
+                        }
+                    })
+                    .expect("spawn snapshot worker")
+            })
+            .collect();
+        SnapWorker {
+            tx: Some(tx),
+            handles,
+        }
+    }
+
+    pub fn sender(&self) -> Sender<SnapJob> {
+        self.tx.clone().expect("worker running")
+    }
+
+    pub fn stop(&mut self) {
+        self.tx.take();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn run_snap_job(job: SnapJob, mgr: &SnapManager, router: &RaftRouter, meta: &StoreMeta) {
+    match job {
+        SnapJob::Generate {
+            shard,
+            apply_state,
+            snap,
+        } => {
+            let started = Instant::now();
+            let (index, term) = (apply_state.applied_index, apply_state.applied_term);
+            let result = mgr.build(&snap, &shard, term, index);
+            drop(snap);
+            let generated = match result {
+                Ok(data) => {
+                    let keep = mgr.gen_path(shard.id, term, index);
+                    mgr.remove_others("gen", shard.id, Some(&keep));
+                    metrics::SNAPSHOTS.with_label_values(&["generated"]).inc();
+                    metrics::SNAPSHOT_DURATION
+                        .with_label_values(&["generate"])
+                        .observe(started.elapsed().as_secs_f64());
+                    tracing::info!(
+                        shard_id = shard.id,
+                        index,
+                        term,
+                        keys = data.keys,
+                        bytes = data.file_size,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "snapshot generated"
+                    );
+                    Some(Box::new(GeneratedSnapshot {
+                        index,
+                        term,
+                        conf_state: conf_state_of(&shard),
+                        data,
+                        generated_at: Instant::now(),
+                    }))
+                }
+                Err(e) => {
+                    metrics::SNAPSHOTS
+                        .with_label_values(&["generate_failed"])
+                        .inc();
+                    tracing::error!(shard_id = shard.id, index, error = %e, "building a snapshot failed");
+                    None
+                }
+            };
+            let _ = router.force_send(shard.id, ReplicaMsg::SnapshotGenerated(generated));
+        }
+        SnapJob::Hash { shard, index, snap } => {
+            match hash_range(&snap, &shard.start_key, &shard.end_key) {
+                Ok((hash, keys)) => {
+                    tracing::info!(
+                        shard_id = shard.id,
+                        index,
+                        hash = format!("{hash:016x}"),
+                        keys,
+                        "shard hashed"
+                    );
+                    meta.set_hash(shard.id, index, hash, keys);
+                }
+                Err(e) => {
+                    tracing::error!(shard_id = shard.id, index, error = %e, "hashing a shard failed")
+                }
+            }
+        }
+    }
+}
+
+pub struct GcTask {
+    pub shard_id: ShardId,
+    /// Entries below this index are deleted.
+    pub compact_to: Index,
+}
+
+pub struct GcWorker {
+    tx: Option<Sender<GcTask>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl GcWorker {
+    pub fn start(
+        kv: KvEngine,
+        raft: Arc<RaftLogEngine>,
+        router: RaftRouter,
+        purge_interval: Duration,
+    ) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let handle = std::thread::Builder::new()
+            .name("raftlog-gc".into())
+            .spawn(move || gc_loop(rx, kv, raft, router, purge_interval))
+            .expect("spawn raft log gc");
+        GcWorker {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub fn sender(&self) -> Sender<GcTask> {
+        self.tx.clone().expect("worker running")
+    }
+
+    pub fn stop(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn gc_loop(
+    rx: Receiver<GcTask>,
+    kv: KvEngine,
+    raft: Arc<RaftLogEngine>,
+    router: RaftRouter,
+    purge_interval: Duration,
+) {
+    let mut next_purge = Instant::now() + purge_interval;
+    loop {
+        let wait = next_purge.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(first) => {
+                let mut tasks = vec![first];
+                tasks.extend(rx.try_iter());
+                compact(&kv, &raft, tasks);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if Instant::now() >= next_purge {
+            next_purge = Instant::now() + purge_interval;
+            purge(&raft, &router);
+        }
+    }
+}
+
+fn compact(kv: &KvEngine, raft: &RaftLogEngine, tasks: Vec<GcTask>) {
+    // The entries being deleted were applied to RocksDB without fsync.
+    if let Err(e) = kv.sync_wal() {
+        tracing::error!(error = %e, "syncing the RocksDB WAL failed; stopping the node");
+        panic!("syncing the RocksDB WAL failed: {e}");
+    }
+    let mut batch = LogBatch::default();
+    for t in &tasks {
+        RaftLogEngine::compact_to(&mut batch, t.shard_id, t.compact_to);
+    }
+    if let Err(e) = raft.write(&mut batch, false) {
+        tracing::error!(error = %e, "writing raft log compactions failed; stopping the node");
+        panic!("raft-engine write failed: {e}");
+    }
+    metrics::LOG_COMPACTIONS.inc_by(tasks.len() as u64);
+}
+
+fn purge(raft: &RaftLogEngine, router: &RaftRouter) {
+    let started = Instant::now();
+    match raft.purge_expired_files() {
+        Ok(groups) => {
+            metrics::RAFT_ENGINE_PURGES.inc();
+            if !groups.is_empty() {
+                tracing::info!(
+                    shards = groups.len(),
+                    "old raft log files are held by lagging shards; asking them to compact"
+                );
+            }
+            for g in groups {
+                let _ = router.force_send(g, ReplicaMsg::CompactLog(None));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "raft-engine purge failed"),
+    }
+    metrics::RAFT_ENGINE_PURGE_DURATION.observe(started.elapsed().as_secs_f64());
+}

@@ -1,0 +1,178 @@
+//! Log compaction and snapshots in an in-process cluster: logs stay
+//! bounded, a follower that falls behind the compacted log catches up by
+//! snapshot (also when the first transfer fails), and replicas end with
+//! identical data.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flotilla_raftstore::RaftMessage;
+use flotilla_test_cluster::{FilterDecision, TestCluster};
+use raft::eraftpb::MessageType;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn b(s: impl AsRef<[u8]>) -> Bytes {
+    Bytes::copy_from_slice(s.as_ref())
+}
+
+/// Small logs: compaction every 5 ticks once 100 entries pile up.
+fn small_logs(cfg: &mut flotilla_server::Config) {
+    cfg.raftstore.raft_log_gc_ticks = 5;
+    cfg.raftstore.raft_log_gc_threshold = 10;
+    cfg.raftstore.raft_log_gc_count_limit = 100;
+}
+
+/// One write at a time, so each is its own log entry.
+async fn write_keys(c: &TestCluster, from: u32, to: u32) {
+    let client = c.client().await;
+    for i in from..to {
+        client
+            .put(b(format!("key{i:05}")), b(format!("value{i}")))
+            .await
+            .unwrap();
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn assert_replicas_identical(c: &TestCluster, shard: u64) {
+    let hashes = c.shard_hashes(shard, WAIT).await;
+    let first = hashes[0];
+    for h in &hashes {
+        assert_eq!(
+            (h.1, h.2),
+            (first.1, first.2),
+            "replicas differ: {hashes:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_log_is_compacted_on_every_replica() {
+    let c = TestCluster::builder(3)
+        .shards(1)
+        .configure(small_logs)
+        .start()
+        .await;
+    c.wait_leader(1, &[], WAIT).await;
+    write_keys(&c, 0, 600).await;
+    for node in c.node_ids() {
+        wait_until("log truncated", || async {
+            let s = c.replica_status(node, 1).await;
+            s.truncated_index > 400 && s.last_index - s.truncated_index < 300
+        })
+        .await;
+    }
+    assert_replicas_identical(&c, 1).await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
+    let mut c = TestCluster::builder(3)
+        .shards(1)
+        .configure(small_logs)
+        .start()
+        .await;
+    let leader = c.wait_leader(1, &[], WAIT).await;
+    write_keys(&c, 0, 50).await;
+    let lagging = c.node_ids().into_iter().find(|n| *n != leader).unwrap();
+    c.isolate(lagging);
+    write_keys(&c, 50, 800).await;
+    // The leader compacted past what the lagging follower has.
+    let leader = c.wait_leader(1, &[], WAIT).await;
+    let behind = c.replica_status(lagging, 1).await.last_index;
+    wait_until("leader log compacted past the follower", || async {
+        c.replica_status(leader, 1).await.truncated_index > behind
+    })
+    .await;
+
+    c.heal();
+    wait_until("follower installed a snapshot", || async {
+        c.replica_status(lagging, 1).await.truncated_index > behind
+    })
+    .await;
+    write_keys(&c, 800, 820).await;
+    assert_replicas_identical(&c, 1).await;
+    // The follower's data is complete.
+    let kv = c.server(lagging).kv_engine();
+    wait_until("the last write reached the follower", || async {
+        kv.get(b"key00819").unwrap().is_some()
+    })
+    .await;
+    let (pairs, _) = kv.scan(b"key", b"kez", 10_000, false).unwrap();
+    assert_eq!(pairs.len(), 820);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_snapshot_transfer_is_retried() {
+    let mut c = TestCluster::builder(3)
+        .shards(1)
+        .configure(small_logs)
+        .start()
+        .await;
+    let leader = c.wait_leader(1, &[], WAIT).await;
+    let lagging = c.node_ids().into_iter().find(|n| *n != leader).unwrap();
+    c.isolate(lagging);
+    write_keys(&c, 0, 600).await;
+    let leader = c.wait_leader(1, &[], WAIT).await;
+    wait_until("leader log compacted", || async {
+        c.replica_status(leader, 1).await.truncated_index > 100
+    })
+    .await;
+    c.heal();
+    // The link breaks under the first two snapshot transfers.
+    let cut = Arc::new(AtomicUsize::new(0));
+    let seen = cut.clone();
+    c.add_filter(Arc::new(move |m: &RaftMessage| {
+        if m.msg.get_msg_type() == MessageType::MsgSnapshot
+            && seen.fetch_add(1, Ordering::SeqCst) < 2
+        {
+            FilterDecision::Drop
+        } else {
+            FilterDecision::Pass
+        }
+    }));
+    wait_until("follower installed a snapshot", || async {
+        c.replica_status(lagging, 1).await.truncated_index > 100
+    })
+    .await;
+    assert!(
+        cut.load(Ordering::SeqCst) >= 3,
+        "the snapshot was sent again after failures"
+    );
+    assert_replicas_identical(&c, 1).await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_follower_catches_up_after_the_log_moved_on() {
+    let mut c = TestCluster::builder(3)
+        .shards(2)
+        .configure(small_logs)
+        .start()
+        .await;
+    c.wait_all_leaders(WAIT).await;
+    write_keys(&c, 0, 100).await;
+    c.stop_node(2).await;
+    write_keys(&c, 100, 700).await;
+    c.restart_node(2).await;
+    for shard in [1, 2] {
+        assert_replicas_identical(&c, shard).await;
+    }
+    c.shutdown().await;
+}
