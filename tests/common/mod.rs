@@ -1,0 +1,274 @@
+//! Clusters of real `flotilla-server` processes on free loopback ports, for
+//! end-to-end, crash and fail point tests. `kill -9` means SIGKILL.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_client::{Client, ClientConfig};
+use flotilla_proto::admin::admin_client::AdminClient;
+use flotilla_proto::admin::{ComputeHashRequest, ShardHashRequest};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Node {
+    pub id: u64,
+    pub grpc: String,
+    pub status: String,
+    pub data: PathBuf,
+    log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// Starts the process; `env` adds variables (FAILPOINTS, RUST_LOG...).
+    pub fn start_with(&mut self, env: &[(&str, &str)]) {
+        assert!(self.child.is_none(), "node {} already running", self.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla-server"));
+        cmd.args(&self.args)
+            .env("RUST_LOG", "info")
+            .env_remove("FAILPOINTS")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn flotilla-server"));
+    }
+
+    pub fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "node {} did not exit", self.id);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect(&self.status).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let code = out.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, out))
+    }
+
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.http_get("/ready").map(|(c, _)| c) != Some(200) {
+            assert!(
+                self.is_running(),
+                "node {} exited; log:\n{}",
+                self.id,
+                tail(&self.log_text())
+            );
+            assert!(Instant::now() < deadline, "node {} not ready", self.id);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<_> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+pub struct ProcCluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+}
+
+impl ProcCluster {
+    /// Lays out `n` nodes with `shards` shards; `config` is the TOML of a
+    /// config file every node uses (empty for defaults). Nodes are not
+    /// started.
+    pub fn new(n: usize, shards: usize, config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg_path = dir.path().join("flotilla.toml");
+        std::fs::write(&cfg_path, config).unwrap();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (g, _))| format!("{}=127.0.0.1:{g}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (g, s))| {
+                let id = i as u64 + 1;
+                let grpc = format!("127.0.0.1:{g}");
+                let status = format!("127.0.0.1:{s}");
+                let data = dir.path().join(format!("node{id}"));
+                let args = vec![
+                    "--config".into(),
+                    cfg_path.display().to_string(),
+                    "--node-id".into(),
+                    id.to_string(),
+                    "--data-dir".into(),
+                    data.display().to_string(),
+                    "--addr".into(),
+                    grpc.clone(),
+                    "--status-addr".into(),
+                    status.clone(),
+                    "--initial-cluster".into(),
+                    initial.clone(),
+                    "--initial-shards".into(),
+                    shards.to_string(),
+                ];
+                Node {
+                    id,
+                    grpc,
+                    status,
+                    log: dir.path().join(format!("node{id}.log")),
+                    data,
+                    args,
+                    child: None,
+                }
+            })
+            .collect();
+        ProcCluster { dir, nodes }
+    }
+
+    pub fn start_all(&mut self) {
+        for n in self.nodes.iter_mut() {
+            n.start();
+        }
+        for n in self.nodes.iter_mut() {
+            n.wait_ready(Duration::from_secs(60));
+        }
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.grpc.clone()).collect()
+    }
+
+    pub async fn client(&self, timeout: Duration) -> Client {
+        Client::connect(ClientConfig {
+            endpoints: self.endpoints(),
+            timeout,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    }
+
+    pub fn data_dir(&self, i: usize) -> &Path {
+        &self.nodes[i].data
+    }
+}
+
+/// Has every replica of every shard hash its data at one log index and
+/// checks the hashes agree. All nodes must be up.
+pub async fn assert_replicas_identical(cluster: &ProcCluster, client: &Client) {
+    for shard in client.list_shards().await.unwrap() {
+        let id = shard.descriptor.id;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        'retry: loop {
+            assert!(
+                Instant::now() < deadline,
+                "shard {id}: replicas never hashed the same index"
+            );
+            // Ask each node; only the leader accepts.
+            let mut index = None;
+            for n in &cluster.nodes {
+                let Ok(mut admin) = AdminClient::connect(format!("http://{}", n.grpc)).await else {
+                    continue;
+                };
+                if let Ok(r) = admin
+                    .compute_hash(ComputeHashRequest { shard_id: id })
+                    .await
+                {
+                    index = Some(r.into_inner().index);
+                    break;
+                }
+            }
+            let Some(index) = index else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let round = Instant::now() + Duration::from_secs(5);
+            loop {
+                let mut hashes = Vec::new();
+                for n in &cluster.nodes {
+                    let mut admin = AdminClient::connect(format!("http://{}", n.grpc))
+                        .await
+                        .unwrap();
+                    if let Ok(h) = admin.shard_hash(ShardHashRequest { shard_id: id }).await {
+                        let h = h.into_inner();
+                        if h.index == index {
+                            hashes.push((n.id, h.hash, h.keys));
+                        }
+                    }
+                }
+                if hashes.len() == cluster.nodes.len() {
+                    let first = hashes[0];
+                    for h in &hashes {
+                        assert_eq!(
+                            (h.1, h.2),
+                            (first.1, first.2),
+                            "shard {id}: replicas differ at index {index}: {hashes:?}"
+                        );
+                    }
+                    break 'retry;
+                }
+                if Instant::now() > round {
+                    continue 'retry;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
