@@ -11,7 +11,7 @@ PROFILE_FLAGS := --release
 BIN_DIR := bin
 BINARIES := flotilla-server flotilla-ctl flotilla-bench
 
-.PHONY: deps build run stop status clean-data test fmt-check clippy bench clean
+.PHONY: deps build run stop status clean-data test crash-test fmt-check clippy bench clean
 
 deps:
 	@scripts/install-deps.sh
@@ -36,6 +36,12 @@ clean-data: stop
 
 test: deps
 	$(CARGO) test $(PROFILE_FLAGS) --workspace --all-targets
+
+# The black-box crash test for ten minutes (CI runs a 45 s version inside
+# `make test`). FLOTILLA_CRASH_SEED=N replays a schedule.
+CRASH_SECS ?= 600
+crash-test: deps
+	FLOTILLA_CRASH_SECS=$(CRASH_SECS) $(CARGO) test $(PROFILE_FLAGS) --test crash -- --nocapture
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

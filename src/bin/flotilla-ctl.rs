@@ -99,6 +99,9 @@ enum ClusterCmd {
 enum ShardCmd {
     /// Every shard: range, epoch, replicas, leader.
     List,
+    /// One shard: each replica's role, term and log indexes
+    /// (commit, applied, last, truncated).
+    Describe { id: u64 },
 }
 
 fn parse(hex: bool, s: &str) -> anyhow::Result<Bytes> {
@@ -322,6 +325,100 @@ async fn run() -> anyhow::Result<()> {
                             "EPOCH (conf/ver)",
                             "REPLICAS",
                             "LEADER"
+                        ],
+                        rows
+                    )
+                );
+            }
+        }
+        Cmd::Shard {
+            cmd: ShardCmd::Describe { id },
+        } => {
+            let shards = client.list_shards().await?;
+            let Some(shard) = shards.into_iter().find(|s| s.descriptor.id == id) else {
+                bail!("no shard {id}");
+            };
+            let nodes: std::collections::HashMap<u64, String> =
+                client.nodes().into_iter().collect();
+            let d = &shard.descriptor;
+            let mut rows = Vec::new();
+            let mut replicas_json = Vec::new();
+            for r in &d.replicas {
+                let addr = nodes.get(&r.node_id).cloned().unwrap_or_default();
+                match client.replica_status(&addr, id).await {
+                    Ok(s) => {
+                        rows.push(vec![
+                            format!("n{}", r.node_id),
+                            r.id.to_string(),
+                            s.role.clone(),
+                            s.term.to_string(),
+                            s.commit_index.to_string(),
+                            s.applied_index.to_string(),
+                            s.last_index.to_string(),
+                            s.truncated_index.to_string(),
+                            s.pending_proposals.to_string(),
+                        ]);
+                        replicas_json.push(json!({
+                            "node_id": r.node_id, "replica_id": r.id, "up": true, "role": s.role,
+                            "term": s.term, "leader_replica_id": s.leader_replica_id,
+                            "commit_index": s.commit_index, "applied_index": s.applied_index,
+                            "last_index": s.last_index, "truncated_index": s.truncated_index,
+                            "pending_proposals": s.pending_proposals,
+                        }));
+                    }
+                    Err(e) => {
+                        rows.push(vec![
+                            format!("n{}", r.node_id),
+                            r.id.to_string(),
+                            "DOWN".into(),
+                            "-".into(),
+                            "-".into(),
+                            "-".into(),
+                            "-".into(),
+                            "-".into(),
+                            "-".into(),
+                        ]);
+                        replicas_json.push(json!({"node_id": r.node_id, "replica_id": r.id, "up": false, "error": e.to_string()}));
+                    }
+                }
+            }
+            let e = d.epoch();
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "id": d.id, "start_key": show_bound(&d.start_key), "end_key": show_bound(&d.end_key),
+                        "conf_ver": e.conf_ver, "version": e.version, "replicas": replicas_json,
+                    })
+                );
+            } else {
+                let end = if d.end_key.is_empty() {
+                    "+inf".into()
+                } else {
+                    show_bound(&d.end_key)
+                };
+                let start = if d.start_key.is_empty() {
+                    "-inf".into()
+                } else {
+                    show_bound(&d.start_key)
+                };
+                println!(
+                    "shard {} [{start}, {end}) epoch {}/{}",
+                    d.id, e.conf_ver, e.version
+                );
+                println!(
+                    "{}",
+                    table(
+                        &[
+                            "NODE",
+                            "REPLICA",
+                            "ROLE",
+                            "TERM",
+                            "COMMIT",
+                            "APPLIED",
+                            "LAST",
+                            "TRUNCATED",
+                            "PENDING"
                         ],
                         rows
                     )

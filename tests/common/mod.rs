@@ -3,6 +3,17 @@
 
 #![allow(dead_code)]
 
+pub mod workload;
+
+/// Compaction every half second once 100 entries pile up, so snapshots and
+/// log truncation happen within a test.
+pub const SMALL_LOGS: &str = "
+[raftstore]
+raft-log-gc-ticks = 5
+raft-log-gc-threshold = 10
+raft-log-gc-count-limit = 100
+";
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};

@@ -794,6 +794,21 @@ impl Client {
         v
     }
 
+    /// Asks one node for its replica of a shard.
+    pub async fn replica_status(
+        &self,
+        addr: &str,
+        shard_id: u64,
+    ) -> Result<flotilla_proto::admin::ReplicaStatusResponse> {
+        let mut admin = self.admin(addr)?;
+        let call = admin.replica_status(flotilla_proto::admin::ReplicaStatusRequest { shard_id });
+        match tokio::time::timeout(self.inner.cfg.connect_timeout * 2, call).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(Error::Server(format!("{addr}: {}", s.message()))),
+            Err(_) => Err(Error::NoEndpoint(format!("{addr}: timed out"))),
+        }
+    }
+
     /// Asks one node for its status.
     pub async fn node_status(&self, addr: &str) -> Result<NodeStatus> {
         let mut admin = self.admin(addr)?;
