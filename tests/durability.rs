@@ -176,3 +176,73 @@ async fn a_restarted_follower_catches_up_after_the_log_moved_on() {
     }
     c.shutdown().await;
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "this test mounts a tmpfs to fill a disk: it needs root");
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_refuses_writes_keeps_reads_and_recovers() {
+    let base = tempfile::tempdir().unwrap();
+    let mnt = base.path().join("disk");
+    let _fs = Tmpfs::mount(&mnt, "160m");
+    let c = TestCluster::builder(1)
+        .shards(2)
+        .data_root(&mnt)
+        .configure(|cfg| {
+            cfg.server.reserve_space_bytes = 40 << 20;
+            cfg.raft_engine.target_file_size_bytes = 4 << 20;
+        })
+        .start()
+        .await;
+    c.wait_all_leaders(WAIT).await;
+    let client = c.client().await;
+    client.put(b("before"), b("1")).await.unwrap();
+
+    // Fill the disk to just under the reserve.
+    let avail = flotilla_storage::disk::available_bytes(&mnt).unwrap();
+    let ballast = mnt.join("ballast");
+    std::fs::write(&ballast, vec![0u8; (avail - (30 << 20)) as usize]).unwrap();
+    let err = loop {
+        match client.put(b("during"), b("2")).await {
+            Err(e) => break e,
+            Ok(()) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert!(
+        matches!(&err, flotilla_client::Error::ResourceExhausted(m) if m.contains("server.reserve-space-bytes")),
+        "a clear error: {err}"
+    );
+    // Reads go on, and nothing half-written shows.
+    assert_eq!(client.get(b("before")).await.unwrap(), Some(b("1")));
+
+    std::fs::remove_file(&ballast).unwrap();
+    wait_until("writes resume", || async {
+        client.put(b("after"), b("3")).await.is_ok()
+    })
+    .await;
+    assert_eq!(client.get(b("after")).await.unwrap(), Some(b("3")));
+    c.shutdown().await;
+}

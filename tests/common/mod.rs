@@ -147,6 +147,8 @@ impl ProcCluster {
     pub fn new(n: usize, shards: usize, config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg_path = dir.path().join("flotilla.toml");
+        // A small reserve: test machines may have little free disk.
+        let config = format!("[server]\nreserve-space-bytes = 16777216\n{config}");
         std::fs::write(&cfg_path, config).unwrap();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial = ports

@@ -40,7 +40,7 @@ pub fn spawn_workload(
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
-                    if i % 4 == 0 {
+                    if i.is_multiple_of(4) {
                         let Ok(cur) = client.get(counter.clone()).await else {
                             continue;
                         };

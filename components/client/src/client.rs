@@ -357,8 +357,16 @@ impl Client {
                     .into())
                 }
                 Ok(Err(status)) => {
-                    if status.code() == Code::InvalidArgument {
-                        return Err(Error::InvalidArgument(status.message().to_string()).into());
+                    match status.code() {
+                        Code::InvalidArgument => {
+                            return Err(Error::InvalidArgument(status.message().to_string()).into())
+                        }
+                        Code::ResourceExhausted => {
+                            return Err(
+                                Error::ResourceExhausted(status.message().to_string()).into()
+                            )
+                        }
+                        _ => {}
                     }
                     if !idempotent && !never_sent(&status) {
                         return Err(Error::Indeterminate(format!(

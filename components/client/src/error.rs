@@ -15,6 +15,10 @@ pub enum Error {
     DeadlineExceeded { attempts: u32, last: String },
     #[error("no reachable endpoint: {0}")]
     NoEndpoint(String),
+    /// The node refused for lack of a resource (a full disk); retrying soon
+    /// will not help.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
     #[error("server error: {0}")]
     Server(String),
 }

@@ -38,6 +38,11 @@ pub struct ServerSection {
     /// How long a request may wait for its command to apply or its read to
     /// be confirmed.
     pub request_timeout_ms: u64,
+    /// Free bytes below which client writes are refused (and below half of
+    /// which replicas also refuse new log entries).
+    pub reserve_space_bytes: u64,
+    /// How often free space is checked.
+    pub disk_check_interval_ms: u64,
 }
 
 impl Default for ServerSection {
@@ -50,6 +55,8 @@ impl Default for ServerSection {
             initial_cluster: String::new(),
             initial_shards: 8,
             request_timeout_ms: 10_000,
+            reserve_space_bytes: 512 << 20,
+            disk_check_interval_ms: 500,
         }
     }
 }

@@ -24,7 +24,9 @@ use flotilla_proto::meta::Node;
 use flotilla_proto::raft::raft_server::RaftServer;
 use flotilla_raftstore::bootstrap::{bootstrap_node, initial_layout};
 use flotilla_raftstore::{Engines, Store, StoreRouter};
-use flotilla_storage::{KvConfig, KvEngine, RaftLogConfig, RaftLogEngine, SnapManager};
+use flotilla_storage::{
+    DiskMonitor, DiskStatus, KvConfig, KvEngine, RaftLogConfig, RaftLogEngine, SnapManager,
+};
 use flotilla_transport::{AddressBook, RaftClient, RaftClientConfig, RaftService};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -52,6 +54,7 @@ impl Listeners {
 
 pub struct Server {
     ctx: Arc<NodeContext>,
+    _disk_monitor: DiskMonitor,
     store: Store,
     transport: RaftClient,
     grpc_addr: SocketAddr,
@@ -151,6 +154,13 @@ impl Server {
         };
         let engines = open_engines(&cfg)?;
         let nodes = ensure_bootstrapped(&cfg, &engines)?;
+        let disk = Arc::new(DiskStatus::default());
+        let disk_monitor = DiskMonitor::start(
+            cfg.server.data_dir.clone(),
+            cfg.server.reserve_space_bytes,
+            Duration::from_millis(cfg.server.disk_check_interval_ms.max(10)),
+            disk.clone(),
+        );
 
         let addresses = AddressBook::default();
         for n in &nodes {
@@ -193,6 +203,7 @@ impl Server {
             directory,
             addresses,
             started,
+            disk: disk.clone(),
         });
 
         // Requests past the limit are refused by the handlers with a clear
@@ -223,6 +234,7 @@ impl Server {
                     streams_stop_rx,
                     engines.snap_mgr.clone(),
                     cfg.raftstore.snap_max_concurrent_recv,
+                    disk.clone(),
                 ))
                 .max_decoding_message_size(max_msg),
             )
@@ -253,6 +265,7 @@ impl Server {
         tracing::info!(node_id, grpc = %grpc_addr, status = %status_addr, elapsed_ms = started.elapsed().as_millis() as u64, "node started");
         Ok(Server {
             ctx,
+            _disk_monitor: disk_monitor,
             store,
             transport,
             grpc_addr,

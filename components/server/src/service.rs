@@ -16,7 +16,7 @@ use flotilla_proto::raftcmd::WriteCommand;
 use flotilla_raftstore::{
     Error as StoreError, KeySpan, ReadRequest, StoreRouter, WriteRequest, WriteResult,
 };
-use flotilla_storage::{KvEngine, RaftLogEngine};
+use flotilla_storage::{DiskStatus, KvEngine, RaftLogEngine};
 use flotilla_transport::AddressBook;
 use tokio::sync::oneshot;
 use tonic::{Response, Status};
@@ -36,6 +36,7 @@ pub struct NodeContext {
     pub directory: Arc<Directory>,
     pub addresses: AddressBook,
     pub started: Instant,
+    pub disk: Arc<DiskStatus>,
 }
 
 pub enum HandlerError {
@@ -197,6 +198,9 @@ impl NodeContext {
         command: WriteCommand,
     ) -> Result<WriteResult, HandlerError> {
         let ctx = require_context(ctx)?;
+        if let Some(why) = self.disk.refusal() {
+            return Err(Status::resource_exhausted(why).into());
+        }
         let (tx, rx) = oneshot::channel();
         self.router.write(WriteRequest {
             shard_id: ctx.shard_id,

@@ -26,6 +26,7 @@
 //! - [`SnapManager`]: snapshot files (one SST of a shard's range) built from
 //!   a RocksDB snapshot, sent to and ingested by lagging replicas.
 
+pub mod disk;
 pub mod entry_cache;
 pub mod error;
 pub mod keys;
@@ -35,6 +36,7 @@ pub mod raft_log;
 pub mod replica_storage;
 pub mod snap;
 
+pub use disk::{DiskLevel, DiskMonitor, DiskStatus};
 pub use error::{Error, Result};
 pub use kv::{KvConfig, KvEngine, KvSnapshot, CF_DEFAULT, CF_META};
 pub use raft_log::{RaftLocalState, RaftLogConfig, RaftLogEngine};

@@ -3,7 +3,9 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{register_histogram, register_int_counter, Histogram, IntCounter};
+use prometheus::{
+    register_histogram, register_int_counter, register_int_gauge, Histogram, IntCounter, IntGauge,
+};
 
 pub static RAFT_LOG_WRITE_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
@@ -41,6 +43,22 @@ pub static RAFT_LOG_WRITES: LazyLock<IntCounter> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static DISK_AVAILABLE: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "flotilla_disk_available_bytes",
+        "Bytes available on the data directory's filesystem."
+    )
+    .unwrap()
+});
+
+pub static DISK_LEVEL: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "flotilla_disk_full_level",
+        "0 normal, 1 almost full (client writes refused), 2 full (log appends refused too)."
+    )
+    .unwrap()
+});
+
 /// Registers every metric of this module now, so /metrics lists them
 /// (at zero) before first use.
 pub fn register() {
@@ -48,4 +66,6 @@ pub fn register() {
     LazyLock::force(&RAFT_LOG_WRITE_BYTES);
     LazyLock::force(&RAFT_LOG_SYNCED_WRITES);
     LazyLock::force(&RAFT_LOG_WRITES);
+    LazyLock::force(&DISK_AVAILABLE);
+    LazyLock::force(&DISK_LEVEL);
 }

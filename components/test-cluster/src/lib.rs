@@ -33,11 +33,19 @@ pub struct ClusterBuilder {
     nodes: usize,
     shards: usize,
     tune: Box<dyn Fn(&mut Config)>,
+    data_root: Option<std::path::PathBuf>,
 }
 
 impl ClusterBuilder {
     pub fn shards(mut self, n: usize) -> Self {
         self.shards = n;
+        self
+    }
+
+    /// Puts the nodes' data directories under `dir` (default: a temporary
+    /// directory).
+    pub fn data_root(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.data_root = Some(dir.into());
         self
     }
 
@@ -65,7 +73,14 @@ impl ClusterBuilder {
             cfg.server.node_id = *id;
             cfg.server.addr = l.grpc.local_addr().unwrap().to_string();
             cfg.server.status_addr = l.status.local_addr().unwrap().to_string();
-            cfg.server.data_dir = dir.path().join(format!("node{id}"));
+            let root = self
+                .data_root
+                .clone()
+                .unwrap_or_else(|| dir.path().to_path_buf());
+            cfg.server.data_dir = root.join(format!("node{id}"));
+            // A small reserve: test machines may have little free disk.
+            cfg.server.reserve_space_bytes = 16 << 20;
+            cfg.server.disk_check_interval_ms = 100;
             cfg.server.initial_cluster = initial.join(",");
             cfg.server.initial_shards = self.shards;
             // Fast clocks keep tests short: 20 ms ticks, 200-400 ms elections.
@@ -109,6 +124,7 @@ impl TestCluster {
             nodes,
             shards: 8,
             tune: Box::new(|_| {}),
+            data_root: None,
         }
     }
 

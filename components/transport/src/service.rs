@@ -5,7 +5,7 @@ use std::sync::Arc;
 use flotilla_proto::raft::raft_server::Raft;
 use flotilla_proto::raft::{Done, RaftBatch, SnapshotChunk};
 use flotilla_raftstore::{NodeId, RaftMessage, StoreRouter};
-use flotilla_storage::SnapManager;
+use flotilla_storage::{DiskLevel, DiskStatus, SnapManager};
 use protobuf::Message as _;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
@@ -18,6 +18,7 @@ pub struct RaftService {
     shutdown: tokio::sync::watch::Receiver<bool>,
     snap_mgr: Arc<SnapManager>,
     snap_recvs: Arc<Semaphore>,
+    disk: Arc<DiskStatus>,
 }
 
 impl RaftService {
@@ -29,6 +30,7 @@ impl RaftService {
         shutdown: tokio::sync::watch::Receiver<bool>,
         snap_mgr: Arc<SnapManager>,
         max_concurrent_snapshot_recv: usize,
+        disk: Arc<DiskStatus>,
     ) -> Self {
         RaftService {
             node_id,
@@ -36,6 +38,7 @@ impl RaftService {
             shutdown,
             snap_mgr,
             snap_recvs: Arc::new(Semaphore::new(max_concurrent_snapshot_recv.max(1))),
+            disk,
         }
     }
 }
@@ -46,6 +49,11 @@ impl Raft for RaftService {
         &self,
         req: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<Done>, Status> {
+        if self.disk.level() == DiskLevel::Full {
+            return Err(Status::resource_exhausted(
+                "the disk is full; no snapshot is accepted until space is freed",
+            ));
+        }
         let mut shutdown = self.shutdown.clone();
         let receive = crate::snapshot::receive(
             self.node_id,
@@ -95,6 +103,17 @@ impl Raft for RaftService {
                         continue;
                     }
                 };
+                // A full disk takes no new entries; the other replicas keep
+                // the shard going and the leader retries later.
+                if msg.get_msg_type() == raft::eraftpb::MessageType::MsgAppend
+                    && !msg.entries.is_empty()
+                    && self.disk.level() == DiskLevel::Full
+                {
+                    flotilla_raftstore::metrics::RAFT_MESSAGES_RECEIVED
+                        .with_label_values(&["disk_full_dropped"])
+                        .inc();
+                    continue;
+                }
                 self.router.raft_message(RaftMessage {
                     shard_id: env.shard_id,
                     from_node: env.from_node,
