@@ -202,6 +202,7 @@ impl Store {
         let gc_worker = GcWorker::start(
             engines.kv.clone(),
             engines.raft.clone(),
+            engines.snap_mgr.clone(),
             raft_router.clone(),
             cfg.raft_engine_purge_interval,
         );

@@ -7,7 +7,8 @@
 //!   raft-engine, in batches, after forcing RocksDB's WAL to disk (entries
 //!   applied without sync must be durable before the log that could replay
 //!   them goes), and that periodically purges raft-engine files, asking the
-//!   shards that keep old files alive to compact.
+//!   shards that keep old files alive to compact, and deletes leftover
+//!   snapshot files.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -169,13 +170,14 @@ impl GcWorker {
     pub fn start(
         kv: KvEngine,
         raft: Arc<RaftLogEngine>,
+        snap_mgr: Arc<SnapManager>,
         router: RaftRouter,
         purge_interval: Duration,
     ) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
         let handle = std::thread::Builder::new()
             .name("raftlog-gc".into())
-            .spawn(move || gc_loop(rx, kv, raft, router, purge_interval))
+            .spawn(move || gc_loop(rx, kv, raft, snap_mgr, router, purge_interval))
             .expect("spawn raft log gc");
         GcWorker {
             tx: Some(tx),
@@ -195,10 +197,15 @@ impl GcWorker {
     }
 }
 
+/// Snapshot files older than this are left over (a snapshot the receiver
+/// refused, a build that was replaced) and deleted.
+const SNAP_FILE_MAX_AGE: Duration = Duration::from_secs(2 * 3600);
+
 fn gc_loop(
     rx: Receiver<GcTask>,
     kv: KvEngine,
     raft: Arc<RaftLogEngine>,
+    snap_mgr: Arc<SnapManager>,
     router: RaftRouter,
     purge_interval: Duration,
 ) {
@@ -217,6 +224,10 @@ fn gc_loop(
         if Instant::now() >= next_purge {
             next_purge = Instant::now() + purge_interval;
             purge(&raft, &router);
+            let removed = snap_mgr.gc(SNAP_FILE_MAX_AGE, |_| false);
+            if removed > 0 {
+                tracing::info!(files = removed, "removed leftover snapshot files");
+            }
         }
     }
 }
