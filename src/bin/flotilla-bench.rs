@@ -3,7 +3,8 @@
 //! Each of `--clients` tasks issues one request at a time for `--duration`
 //! seconds, on keys drawn uniformly from `--keys` keys. Keys are 8 bytes,
 //! spread evenly over the key space (a splitmix64 permutation of the key
-//! number), so every shard gets its share. Latencies go into HDR histograms
+//! number), so every shard gets its share; values are random bytes (seeded),
+//! so compression does not flatter stored sizes. Latencies go into HDR histograms
 //! (microsecond precision). With `--metrics-endpoints`, the bench reads the
 //! nodes' raft-engine fsync counters before and after the run and reports
 //! fsyncs per acknowledged write.
@@ -80,6 +81,13 @@ fn splitmix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// Incompressible values, so stored sizes are honest.
+fn random_value(rng: &mut impl Rng, size: usize) -> Bytes {
+    let mut v = vec![0u8; size];
+    rng.fill(&mut v[..]);
+    v.into()
+}
+
 fn key_of(i: u64) -> Bytes {
     Bytes::copy_from_slice(&splitmix64(i).to_be_bytes())
 }
@@ -148,17 +156,15 @@ async fn main() -> anyhow::Result<()> {
     .with_context(|| format!("connecting to {}", args.endpoints.join(",")))?;
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let value: Bytes = (0..args.value_size)
-        .map(|_| rng.gen::<u8>())
-        .collect::<Vec<_>>()
-        .into();
 
     if args.load {
         let t = Instant::now();
         let mut i = 0;
         while i < args.keys {
             let end = (i + 256).min(args.keys);
-            let pairs = (i..end).map(|k| (key_of(k), value.clone())).collect();
+            let pairs = (i..end)
+                .map(|k| (key_of(k), random_value(&mut rng, args.value_size)))
+                .collect();
             client.batch_put(pairs).await.context("loading keys")?;
             i = end;
         }
@@ -186,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
         let stop = stop.clone();
         let done_ops = done_ops.clone();
         let done_errs = done_errs.clone();
-        let value = value.clone();
+        let value_size = args.value_size;
         let keys = args.keys.max(1);
         let workload = args.workload;
         let seed = args.seed.wrapping_add(c as u64 + 1);
@@ -208,7 +214,10 @@ async fn main() -> anyhow::Result<()> {
                 };
                 let t = Instant::now();
                 let ok = match op {
-                    Op::Put => client.put(key, value.clone()).await.is_ok(),
+                    Op::Put => {
+                        let value = random_value(&mut rng, value_size);
+                        client.put(key, value).await.is_ok()
+                    }
                     Op::Get => client.get(key).await.is_ok(),
                 };
                 let us = (t.elapsed().as_micros() as u64).max(1);

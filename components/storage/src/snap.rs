@@ -154,7 +154,8 @@ impl SnapManager {
     ) -> Result<SnapshotData> {
         let path = self.gen_path(shard.id, term, index);
         let tmp = path.with_extension("tmp");
-        let opts = Options::default();
+        let mut opts = Options::default();
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let mut writer = SstFileWriter::create(&opts);
         writer.open(&tmp)?;
         let mut keys = 0u64;
