@@ -12,7 +12,7 @@ use flotilla_proto::local::{ApplyState, SnapshotData};
 use flotilla_proto::meta::{Epoch, ShardDescriptor};
 use flotilla_proto::raftcmd::{op, WriteCommand};
 use flotilla_storage::replica_storage::GeneratedSnapshot;
-use raft::eraftpb::Entry;
+use raft::eraftpb::{ConfChangeV2, Entry};
 use raft::StateRole;
 
 use crate::transport::RaftMessage;
@@ -100,8 +100,18 @@ pub struct ReadRequest {
     pub cb: ReadCallback,
 }
 
-/// Called with the log index an admin command got once it applied.
-pub type AdminCallback = Callback<Result<Index>>;
+/// What an applied admin command reports.
+#[derive(Clone, Debug, Default)]
+pub struct AdminResult {
+    /// The log index of the command (for a log compaction that had nothing
+    /// to do: the index the log is already truncated at).
+    pub index: Index,
+    /// The shard's descriptor after the command.
+    pub shard: ShardDescriptor,
+}
+
+/// Called once an admin command applied (or failed).
+pub type AdminCallback = Callback<Result<AdminResult>>;
 
 /// Who waits for a proposed entry.
 pub enum ProposalCallbacks {
@@ -179,6 +189,11 @@ pub enum ExecResult {
         term: Term,
         shard: ShardDescriptor,
     },
+    /// A membership change applied; `shard` is the new descriptor.
+    ConfChange {
+        cc: ConfChangeV2,
+        shard: ShardDescriptor,
+    },
 }
 
 /// What the apply poller reports back to the replica after a round.
@@ -231,6 +246,11 @@ pub enum ReplicaMsg {
     CompactLog(Option<AdminCallback>),
     /// Have every replica hash the shard (leader only).
     ComputeHash(AdminCallback),
+    /// Change the shard's membership (leader only).
+    ChangeReplicas {
+        changes: Vec<flotilla_proto::admin::ReplicaChange>,
+        cb: AdminCallback,
+    },
     /// Nothing to do but run a round (a ready was left over).
     Wake,
 }

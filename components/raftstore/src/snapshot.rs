@@ -73,6 +73,37 @@ pub fn install(
     Ok(())
 }
 
+/// Removes a replica that left its shard: a tombstone record (so late
+/// messages addressed to it do not recreate it), its data (when it had any)
+/// and its raft log.
+pub fn destroy_replica(
+    kv: &KvEngine,
+    raft: &RaftLogEngine,
+    shard: &flotilla_proto::meta::ShardDescriptor,
+    replica_id: ReplicaId,
+    initialized: bool,
+) -> Result<()> {
+    let mut wb = WriteBatch::default();
+    if initialized {
+        kv.delete_range(&mut wb, &shard.start_key, &shard.end_key)?;
+    }
+    kv.put_shard_state(
+        &mut wb,
+        shard.id,
+        &ShardLocalState {
+            shard: Some(shard.clone()),
+            state: ShardState::Tombstone as i32,
+            replica_id,
+        },
+    );
+    kv.delete_apply_state(&mut wb, shard.id);
+    kv.write(wb, true)?;
+    let mut lb = LogBatch::default();
+    lb.add_command(shard.id, raft_engine::Command::Clean);
+    raft.write(&mut lb, true)?;
+    Ok(())
+}
+
 /// Step 5.
 pub fn cleanup(
     raft: &RaftLogEngine,

@@ -138,6 +138,19 @@ impl StoreRouter {
             .map_err(|e| routing_error(shard_id, e).0)
     }
 
+    /// Asks a shard's leader to change its membership; `cb` gets the log
+    /// index of the change once applied.
+    pub fn change_replicas(
+        &self,
+        shard_id: ShardId,
+        changes: Vec<flotilla_proto::admin::ReplicaChange>,
+        cb: AdminCallback,
+    ) -> Result<()> {
+        self.raft
+            .force_send(shard_id, ReplicaMsg::ChangeReplicas { changes, cb })
+            .map_err(|e| routing_error(shard_id, e).0)
+    }
+
     /// Asks the leader of a shard to hand leadership to `to_replica`.
     pub fn transfer_leader(&self, shard_id: ShardId, to_replica: ReplicaId) -> Result<()> {
         self.raft
@@ -210,6 +223,7 @@ impl Store {
             node_id,
             cfg: cfg.clone(),
             raft_engine: engines.raft.clone(),
+            kv: engines.kv.clone(),
             transport,
             apply_router: apply_router.clone(),
             raft_router: raft_router.clone(),
@@ -244,6 +258,22 @@ impl Store {
             let replica_id = state.replica_id;
             let descriptor = state.shard.clone().unwrap_or_default();
             let shard_id = descriptor.id;
+            if descriptor.replica(replica_id).is_none() {
+                // Removed by a membership change just before a crash.
+                tracing::info!(
+                    shard_id,
+                    replica_id,
+                    "replica no longer in its shard; finishing its removal"
+                );
+                crate::snapshot::destroy_replica(
+                    &engines.kv,
+                    &engines.raft,
+                    &descriptor,
+                    replica_id,
+                    true,
+                )?;
+                continue;
+            }
 
             let (atx, arx) = crossbeam_channel::unbounded();
             let apply = ApplyFsm::new(descriptor.clone(), replica_id, apply_state, arx);

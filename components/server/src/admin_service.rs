@@ -54,7 +54,7 @@ fn refresh_directory(ctx: &NodeContext) {
 async fn admin_call(
     ctx: &NodeContext,
     send: impl FnOnce(flotilla_raftstore::msg::AdminCallback) -> flotilla_raftstore::Result<()>,
-) -> Result<u64, Status> {
+) -> Result<flotilla_raftstore::msg::AdminResult, Status> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     send(Box::new(move |r| {
         let _ = tx.send(r);
@@ -120,7 +120,9 @@ impl Admin for AdminService {
     ) -> Result<Response<ComputeHashResponse>, Status> {
         let shard_id = req.into_inner().shard_id;
         let r = &self.ctx.router;
-        let index = admin_call(&self.ctx, |cb| r.compute_hash(shard_id, cb)).await?;
+        let index = admin_call(&self.ctx, |cb| r.compute_hash(shard_id, cb))
+            .await?
+            .index;
         Ok(Response::new(ComputeHashResponse { index }))
     }
 
@@ -139,13 +141,48 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn change_replicas(
+        &self,
+        req: Request<ChangeReplicasRequest>,
+    ) -> Result<Response<ChangeReplicasResponse>, Status> {
+        let r = req.into_inner();
+        if r.changes.iter().any(|c| c.replica_id == 0) {
+            return Err(Status::invalid_argument(
+                "replica_id must be set (non-zero) for every change",
+            ));
+        }
+        let router = &self.ctx.router;
+        let shard_id = r.shard_id;
+        let shard = admin_call(&self.ctx, |cb| {
+            router.change_replicas(shard_id, r.changes, cb)
+        })
+        .await?
+        .shard;
+        self.ctx.directory.update(shard.clone());
+        Ok(Response::new(ChangeReplicasResponse { shard: Some(shard) }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let r = req.into_inner();
+        self.ctx
+            .router
+            .transfer_leader(r.shard_id, r.to_replica_id)
+            .map_err(store_status)?;
+        Ok(Response::new(TransferLeaderResponse {}))
+    }
+
     async fn compact_log(
         &self,
         req: Request<CompactLogRequest>,
     ) -> Result<Response<CompactLogResponse>, Status> {
         let shard_id = req.into_inner().shard_id;
         let r = &self.ctx.router;
-        let index = admin_call(&self.ctx, |cb| r.compact_log(shard_id, cb)).await?;
+        let index = admin_call(&self.ctx, |cb| r.compact_log(shard_id, cb))
+            .await?
+            .index;
         Ok(Response::new(CompactLogResponse { index }))
     }
 

@@ -29,6 +29,10 @@ impl Directory {
     /// Installs `desc` unless a newer version of the same shard is known;
     /// shards it overlaps with an older version are removed.
     pub fn update(&self, desc: ShardDescriptor) {
+        // A replica waiting for its first snapshot knows no range yet.
+        if desc.replicas.is_empty() {
+            return;
+        }
         let mut m = self.by_start.write();
         if m.values()
             .any(|d| d.id == desc.id && d.is_newer_than(&desc))
@@ -87,7 +91,11 @@ mod tests {
                 conf_ver: 1,
                 version,
             }),
-            replicas: vec![],
+            replicas: vec![flotilla_proto::meta::Replica {
+                id: id + 100,
+                node_id: 1,
+                role: 0,
+            }],
         }
     }
 

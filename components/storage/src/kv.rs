@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use flotilla_proto::local::{ApplyState, NodeIdent, ShardLocalState};
+use flotilla_proto::local::{ApplyState, NodeIdent, ShardLocalState, ShardState};
 use flotilla_proto::meta::ShardDescriptor;
 use flotilla_proto::Message;
 use rocksdb::{
@@ -251,6 +251,10 @@ impl KvEngine {
         );
     }
 
+    pub fn delete_apply_state(&self, wb: &mut WriteBatch, shard_id: ShardId) {
+        wb.delete_cf(self.cf(CF_META), keys::apply_state_key(shard_id));
+    }
+
     pub fn put_directory_entry(&self, wb: &mut WriteBatch, d: &ShardDescriptor) {
         wb.put_cf(
             self.cf(CF_META),
@@ -271,6 +275,8 @@ impl KvEngine {
             if let Some((id, state)) = pending.take() {
                 let a = match apply.take() {
                     Some((aid, a)) if aid == id => a,
+                    // A tombstone keeps no apply state.
+                    _ if state.state == ShardState::Tombstone as i32 => ApplyState::default(),
                     _ => {
                         return Err(Error::Corruption {
                             what: format!("shard {id}"),

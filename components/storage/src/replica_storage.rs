@@ -113,16 +113,35 @@ pub fn initial_raft_state() -> RaftLocalState {
     }
 }
 
-/// The Raft configuration of a descriptor: voters and learners.
+/// The Raft configuration of a descriptor. Transitional roles make it a
+/// joint configuration (left automatically): incoming voters vote in the
+/// new half only, demoting voters in the old half and become learners.
 pub fn conf_state_of(desc: &flotilla_proto::meta::ShardDescriptor) -> ConfState {
     use flotilla_proto::meta::ReplicaRole;
     let mut cs = ConfState::default();
+    let mut joint = false;
     for r in &desc.replicas {
-        if r.role == ReplicaRole::Learner as i32 {
-            cs.learners.push(r.id);
-        } else {
-            cs.voters.push(r.id);
+        match ReplicaRole::try_from(r.role).unwrap_or(ReplicaRole::Voter) {
+            ReplicaRole::Voter => {
+                cs.voters.push(r.id);
+                cs.voters_outgoing.push(r.id);
+            }
+            ReplicaRole::Learner => cs.learners.push(r.id),
+            ReplicaRole::IncomingVoter => {
+                cs.voters.push(r.id);
+                joint = true;
+            }
+            ReplicaRole::DemotingVoter => {
+                cs.voters_outgoing.push(r.id);
+                cs.learners_next.push(r.id);
+                joint = true;
+            }
         }
+    }
+    if joint {
+        cs.auto_leave = true;
+    } else {
+        cs.voters_outgoing.clear();
     }
     cs
 }
@@ -172,6 +191,39 @@ impl ReplicaStorage {
             snap_state: RefCell::new(SnapState::Idle),
             log_bytes: 0,
         })
+    }
+
+    /// A replica created by a message from its leader before it has any
+    /// state: empty log at index 0, no configuration. It becomes initialized
+    /// by installing a snapshot. Any leftover raft-engine state of an earlier
+    /// replica of the shard on this node is cleaned first.
+    pub fn new_uninitialized(
+        shard_id: ShardId,
+        replica_id: ReplicaId,
+        engine: Arc<RaftLogEngine>,
+    ) -> Result<Self> {
+        if engine.raft_state(shard_id)?.is_some() || engine.first_index(shard_id).is_some() {
+            let mut lb = LogBatch::default();
+            lb.add_command(shard_id, raft_engine::Command::Clean);
+            engine.write(&mut lb, true)?;
+        }
+        Ok(ReplicaStorage {
+            shard_id,
+            replica_id,
+            engine,
+            raft_state: RaftLocalState::default(),
+            apply_state: ApplyState::default(),
+            conf_state: ConfState::default(),
+            cache: EntryCache::new(ENTRY_CACHE_BYTES),
+            snap_state: RefCell::new(SnapState::Idle),
+            log_bytes: 0,
+        })
+    }
+
+    /// Whether the replica has state (a configuration); an uninitialized
+    /// one waits for a snapshot.
+    pub fn is_initialized(&self) -> bool {
+        !self.conf_state.voters.is_empty() || !self.conf_state.learners.is_empty()
     }
 
     pub fn shard_id(&self) -> ShardId {

@@ -291,6 +291,29 @@ impl TestCluster {
         }
     }
 
+    /// Changes a shard's membership through its leader; returns once the
+    /// change applied there.
+    pub async fn change_replicas(
+        &self,
+        shard_id: ShardId,
+        changes: Vec<flotilla_proto::admin::ReplicaChange>,
+    ) -> flotilla_raftstore::Result<flotilla_proto::meta::ShardDescriptor> {
+        let leader = self
+            .wait_leader(shard_id, &[], Duration::from_secs(20))
+            .await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.router(leader).change_replicas(
+            shard_id,
+            changes,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )?;
+        rx.await
+            .map_err(|_| flotilla_raftstore::Error::Shutdown)?
+            .map(|r| r.shard)
+    }
+
     /// A replica's own view of itself.
     pub async fn replica_status(
         &self,
@@ -331,7 +354,7 @@ impl TestCluster {
                 )
                 .expect("leader exists");
             let index = match rx.await {
-                Ok(Ok(index)) => index,
+                Ok(Ok(r)) => r.index,
                 _ => {
                     assert!(Instant::now() < deadline, "shard {shard_id} cannot hash");
                     continue;
@@ -339,6 +362,11 @@ impl TestCluster {
             };
             let round_end = (Instant::now() + Duration::from_secs(3)).min(deadline);
             while Instant::now() < round_end {
+                let hosts = self
+                    .servers
+                    .values()
+                    .filter(|s| s.router().meta().get(shard_id).is_some())
+                    .count();
                 let hashes: Vec<_> = self
                     .servers
                     .iter()
@@ -347,7 +375,7 @@ impl TestCluster {
                         (h.index == index).then_some((*id, h.hash, h.keys))
                     })
                     .collect();
-                if hashes.len() == self.servers.len() {
+                if hashes.len() == hosts {
                     return hashes;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -16,18 +16,21 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, TryRecvError};
 use flotilla_batch_system::{Fsm, HandleResult};
-use flotilla_proto::local::ApplyState;
-use flotilla_proto::meta::ShardDescriptor;
-use flotilla_proto::raftcmd::{admin_command, op, Cas, RaftCommand, WriteCommand};
+use flotilla_proto::local::{ApplyState, ShardLocalState, ShardState};
+use flotilla_proto::meta::{Replica, ReplicaRole, ShardDescriptor};
+use flotilla_proto::raftcmd::{
+    admin_command, op, Cas, ConfChangeContext, RaftCommand, WriteCommand,
+};
 use flotilla_proto::Message as _;
 use flotilla_storage::CF_DEFAULT;
-use raft::eraftpb::{Entry, EntryType};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChangeType, ConfChangeV2, Entry, EntryType};
 
 use super::overlay::Lookup;
 use super::poller::{Answer, ApplyCtx};
 use crate::msg::{
-    write_spans, ApplyMsg, ApplyResult, CasOutcome, ExecResult, Proposal, ProposalCallbacks,
-    SnapshotInstall, WriteResult,
+    write_spans, AdminResult, ApplyMsg, ApplyResult, CasOutcome, ExecResult, Proposal,
+    ProposalCallbacks, SnapshotInstall, WriteResult,
 };
 use crate::worker::SnapJob;
 use crate::{metrics, Error, Index, ReplicaId, Result, ShardId};
@@ -45,6 +48,9 @@ pub struct ApplyFsm {
     apply_state: ApplyState,
     receiver: Receiver<ApplyMsg>,
     stopped: bool,
+    /// A membership change removed this replica: nothing after it is
+    /// applied (the raft side destroys the replica once it hears of it).
+    removed: bool,
     stash: Option<Stash>,
     // What this round did, for `finish_round`.
     applied_in_round: bool,
@@ -66,6 +72,9 @@ enum EntryOutcome {
     None,
     Writes(Vec<Result<WriteResult>>),
     Admin,
+    /// An admin command refused at apply time (deterministically, on every
+    /// replica).
+    Rejected(String),
 }
 
 impl ApplyFsm {
@@ -82,6 +91,7 @@ impl ApplyFsm {
             apply_state,
             receiver,
             stopped: false,
+            removed: false,
             stash: None,
             applied_in_round: false,
             exec: Vec::new(),
@@ -136,6 +146,9 @@ impl ApplyFsm {
         ctx: &mut ApplyCtx,
     ) {
         while let Some(entry) = entries.pop_front() {
+            if self.removed {
+                break;
+            }
             self.apply_entry(entry, &mut proposals, ctx);
             if self.must_wait() {
                 if !entries.is_empty() || !proposals.is_empty() {
@@ -144,7 +157,8 @@ impl ApplyFsm {
                 return;
             }
         }
-        // Every proposal handed over has an index within the entries.
+        // Every proposal handed over has an index within the entries (or
+        // comes after this replica's removal).
         for p in proposals {
             answer_stale(p, ctx);
         }
@@ -166,12 +180,13 @@ impl ApplyFsm {
         let outcome = match entry.get_entry_type() {
             EntryType::EntryNormal if !entry.data.is_empty() => self.exec_command(&entry, ctx),
             EntryType::EntryNormal => EntryOutcome::None,
-            EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+            EntryType::EntryConfChangeV2 => self.exec_conf_change(&entry, ctx),
+            EntryType::EntryConfChange => {
+                // Flotilla only proposes ConfChangeV2.
                 tracing::warn!(
                     shard_id = self.shard_id,
-                    replica_id = self.replica_id,
                     index = entry.index,
-                    "membership changes are not supported yet; entry skipped"
+                    "ignoring a v1 conf change entry"
                 );
                 EntryOutcome::None
             }
@@ -206,9 +221,28 @@ impl ApplyFsm {
                     }
                 }
                 (ProposalCallbacks::Admin(Some(cb)), EntryOutcome::Admin) => {
-                    ctx.answers.push(Answer::Admin(cb, Ok(entry.index)));
+                    let r = AdminResult {
+                        index: entry.index,
+                        shard: self.descriptor.clone(),
+                    };
+                    ctx.answers.push(Answer::Admin(cb, Ok(r)));
                 }
-                (ProposalCallbacks::Admin(None), EntryOutcome::Admin) => {}
+                (
+                    ProposalCallbacks::Admin(None),
+                    EntryOutcome::Admin | EntryOutcome::Rejected(_),
+                ) => {}
+                (ProposalCallbacks::Admin(Some(cb)), EntryOutcome::Rejected(why)) => {
+                    ctx.answers
+                        .push(Answer::Admin(cb, Err(Error::StaleCommand(why.clone()))));
+                }
+                // raft-rs turns a conf change it refuses into an empty entry.
+                (ProposalCallbacks::Admin(cb), EntryOutcome::None) => {
+                    if let Some(cb) = cb {
+                        let why = "the leader refused the membership change".to_string();
+                        ctx.answers
+                            .push(Answer::Admin(cb, Err(Error::StaleCommand(why))));
+                    }
+                }
                 (cbs, _) => panic!(
                     "shard {}: entry {} does not carry what was proposed ({} waiters)",
                     self.shard_id,
@@ -259,6 +293,63 @@ impl ApplyFsm {
             }
             admin_command::Cmd::ComputeHash(_) => self.hash_at = Some(index),
         }
+    }
+
+    /// Applies a membership change to the descriptor (the raft side applies
+    /// it when the result reaches the replica FSM). Refusals are
+    /// deterministic, so every replica refuses the same entries.
+    fn exec_conf_change(&mut self, entry: &Entry, ctx: &mut ApplyCtx) -> EntryOutcome {
+        let cc = if entry.data.is_empty() {
+            ConfChangeV2::default()
+        } else {
+            ConfChangeV2::parse_from_bytes(&entry.data).unwrap_or_else(|e| {
+                panic!(
+                    "shard {} entry {}: undecodable conf change: {e}",
+                    self.shard_id, entry.index
+                )
+            })
+        };
+        let context = if entry.context.is_empty() {
+            ConfChangeContext::default()
+        } else {
+            ConfChangeContext::decode(&entry.context[..]).unwrap_or_else(|e| {
+                panic!(
+                    "shard {} entry {}: undecodable conf change context: {e}",
+                    self.shard_id, entry.index
+                )
+            })
+        };
+        if !cc.leave_joint() {
+            let proposed = context.header.and_then(|h| h.epoch).unwrap_or_default();
+            if proposed.conf_ver != self.descriptor.epoch().conf_ver {
+                return EntryOutcome::Rejected(format!(
+                    "proposed at conf_ver {} but the shard is at {}",
+                    proposed.conf_ver,
+                    self.descriptor.epoch().conf_ver
+                ));
+            }
+        }
+        let mut desc = self.descriptor.clone();
+        if let Err(why) = change_replicas(&mut desc, &cc, &context.added) {
+            return EntryOutcome::Rejected(why);
+        }
+        let mut epoch = desc.epoch();
+        epoch.conf_ver += 1;
+        desc.epoch = Some(epoch);
+        tracing::info!(shard_id = self.shard_id, replica_id = self.replica_id, index = entry.index, conf_ver = epoch.conf_ver, replicas = ?desc.replicas.iter().map(|r| (r.id, r.node_id, r.role)).collect::<Vec<_>>(), "membership changed");
+        ctx.kv.put_shard_state(
+            &mut ctx.wb,
+            self.shard_id,
+            &ShardLocalState {
+                shard: Some(desc.clone()),
+                state: ShardState::Normal as i32,
+                replica_id: self.replica_id,
+            },
+        );
+        self.removed = desc.replica(self.replica_id).is_none();
+        self.descriptor = desc.clone();
+        self.exec.push(ExecResult::ConfChange { cc, shard: desc });
+        EntryOutcome::Admin
     }
 
     /// Applies one client command: all of its ops, or none if any key lies
@@ -374,6 +465,91 @@ impl ApplyFsm {
             "snapshot installed"
         );
     }
+}
+
+/// Applies a ConfChangeV2 to a descriptor's replicas and roles.
+fn change_replicas(
+    desc: &mut ShardDescriptor,
+    cc: &ConfChangeV2,
+    added: &[Replica],
+) -> std::result::Result<(), String> {
+    use ReplicaRole::*;
+    let role = |r: &Replica| ReplicaRole::try_from(r.role).unwrap_or(Voter);
+    if cc.leave_joint() {
+        for r in desc.replicas.iter_mut() {
+            match role(r) {
+                IncomingVoter => r.role = Voter as i32,
+                DemotingVoter => r.role = Learner as i32,
+                _ => {}
+            }
+        }
+        return Ok(());
+    }
+    let joint = cc.enter_joint().is_some();
+    for ch in &cc.changes {
+        let id = ch.node_id;
+        let pos = desc.replicas.iter().position(|r| r.id == id);
+        match ch.get_change_type() {
+            ConfChangeType::AddNode => {
+                let new_role = if joint { IncomingVoter } else { Voter } as i32;
+                match pos {
+                    Some(i) => desc.replicas[i].role = new_role,
+                    None => {
+                        let r = added
+                            .iter()
+                            .find(|r| r.id == id)
+                            .ok_or_else(|| format!("no node given for new replica {id}"))?;
+                        desc.replicas.push(Replica {
+                            id,
+                            node_id: r.node_id,
+                            role: new_role,
+                        });
+                    }
+                }
+            }
+            ConfChangeType::AddLearnerNode => match pos {
+                Some(i) if role(&desc.replicas[i]) == Learner => {}
+                Some(i) => {
+                    desc.replicas[i].role = if joint { DemotingVoter } else { Learner } as i32
+                }
+                None => {
+                    let r = added
+                        .iter()
+                        .find(|r| r.id == id)
+                        .ok_or_else(|| format!("no node given for new replica {id}"))?;
+                    desc.replicas.push(Replica {
+                        id,
+                        node_id: r.node_id,
+                        role: Learner as i32,
+                    });
+                }
+            },
+            ConfChangeType::RemoveNode => match pos {
+                Some(i) if joint && role(&desc.replicas[i]) != Learner => {
+                    return Err(format!(
+                        "voter {id} can only be removed alone, or demoted first"
+                    ));
+                }
+                Some(i) => {
+                    desc.replicas.remove(i);
+                }
+                None => return Err(format!("replica {id} is not a member")),
+            },
+        }
+    }
+    let mut nodes: Vec<_> = desc.replicas.iter().map(|r| r.node_id).collect();
+    nodes.sort_unstable();
+    if nodes.windows(2).any(|w| w[0] == w[1]) {
+        return Err("two replicas of a shard cannot share a node".into());
+    }
+    if !desc
+        .replicas
+        .iter()
+        .any(|r| matches!(role(r), Voter | IncomingVoter))
+    {
+        return Err("a shard needs at least one voter".into());
+    }
+    Ok(())
 }
 
 fn answer_stale(p: Proposal, ctx: &mut ApplyCtx) {

@@ -12,10 +12,10 @@ use rocksdb::WriteBatch;
 
 use super::fsm::ApplyFsm;
 use super::overlay::Overlay;
-use crate::msg::{AdminCallback, ApplyResult, ReplicaMsg, WriteCallback, WriteResult};
+use crate::msg::{AdminCallback, AdminResult, ApplyResult, ReplicaMsg, WriteCallback, WriteResult};
 use crate::replica::poller::RaftRouter;
 use crate::worker::SnapJob;
-use crate::{metrics, Index, Result, ShardId};
+use crate::{metrics, Result, ShardId};
 
 /// The apply pool's control FSM. It has nothing to do yet; the batch-system
 /// requires one.
@@ -40,7 +40,7 @@ impl Fsm for ApplyControlFsm {
 pub enum Answer {
     /// A client write, with its proposal time for latency metrics.
     Write(WriteCallback, Result<WriteResult>, Option<Instant>),
-    Admin(AdminCallback, Result<Index>),
+    Admin(AdminCallback, Result<AdminResult>),
 }
 
 /// What one apply round accumulates.

@@ -26,22 +26,29 @@
 
 use std::time::Instant;
 
+use std::collections::HashMap;
+
 use crossbeam_channel::{Receiver, TryRecvError};
 use flotilla_batch_system::{Fsm, HandleResult};
+use flotilla_proto::admin::ReplicaChange;
 use flotilla_proto::local::{ApplyState, ShardLocalState, SnapshotData};
-use flotilla_proto::meta::ShardDescriptor;
+use flotilla_proto::meta::{Replica, ReplicaRole, ShardDescriptor};
 use flotilla_proto::raftcmd::{
-    admin_command, AdminCommand, CmdHeader, CompactLog, ComputeHash, RaftCommand, WriteCommand,
+    admin_command, AdminCommand, CmdHeader, CompactLog, ComputeHash, ConfChangeContext,
+    RaftCommand, WriteCommand,
 };
 use flotilla_proto::Message as _;
 use flotilla_storage::replica_storage::conf_state_of;
 use flotilla_storage::{ReplicaStorage, RAFT_INIT_INDEX, RAFT_INIT_TERM};
-use raft::eraftpb::{Entry, Message, MessageType};
+use raft::eraftpb::{
+    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, Entry, Message,
+    MessageType,
+};
 use raft::{RawNode, Ready, SnapshotStatus, StateRole, Storage as _};
 use raft_engine::LogBatch;
 
 use crate::msg::{
-    AdminCallback, ApplyMsg, ApplyResult, ApplyTask, ExecResult, KeySpan, Proposal,
+    AdminCallback, AdminResult, ApplyMsg, ApplyResult, ApplyTask, ExecResult, KeySpan, Proposal,
     ProposalCallbacks, ReadRequest, ReplicaMsg, ReplicaStatus, SnapshotInstall, WriteCallback,
     WriteRequest,
 };
@@ -50,7 +57,13 @@ use crate::replica::proposal::ProposalQueue;
 use crate::replica::read::ReadQueue;
 use crate::transport::RaftMessage;
 use crate::worker::GcTask;
-use crate::{metrics, Error, ReplicaId, Result, ShardId};
+use crate::{metrics, Error, Index, NodeId, ReplicaId, Result, ShardId};
+
+/// What a proposal appends to the log.
+enum Payload {
+    Command(RaftCommand),
+    ConfChange(ConfChangeContext, ConfChangeV2),
+}
 
 /// What one poll round accumulates across replicas.
 #[derive(Default)]
@@ -80,6 +93,9 @@ pub struct ReplicaFsm {
     ticks_since_stepdown: Option<usize>,
     ticks: u64,
     stopped: bool,
+    /// Nodes of replicas learned from their messages: an uninitialized
+    /// replica has no descriptor to find its leader's node in.
+    peer_nodes: HashMap<ReplicaId, NodeId>,
 }
 
 impl Fsm for ReplicaFsm {
@@ -108,6 +124,35 @@ impl ReplicaFsm {
             apply_state,
             conf_state_of(&descriptor),
         )?;
+        Self::build(ctx, descriptor, replica_id, applied, storage, receiver)
+    }
+
+    /// A replica its leader added to the shard: it has no state yet and
+    /// waits for a snapshot (see `ReplicaStorage::new_uninitialized`).
+    pub fn create_uninitialized(
+        ctx: &PollContext,
+        shard_id: ShardId,
+        replica_id: ReplicaId,
+        receiver: Receiver<ReplicaMsg>,
+    ) -> Result<Self> {
+        let storage =
+            ReplicaStorage::new_uninitialized(shard_id, replica_id, ctx.raft_engine.clone())?;
+        let descriptor = ShardDescriptor {
+            id: shard_id,
+            ..Default::default()
+        };
+        Self::build(ctx, descriptor, replica_id, 0, storage, receiver)
+    }
+
+    fn build(
+        ctx: &PollContext,
+        descriptor: ShardDescriptor,
+        replica_id: ReplicaId,
+        applied: Index,
+        storage: ReplicaStorage,
+        receiver: Receiver<ReplicaMsg>,
+    ) -> Result<Self> {
+        let shard_id = descriptor.id;
         let cfg = &ctx.cfg;
         let raft_cfg = raft::Config {
             id: replica_id,
@@ -142,6 +187,7 @@ impl ReplicaFsm {
             ticks_since_stepdown: None,
             ticks: 0,
             stopped: false,
+            peer_nodes: HashMap::new(),
         })
     }
 
@@ -241,6 +287,9 @@ impl ReplicaFsm {
             }
             handled += 1;
         }
+        if self.stopped {
+            return HandleResult::drained();
+        }
         self.propose_pending_writes();
         self.issue_pending_reads();
         self.maybe_request_snapshot(ctx);
@@ -257,6 +306,7 @@ impl ReplicaFsm {
     fn on_message(&mut self, msg: ReplicaMsg, ctx: &PollContext) {
         match msg {
             ReplicaMsg::Raft(m) => self.on_raft_message(*m),
+            ReplicaMsg::ChangeReplicas { changes, cb } => self.change_replicas(changes, cb),
             ReplicaMsg::Write(req) => self.on_write(req, ctx),
             ReplicaMsg::Read(req) => self.on_read(req),
             ReplicaMsg::Tick => self.on_tick(ctx),
@@ -364,13 +414,19 @@ impl ReplicaFsm {
         };
         if target <= truncated || (!force && target - truncated < cfg.raft_log_gc_threshold) {
             if let Some(cb) = cb {
-                cb(Ok(truncated));
+                cb(Ok(AdminResult {
+                    index: truncated,
+                    shard: self.descriptor.clone(),
+                }));
             }
             return;
         }
         let Ok(term) = store.term(target) else {
             if let Some(cb) = cb {
-                cb(Ok(truncated));
+                cb(Ok(AdminResult {
+                    index: truncated,
+                    shard: self.descriptor.clone(),
+                }));
             }
             return;
         };
@@ -396,6 +452,7 @@ impl ReplicaFsm {
                 .inc();
             return;
         }
+        self.peer_nodes.insert(m.from_replica, m.from_node);
         match self.raw_node.step(m.msg) {
             Ok(()) => metrics::RAFT_MESSAGES_RECEIVED
                 .with_label_values(&["stepped"])
@@ -465,10 +522,19 @@ impl ReplicaFsm {
     /// Appends one entry to the leader's log and remembers who waits for
     /// it; answers them at once if raft refuses it.
     fn propose_entry(&mut self, cmd: RaftCommand, callbacks: ProposalCallbacks) {
+        self.propose(Payload::Command(cmd), callbacks)
+    }
+
+    fn propose(&mut self, payload: Payload, callbacks: ProposalCallbacks) {
         let n = callbacks.len() as u64;
         let is_write = matches!(callbacks, ProposalCallbacks::Writes(_));
         let last_before = self.raw_node.raft.raft_log.last_index();
-        let result = self.raw_node.propose(vec![], cmd.encode_to_vec());
+        let result = match payload {
+            Payload::Command(cmd) => self.raw_node.propose(vec![], cmd.encode_to_vec()),
+            Payload::ConfChange(context, cc) => self
+                .raw_node
+                .propose_conf_change(context.encode_to_vec(), cc),
+        };
         let index = self.raw_node.raft.raft_log.last_index();
         let err = match result {
             Ok(()) if index > last_before => None,
@@ -576,8 +642,11 @@ impl ReplicaFsm {
 
     fn on_applied(&mut self, res: ApplyResult, ctx: &PollContext) {
         let applied = res.apply_state.applied_index;
-        self.raw_node.advance_apply_to(applied);
+        // The log's new start is known before the GC worker deletes entries.
         self.raw_node.mut_store().set_apply_state(res.apply_state);
+        // Membership changes reach raft before it learns they are applied:
+        // raft decides on leaving a joint configuration when the applied
+        // index passes it, which must see the joint configuration.
         for exec in res.exec {
             match exec {
                 ExecResult::CompactLog { index } => {
@@ -599,14 +668,182 @@ impl ReplicaFsm {
                     self.descriptor = shard.clone();
                     ctx.meta.set_descriptor(shard);
                 }
+                ExecResult::ConfChange { cc, shard } => self.on_conf_change(cc, shard, ctx),
             }
         }
+        if self.stopped {
+            return;
+        }
+        self.raw_node.advance_apply_to(applied);
         let served = self.reads.serve(applied);
         if served > 0 {
             metrics::READS
                 .with_label_values(&["served"])
                 .inc_by(served as u64);
         }
+    }
+
+    /// Proposes a membership change (several changes go through joint
+    /// consensus). Checks here are for clear errors; apply re-checks
+    /// deterministically.
+    fn change_replicas(&mut self, changes: Vec<ReplicaChange>, cb: AdminCallback) {
+        use flotilla_proto::admin::replica_change::Kind;
+        if !self.is_leader() {
+            cb(Err(self.not_leader()));
+            return;
+        }
+        let busy = |why: &str| Error::ServerIsBusy(why.to_string());
+        let raft = &self.raw_node.raft;
+        if raft.pending_conf_index > raft.raft_log.applied
+            || self.descriptor.replicas.iter().any(|r| {
+                r.role == ReplicaRole::IncomingVoter as i32
+                    || r.role == ReplicaRole::DemotingVoter as i32
+            })
+        {
+            cb(Err(busy(
+                "another membership change of this shard is in progress",
+            )));
+            return;
+        }
+        if changes.is_empty() {
+            cb(Err(busy("no change given")));
+            return;
+        }
+        let mut cc = ConfChangeV2::default();
+        cc.set_transition(ConfChangeTransition::Auto);
+        let mut added = Vec::new();
+        for ch in &changes {
+            let member = self.descriptor.replica(ch.replica_id);
+            let kind = Kind::try_from(ch.kind).unwrap_or(Kind::AddLearner);
+            let refuse = match kind {
+                Kind::AddLearner | Kind::AddVoter if member.is_none() => {
+                    if ch.node_id == 0 || self.descriptor.replica_on(ch.node_id).is_some() {
+                        Some(format!(
+                            "node {} already holds a replica of shard {} (or is 0)",
+                            ch.node_id, self.shard_id
+                        ))
+                    } else {
+                        added.push(Replica {
+                            id: ch.replica_id,
+                            node_id: ch.node_id,
+                            role: ReplicaRole::Learner as i32,
+                        });
+                        None
+                    }
+                }
+                Kind::AddLearner => Some(format!("replica {} is already a member", ch.replica_id)),
+                Kind::Remove if ch.replica_id == self.replica_id => {
+                    Some("the leader cannot remove itself; transfer leadership first".into())
+                }
+                Kind::Remove
+                    if changes.len() > 1
+                        && member.is_some_and(|r| r.role != ReplicaRole::Learner as i32) =>
+                {
+                    Some("a voter is removed alone, or demoted first".into())
+                }
+                _ if member.is_none() && kind != Kind::AddVoter => {
+                    Some(format!("replica {} is not a member", ch.replica_id))
+                }
+                _ => None,
+            };
+            if let Some(why) = refuse {
+                cb(Err(Error::StaleCommand(why)));
+                return;
+            }
+            let mut single = ConfChangeSingle {
+                node_id: ch.replica_id,
+                ..Default::default()
+            };
+            single.set_change_type(match kind {
+                Kind::AddLearner | Kind::DemoteToLearner => ConfChangeType::AddLearnerNode,
+                Kind::AddVoter => ConfChangeType::AddNode,
+                Kind::Remove => ConfChangeType::RemoveNode,
+            });
+            cc.changes.push(single);
+        }
+        let context = ConfChangeContext {
+            header: Some(CmdHeader {
+                shard_id: self.shard_id,
+                epoch: Some(self.descriptor.epoch()),
+            }),
+            added,
+        };
+        tracing::info!(shard_id = self.shard_id, replica_id = self.replica_id, changes = ?changes, "proposing a membership change");
+        self.propose(
+            Payload::ConfChange(context, cc),
+            ProposalCallbacks::Admin(Some(cb)),
+        );
+    }
+
+    /// A membership change applied: raft follows, and a replica that is no
+    /// longer a member destroys itself.
+    fn on_conf_change(&mut self, cc: ConfChangeV2, shard: ShardDescriptor, ctx: &PollContext) {
+        let cs = match self.raw_node.apply_conf_change(&cc) {
+            Ok(cs) => cs,
+            Err(e) => panic!(
+                "shard {}: raft refused a committed membership change: {e}",
+                self.shard_id
+            ),
+        };
+        let expected = conf_state_of(&shard);
+        let sorted = |v: &[u64]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v
+        };
+        assert!(
+            sorted(&cs.voters) == sorted(&expected.voters)
+                && sorted(&cs.learners) == sorted(&expected.learners)
+                && sorted(&cs.voters_outgoing) == sorted(&expected.voters_outgoing),
+            "shard {}: raft configuration {:?} disagrees with the descriptor {:?}",
+            self.shard_id,
+            cs,
+            expected
+        );
+        self.raw_node.mut_store().set_conf_state(cs);
+        self.descriptor = shard.clone();
+        ctx.meta.set_descriptor(shard);
+        if self.descriptor.replica(self.replica_id).is_none() {
+            self.destroy(ctx);
+        }
+    }
+
+    /// Removes this replica from the node: answers everyone waiting, stops
+    /// both FSMs, leaves a tombstone (so late messages do not recreate it)
+    /// and deletes its data and log.
+    fn destroy(&mut self, ctx: &PollContext) {
+        tracing::info!(
+            shard_id = self.shard_id,
+            replica_id = self.replica_id,
+            "replica removed from its shard; destroying it"
+        );
+        self.stopped = true;
+        let shard_id = self.shard_id;
+        let n = self.proposals.len();
+        metrics::PENDING_PROPOSALS.sub(n as i64);
+        self.proposals.fail_all(|| Error::ShardNotFound(shard_id));
+        self.reads
+            .fail_unconfirmed(|| Error::ShardNotFound(shard_id));
+        for (_, cb) in self.pending_writes.drain(..) {
+            cb(Err(Error::ShardNotFound(shard_id)));
+        }
+        if self.was_leader {
+            metrics::LEADERS.dec();
+        }
+        ctx.apply_router.close(shard_id);
+        ctx.raft_router.close(shard_id);
+        if let Err(e) = crate::snapshot::destroy_replica(
+            &ctx.kv,
+            &ctx.raft_engine,
+            &self.descriptor,
+            self.replica_id,
+            self.raw_node.store().is_initialized(),
+        ) {
+            tracing::error!(shard_id, error = %e, "cleaning up a removed replica failed; stopping the node");
+            panic!("destroying replica of shard {shard_id} failed: {e}");
+        }
+        // Last, so whoever sees the replica gone also sees its data gone.
+        ctx.meta.remove(shard_id);
     }
 
     fn on_role_change(&mut self, ctx: &PollContext) {
@@ -650,11 +887,16 @@ impl ReplicaFsm {
     fn send_messages(&self, msgs: Vec<Message>, ctx: &PollContext) {
         let epoch = self.descriptor.epoch();
         for msg in msgs {
-            let Some(to) = self.descriptor.replica(msg.to) else {
+            let to_node = self
+                .descriptor
+                .replica(msg.to)
+                .map(|r| r.node_id)
+                .or_else(|| self.peer_nodes.get(&msg.to).copied());
+            let Some(to_node) = to_node else {
                 tracing::warn!(
                     shard_id = self.shard_id,
                     to = msg.to,
-                    "dropping a message to a replica not in the descriptor"
+                    "dropping a message to a replica of unknown node"
                 );
                 continue;
             };
@@ -662,7 +904,7 @@ impl ReplicaFsm {
             let m = RaftMessage {
                 shard_id: self.shard_id,
                 from_node: ctx.node_id,
-                to_node: to.node_id,
+                to_node,
                 from_replica: self.replica_id,
                 to_replica: msg.to,
                 epoch,

@@ -17,14 +17,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
-use flotilla_batch_system::{Fsm, HandleResult, HandlerBuilder, PollHandler, Router};
-use flotilla_storage::{RaftLogEngine, SnapManager};
+use flotilla_batch_system::{BasicMailbox, Fsm, HandleResult, HandlerBuilder, PollHandler, Router};
+use flotilla_storage::{KvEngine, RaftLogEngine, SnapManager};
 
 use crate::apply::{ApplyControlFsm, ApplyFsm};
 use crate::config::Config;
 use crate::meta::StoreMeta;
-use crate::msg::ControlMsg;
+use crate::msg::{ControlMsg, ReplicaMsg};
 use crate::replica::fsm::{ReplicaFsm, RoundCtx};
+use crate::transport::RaftMessage;
 use crate::transport::Transport;
 use crate::{metrics, NodeId};
 
@@ -36,6 +37,7 @@ pub struct PollContext {
     pub node_id: NodeId,
     pub cfg: Config,
     pub raft_engine: Arc<RaftLogEngine>,
+    pub kv: KvEngine,
     pub transport: Arc<dyn Transport>,
     pub apply_router: ApplyRouter,
     pub raft_router: RaftRouter,
@@ -56,20 +58,10 @@ impl NodeFsm {
         NodeFsm { receiver, meta }
     }
 
-    fn handle(&mut self) {
+    fn handle(&mut self, ctx: &PollContext) {
         while let Ok(msg) = self.receiver.try_recv() {
             match msg {
-                ControlMsg::UnknownShard(m) => {
-                    metrics::RAFT_MESSAGES_RECEIVED
-                        .with_label_values(&["unknown_shard"])
-                        .inc();
-                    tracing::debug!(
-                        shard_id = m.shard_id,
-                        from_node = m.from_node,
-                        to_replica = m.to_replica,
-                        "raft message for a shard not hosted here"
-                    );
-                }
+                ControlMsg::UnknownShard(m) => maybe_create_replica(*m, ctx),
                 ControlMsg::Tick => {
                     let c = self.meta.counts();
                     metrics::SHARDS.set(c.replicas as i64);
@@ -84,6 +76,84 @@ impl Fsm for NodeFsm {
     fn is_stopped(&self) -> bool {
         false
     }
+}
+
+/// A leader talks to a replica this node does not host: it was added to the
+/// shard. Create it uninitialized (it catches up by snapshot), unless it is
+/// a replica this node already removed (a tombstone with that id or a newer
+/// one) or the message cannot come from a leader.
+fn maybe_create_replica(m: RaftMessage, ctx: &PollContext) {
+    use flotilla_proto::local::ShardState;
+    use raft::eraftpb::MessageType::*;
+    let shard_id = m.shard_id;
+    let from_leader = matches!(m.msg.get_msg_type(), MsgAppend | MsgHeartbeat | MsgSnapshot);
+    let drop_reason = if !from_leader {
+        Some("not from a leader")
+    } else {
+        match ctx.kv.shard_state(shard_id) {
+            Ok(Some(s))
+                if s.state == ShardState::Tombstone as i32 && s.replica_id >= m.to_replica =>
+            {
+                Some("the replica was removed from this node")
+            }
+            Ok(Some(s)) if s.state != ShardState::Tombstone as i32 => {
+                Some("the shard is on disk but not running")
+            }
+            Ok(_) => None,
+            Err(_) => Some("reading the shard state failed"),
+        }
+    };
+    if let Some(why) = drop_reason {
+        metrics::RAFT_MESSAGES_RECEIVED
+            .with_label_values(&["unknown_shard"])
+            .inc();
+        tracing::debug!(
+            shard_id,
+            from_node = m.from_node,
+            to_replica = m.to_replica,
+            why,
+            "dropping a raft message for a shard not hosted here"
+        );
+        return;
+    }
+    if ctx.raft_router.mailbox(shard_id).is_some() {
+        // Created meanwhile.
+        let _ = ctx
+            .raft_router
+            .send(shard_id, ReplicaMsg::Raft(Box::new(m)));
+        return;
+    }
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let replica = match ReplicaFsm::create_uninitialized(ctx, shard_id, m.to_replica, rx) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(shard_id, error = %e, "creating a replica failed");
+            return;
+        }
+    };
+    let (atx, arx) = crossbeam_channel::unbounded();
+    let descriptor = replica.descriptor().clone();
+    let apply = ApplyFsm::new(descriptor.clone(), m.to_replica, Default::default(), arx);
+    ctx.apply_router
+        .register(shard_id, BasicMailbox::new(atx, Box::new(apply)));
+    ctx.meta.insert(crate::meta::ShardMeta {
+        descriptor,
+        replica_id: m.to_replica,
+        leader_id: 0,
+        term: 0,
+    });
+    ctx.raft_router
+        .register(shard_id, BasicMailbox::new(tx, Box::new(replica)));
+    metrics::SHARDS.inc();
+    tracing::info!(
+        shard_id,
+        replica_id = m.to_replica,
+        from_node = m.from_node,
+        "created a replica added by its leader; waiting for a snapshot"
+    );
+    let _ = ctx
+        .raft_router
+        .send(shard_id, ReplicaMsg::Raft(Box::new(m)));
 }
 
 pub struct RaftPoller {
@@ -102,7 +172,7 @@ impl PollHandler<ReplicaFsm, NodeFsm> for RaftPoller {
     }
 
     fn handle_control(&mut self, control: &mut NodeFsm) -> Option<usize> {
-        control.handle();
+        control.handle(&self.ctx);
         Some(0)
     }
 
