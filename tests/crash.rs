@@ -66,6 +66,7 @@ async fn random_kill9_under_load_loses_nothing() {
         history.puts.len()
     );
     assert!(kills > 0 && history.puts.len() > 100);
+    cluster.assert_all_running();
     verify(&client, &history).await;
-    common::assert_replicas_identical(&cluster, &client).await;
+    common::assert_replicas_identical(&mut cluster, &client).await;
 }

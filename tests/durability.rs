@@ -80,6 +80,81 @@ async fn the_log_is_compacted_on_every_replica() {
     c.shutdown().await;
 }
 
+/// Incompressible bytes (raft-engine lz4-compresses large batches).
+fn noise(seed: u64, len: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_raft_engine_directory_stays_bounded_under_load() {
+    const FILE: u64 = 1 << 20;
+    const PURGE_AT: u64 = 4 << 20;
+    let c = TestCluster::builder(3)
+        .shards(4)
+        .configure(|cfg| {
+            small_logs(cfg);
+            cfg.raftstore.raft_engine_purge_interval_ms = 100;
+            cfg.raft_engine.target_file_size_bytes = FILE;
+            cfg.raft_engine.purge_threshold_bytes = PURGE_AT;
+        })
+        .start()
+        .await;
+    c.wait_all_leaders(WAIT).await;
+    let dirs: Vec<_> = c
+        .node_ids()
+        .iter()
+        .map(|&n| c.config(n).server.data_dir.join("raft"))
+        .collect();
+    let size = |d: &std::path::Path| flotilla_server::status::dir_size(d);
+
+    // 8 writers, 2,048 puts of 16 KiB: 32 MiB through every node's log,
+    // eight times the purge threshold.
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for w in 0..8u64 {
+        let client = c.client().await;
+        let done = done.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..256u64 {
+                let key = b(format!("{:02x}{w}-{i:04}", (i * 37 + w * 11) % 256));
+                client.put(key, noise(w << 16 | i, 16 << 10)).await.unwrap();
+            }
+            done.fetch_add(1, Ordering::SeqCst);
+        }));
+    }
+    let mut peak = 0;
+    while done.load(Ordering::SeqCst) < 8 {
+        peak = dirs.iter().map(|d| size(d)).max().unwrap().max(peak);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    // Live files up to the threshold, recycled ones up to 1.5 times it
+    // (raft-engine's recycle capacity), the active file and a rotation.
+    let bound = PURGE_AT * 5 / 2 + 3 * FILE;
+    assert!(
+        peak <= bound,
+        "raft-engine peaked at {peak} bytes (bound {bound})"
+    );
+    for d in &dirs {
+        wait_until("raft-engine purged below the bound", || async {
+            size(d) <= bound
+        })
+        .await;
+    }
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
     let mut c = TestCluster::builder(3)

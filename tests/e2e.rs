@@ -116,5 +116,5 @@ async fn replicas_agree_after_restarts() {
             .await
             .unwrap();
     }
-    common::assert_replicas_identical(&cluster, &client).await;
+    common::assert_replicas_identical(&mut cluster, &client).await;
 }

@@ -49,7 +49,7 @@ async fn crash_at(failpoint: &str) {
     let history = std::mem::take(&mut *history.lock().unwrap());
     assert!(history.puts.len() > 100, "the workload made progress");
     verify(&client, &history).await;
-    common::assert_replicas_identical(&cluster, &client).await;
+    common::assert_replicas_identical(&mut cluster, &client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -95,7 +95,7 @@ async fn crash_installing_a_snapshot(failpoint: &str) {
         ..Default::default()
     };
     verify(&client, &history).await;
-    common::assert_replicas_identical(&cluster, &client).await;
+    common::assert_replicas_identical(&mut cluster, &client).await;
     assert!(
         cluster.nodes[2]
             .log_text()
@@ -168,5 +168,5 @@ async fn a_torn_raft_log_tail_is_tolerated() {
     for i in 200..220u64 {
         client.put(key(i), Bytes::from("v")).await.unwrap();
     }
-    common::assert_replicas_identical(&cluster, &client).await;
+    common::assert_replicas_identical(&mut cluster, &client).await;
 }

@@ -240,3 +240,52 @@ async fn routing_errors_are_structured() {
     ));
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_admin_requests_are_refused() {
+    use flotilla_proto::admin::admin_client::AdminClient;
+    use flotilla_proto::admin::{ChangeReplicasRequest, ReplicaChange, TransferLeaderRequest};
+    let c = TestCluster::builder(1).shards(1).start().await;
+    c.wait_all_leaders(Duration::from_secs(20)).await;
+    let mut admin = AdminClient::connect(format!("http://{}", c.grpc_addr(1)))
+        .await
+        .unwrap();
+    let change = |kind: i32, replica_id: u64, node_id: u64| ChangeReplicasRequest {
+        shard_id: 1,
+        changes: vec![ReplicaChange {
+            kind,
+            replica_id,
+            node_id,
+        }],
+    };
+    assert_invalid(
+        admin
+            .change_replicas(ChangeReplicasRequest {
+                shard_id: 1,
+                changes: vec![],
+            })
+            .await,
+        "changes must not be empty",
+    );
+    assert_invalid(
+        admin.change_replicas(change(42, 7, 1)).await,
+        "changes[0].kind 42",
+    );
+    assert_invalid(
+        admin.change_replicas(change(0, 0, 0)).await,
+        "changes[0] needs replica_id or node_id",
+    );
+    assert_invalid(
+        admin
+            .transfer_leader(TransferLeaderRequest {
+                shard_id: 1,
+                to_replica_id: 0,
+                to_node_id: 9,
+            })
+            .await,
+        "to_node_id 9",
+    );
+    let before = c.router(1).meta().get(1).unwrap().descriptor;
+    assert_eq!(before.epoch().conf_ver, 1, "nothing changed");
+    c.shutdown().await;
+}

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use comfy_table::Table;
 use flotilla_client::{Client, ClientConfig};
+use flotilla_proto::meta::{Replica, ReplicaRole, ShardDescriptor};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -102,6 +103,68 @@ enum ShardCmd {
     /// One shard: each replica's role, term and log indexes
     /// (commit, applied, last, truncated).
     Describe { id: u64 },
+    /// Add a replica on a node. It joins as a learner, catches up, then
+    /// becomes a voter (unless --learner). Use a --timeout long enough for
+    /// the shard's snapshot to travel.
+    AddReplica {
+        id: u64,
+        #[arg(long)]
+        node: u64,
+        /// Leave the new replica a learner (it does not vote).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove the replica on a node (leadership moves away first).
+    RemoveReplica {
+        id: u64,
+        #[arg(long)]
+        node: u64,
+    },
+    /// Make the replica on a node the shard's leader.
+    TransferLeader {
+        id: u64,
+        #[arg(long)]
+        node: u64,
+    },
+}
+
+/// `id@nNODE`, with the role when it is not a plain voter.
+fn replica_label(r: &Replica) -> String {
+    let role = match ReplicaRole::try_from(r.role) {
+        Ok(ReplicaRole::Voter) => "",
+        Ok(ReplicaRole::Learner) => "(learner)",
+        Ok(ReplicaRole::IncomingVoter) => "(incoming)",
+        Ok(ReplicaRole::DemotingVoter) => "(demoting)",
+        Err(_) => "(?)",
+    };
+    format!("{}@n{}{role}", r.id, r.node_id)
+}
+
+fn role_name(r: &Replica) -> &'static str {
+    ReplicaRole::try_from(r.role).map_or("unknown", |r| r.as_str_name())
+}
+
+/// Prints a shard's descriptor after a membership change.
+fn print_descriptor(d: &ShardDescriptor, json: bool) {
+    let e = d.epoch();
+    if json {
+        println!(
+            "{}",
+            json!({
+                "id": d.id, "conf_ver": e.conf_ver, "version": e.version,
+                "replicas": d.replicas.iter().map(|r| json!({"id": r.id, "node_id": r.node_id, "role": role_name(r)})).collect::<Vec<_>>(),
+            })
+        );
+    } else {
+        let replicas: Vec<_> = d.replicas.iter().map(replica_label).collect();
+        println!(
+            "shard {} epoch {}/{}: {}",
+            d.id,
+            e.conf_ver,
+            e.version,
+            replicas.join(" ")
+        );
+    }
 }
 
 fn parse(hex: bool, s: &str) -> anyhow::Result<Bytes> {
@@ -281,7 +344,7 @@ async fn run() -> anyhow::Result<()> {
                             "end_key": show_bound(&d.end_key),
                             "conf_ver": e.conf_ver,
                             "version": e.version,
-                            "replicas": d.replicas.iter().map(|r| json!({"id": r.id, "node_id": r.node_id})).collect::<Vec<_>>(),
+                            "replicas": d.replicas.iter().map(|r| json!({"id": r.id, "node_id": r.node_id, "role": role_name(r)})).collect::<Vec<_>>(),
                             "leader_node": s.leader_node,
                         })
                     })
@@ -304,7 +367,7 @@ async fn run() -> anyhow::Result<()> {
                             format!("{}/{}", e.conf_ver, e.version),
                             d.replicas
                                 .iter()
-                                .map(|r| format!("{}@n{}", r.id, r.node_id))
+                                .map(replica_label)
                                 .collect::<Vec<_>>()
                                 .join(" "),
                             if s.leader_node == 0 {
@@ -423,6 +486,22 @@ async fn run() -> anyhow::Result<()> {
                         rows
                     )
                 );
+            }
+        }
+        Cmd::Shard {
+            cmd: ShardCmd::AddReplica { id, node, learner },
+        } => print_descriptor(&client.add_replica(id, node, !learner).await?, json),
+        Cmd::Shard {
+            cmd: ShardCmd::RemoveReplica { id, node },
+        } => print_descriptor(&client.remove_replica(id, node).await?, json),
+        Cmd::Shard {
+            cmd: ShardCmd::TransferLeader { id, node },
+        } => {
+            client.transfer_leader(id, node).await?;
+            if json {
+                println!("{}", json!({"id": id, "leader_node": node}));
+            } else {
+                println!("shard {id} is led by node {node}");
             }
         }
         Cmd::Cluster {

@@ -124,6 +124,25 @@ impl Node {
     }
 }
 
+impl Drop for ProcCluster {
+    /// A failed test keeps the node logs (the data directory goes away).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let keep = std::env::temp_dir().join(format!(
+            "flotilla-failed-{}",
+            self.dir.path().file_name().unwrap().to_string_lossy()
+        ));
+        if std::fs::create_dir_all(&keep).is_ok() {
+            for n in &self.nodes {
+                let _ = std::fs::copy(&n.log, keep.join(format!("node{}.log", n.id)));
+            }
+            eprintln!("node logs kept in {}", keep.display());
+        }
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
@@ -218,6 +237,20 @@ impl ProcCluster {
         .unwrap()
     }
 
+    /// Panics with the log tail of any node that exited by itself.
+    pub fn assert_all_running(&mut self) {
+        for n in self.nodes.iter_mut() {
+            if n.child.is_some() {
+                assert!(
+                    n.is_running(),
+                    "node {} exited; log:\n{}",
+                    n.id,
+                    tail(&n.log_text())
+                );
+            }
+        }
+    }
+
     pub fn data_dir(&self, i: usize) -> &Path {
         &self.nodes[i].data
     }
@@ -225,7 +258,9 @@ impl ProcCluster {
 
 /// Has every replica of every shard hash its data at one log index and
 /// checks the hashes agree. All nodes must be up.
-pub async fn assert_replicas_identical(cluster: &ProcCluster, client: &Client) {
+pub async fn assert_replicas_identical(cluster: &mut ProcCluster, client: &Client) {
+    cluster.assert_all_running();
+    let cluster = &*cluster;
     for shard in client.list_shards().await.unwrap() {
         let id = shard.descriptor.id;
         let deadline = Instant::now() + Duration::from_secs(60);

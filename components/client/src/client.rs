@@ -90,20 +90,20 @@ fn public(e: OpError) -> Error {
 }
 
 /// Retry state of one operation.
-struct Retry {
+pub(crate) struct Retry {
     deadline: Instant,
     backoff: Duration,
     max: Duration,
-    attempts: u32,
-    last: String,
+    pub(crate) attempts: u32,
+    pub(crate) last: String,
 }
 
 impl Retry {
-    fn remaining(&self) -> Duration {
+    pub(crate) fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())
     }
 
-    async fn backoff(&mut self, why: String) -> Result<()> {
+    pub(crate) async fn backoff(&mut self, why: String) -> Result<()> {
         self.attempts += 1;
         self.last = why;
         let jittered = self.backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
@@ -121,16 +121,16 @@ impl Retry {
 
 /// Whether a failed call certainly never reached the server (so even a
 /// non-idempotent command can be retried).
-fn never_sent(s: &Status) -> bool {
+pub(crate) fn never_sent(s: &Status) -> bool {
     s.code() == Code::Unavailable && {
         let m = s.message().to_ascii_lowercase();
         m.contains("connect") || m.contains("refused")
     }
 }
 
-struct Inner {
-    cfg: ClientConfig,
-    cache: RwLock<RouteCache>,
+pub(crate) struct Inner {
+    pub(crate) cfg: ClientConfig,
+    pub(crate) cache: RwLock<RouteCache>,
     channels: Mutex<HashMap<String, Channel>>,
     next_endpoint: AtomicUsize,
 }
@@ -138,7 +138,7 @@ struct Inner {
 /// A Flotilla client. Cheap to clone; clones share caches and connections.
 #[derive(Clone)]
 pub struct Client {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// What a shard-level call hands back: the response's structured error, if
@@ -187,7 +187,7 @@ impl Client {
             .max_encoding_message_size(m))
     }
 
-    fn admin(&self, addr: &str) -> Result<AdminClient<Channel>> {
+    pub(crate) fn admin(&self, addr: &str) -> Result<AdminClient<Channel>> {
         Ok(AdminClient::new(self.channel(addr)?))
     }
 
@@ -281,7 +281,7 @@ impl Client {
         }
     }
 
-    fn new_retry(&self) -> Retry {
+    pub(crate) fn new_retry(&self) -> Retry {
         Retry {
             deadline: Instant::now() + self.inner.cfg.timeout,
             backoff: self.inner.cfg.backoff_base,

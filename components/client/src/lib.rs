@@ -21,7 +21,11 @@
 //!
 //! Batch requests are split by shard and sent in parallel; a scan crossing
 //! shards is stitched into one ordered result.
+//!
+//! Operator calls (membership changes, leadership transfer) go to the
+//! shard's leader the same way; see the `admin` module.
 
+mod admin;
 mod client;
 mod error;
 mod routes;

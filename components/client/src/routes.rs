@@ -83,6 +83,13 @@ impl RouteCache {
         self.by_start.retain(|_, s| s.desc.id != shard_id);
     }
 
+    pub fn by_id(&self, shard_id: u64) -> Option<CachedShard> {
+        self.by_start
+            .values()
+            .find(|s| s.desc.id == shard_id)
+            .cloned()
+    }
+
     pub fn all(&self) -> Vec<CachedShard> {
         self.by_start.values().cloned().collect()
     }

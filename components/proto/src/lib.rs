@@ -39,6 +39,10 @@ pub mod flotilla {
 }
 
 pub use flotilla::{admin, error, kv, local, meta, raft, raftcmd};
+
+/// gRPC metadata key on an Admin error answered by a node that does not
+/// lead the shard; its value is the leader's node id (0 when unknown).
+pub const NOT_LEADER_METADATA: &str = "flotilla-not-leader";
 pub use prost::Message;
 
 impl meta::ShardDescriptor {

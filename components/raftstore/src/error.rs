@@ -36,6 +36,10 @@ pub enum Error {
     /// The command may or may not have been applied.
     #[error("outcome unknown: {0}")]
     Indeterminate(String),
+    /// An admin command refused as given (deterministically, on every
+    /// replica); retrying it unchanged fails the same way.
+    #[error("refused: {0}")]
+    Rejected(String),
     #[error("node is shutting down")]
     Shutdown,
     #[error("storage: {0}")]

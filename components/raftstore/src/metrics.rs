@@ -213,6 +213,32 @@ pub static RAFT_ENGINE_PURGE_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static LEADER_TRANSFERS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "flotilla_raft_leader_transfers_total",
+        "Leadership transfers started by local leaders."
+    )
+    .unwrap()
+});
+
+pub static MEMBERSHIP_CHANGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_raft_membership_changes_total",
+        "Membership change entries applied by local replicas, by result (applied, rejected).",
+        &["result"]
+    )
+    .unwrap()
+});
+
+pub static REPLICA_LIFECYCLE: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_replicas_lifecycle_total",
+        "Replicas created on this node from a leader's message, and replicas destroyed after their removal, by event (created, destroyed).",
+        &["event"]
+    )
+    .unwrap()
+});
+
 /// Registers every metric of this module now, so /metrics lists them
 /// (at zero) before first use.
 pub fn register() {
@@ -238,6 +264,9 @@ pub fn register() {
     LazyLock::force(&SNAPSHOT_DURATION);
     LazyLock::force(&SNAPSHOT_BYTES);
     LazyLock::force(&LOG_COMPACTIONS);
+    LazyLock::force(&LEADER_TRANSFERS);
+    LazyLock::force(&MEMBERSHIP_CHANGES);
+    LazyLock::force(&REPLICA_LIFECYCLE);
     LazyLock::force(&RAFT_ENGINE_PURGES);
     LazyLock::force(&RAFT_ENGINE_PURGE_DURATION);
 }

@@ -232,8 +232,11 @@ pub enum ReplicaMsg {
         to_replica: ReplicaId,
     },
     Status(Callback<ReplicaStatus>),
+    /// Starts a leadership transfer; answered at once (the transfer itself
+    /// completes, or not, within an election timeout).
     TransferLeader {
         to_replica: ReplicaId,
+        cb: Callback<Result<()>>,
     },
     /// A snapshot build finished (`None`: it failed).
     SnapshotGenerated(Option<Box<GeneratedSnapshot>>),

@@ -152,9 +152,14 @@ impl StoreRouter {
     }
 
     /// Asks the leader of a shard to hand leadership to `to_replica`.
-    pub fn transfer_leader(&self, shard_id: ShardId, to_replica: ReplicaId) -> Result<()> {
+    pub fn transfer_leader(
+        &self,
+        shard_id: ShardId,
+        to_replica: ReplicaId,
+        cb: Callback<Result<()>>,
+    ) -> Result<()> {
         self.raft
-            .force_send(shard_id, ReplicaMsg::TransferLeader { to_replica })
+            .force_send(shard_id, ReplicaMsg::TransferLeader { to_replica, cb })
             .map_err(|e| routing_error(shard_id, e).0)
     }
 }

@@ -72,7 +72,16 @@ async fn admin_call(
 fn store_status(e: flotilla_raftstore::Error) -> Status {
     use flotilla_raftstore::Error as E;
     match e {
-        E::NotLeader { .. } => Status::failed_precondition(e.to_string()),
+        E::NotLeader { leader, .. } => {
+            // Machine-readable for clients that retry on the leader.
+            let mut s = Status::failed_precondition(e.to_string());
+            s.metadata_mut().insert(
+                flotilla_proto::NOT_LEADER_METADATA,
+                leader.map_or(0, |r| r.node_id).into(),
+            );
+            s
+        }
+        E::Rejected(why) => Status::failed_precondition(why),
         E::ShardNotFound(_) => Status::not_found(e.to_string()),
         E::Shutdown => Status::unavailable(e.to_string()),
         _ => Status::unavailable(e.to_string()),
@@ -146,10 +155,21 @@ impl Admin for AdminService {
         req: Request<ChangeReplicasRequest>,
     ) -> Result<Response<ChangeReplicasResponse>, Status> {
         let r = req.into_inner();
-        if r.changes.iter().any(|c| c.replica_id == 0) {
-            return Err(Status::invalid_argument(
-                "replica_id must be set (non-zero) for every change",
-            ));
+        if r.changes.is_empty() {
+            return Err(Status::invalid_argument("changes must not be empty"));
+        }
+        for (i, c) in r.changes.iter().enumerate() {
+            if flotilla_proto::admin::replica_change::Kind::try_from(c.kind).is_err() {
+                return Err(Status::invalid_argument(format!(
+                    "changes[{i}].kind {} is not a known kind",
+                    c.kind
+                )));
+            }
+            if c.replica_id == 0 && c.node_id == 0 {
+                return Err(Status::invalid_argument(format!(
+                    "changes[{i}] needs replica_id or node_id (non-zero)"
+                )));
+            }
         }
         let router = &self.ctx.router;
         let shard_id = r.shard_id;
@@ -167,9 +187,35 @@ impl Admin for AdminService {
         req: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
         let r = req.into_inner();
+        let to_replica = if r.to_replica_id != 0 {
+            r.to_replica_id
+        } else {
+            let meta = self.ctx.router.meta().get(r.shard_id).ok_or_else(|| {
+                store_status(flotilla_raftstore::Error::ShardNotFound(r.shard_id))
+            })?;
+            match meta.descriptor.replica_on(r.to_node_id) {
+                Some(rep) => rep.id,
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                    "to_node_id {} holds no replica of shard {} (set to_replica_id or to_node_id)",
+                    r.to_node_id, r.shard_id
+                )))
+                }
+            }
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
         self.ctx
             .router
-            .transfer_leader(r.shard_id, r.to_replica_id)
+            .transfer_leader(
+                r.shard_id,
+                to_replica,
+                Box::new(move |res| {
+                    let _ = tx.send(res);
+                }),
+            )
+            .map_err(store_status)?;
+        rx.await
+            .map_err(|_| Status::unavailable("node is shutting down"))?
             .map_err(store_status)?;
         Ok(Response::new(TransferLeaderResponse {}))
     }

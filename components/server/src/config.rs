@@ -301,6 +301,14 @@ impl Config {
         if l.max_key_size_bytes == 0 || l.max_batch_keys == 0 || l.max_scan_limit == 0 {
             bail!("limits must be non-zero");
         }
+        let re = &self.raft_engine;
+        if re.target_file_size_bytes == 0 || re.purge_threshold_bytes < re.target_file_size_bytes {
+            bail!(
+                "raft-engine.purge-threshold-bytes ({}) must be at least raft-engine.target-file-size-bytes ({}, > 0)",
+                re.purge_threshold_bytes,
+                re.target_file_size_bytes
+            );
+        }
         Ok(())
     }
 }

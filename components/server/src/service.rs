@@ -181,6 +181,7 @@ impl NodeContext {
                 ))
             }
             StoreError::Storage(s) => return Err(Status::internal(s)),
+            StoreError::Rejected(s) => return Err(Status::failed_precondition(s)),
         };
         Ok((
             label,

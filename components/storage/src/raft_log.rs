@@ -94,6 +94,12 @@ pub struct RaftLogConfig {
     /// Bytes after which a log file is rotated.
     pub target_file_size: u64,
     /// Total log size past which `purge_expired_files` rewrites old files.
+    /// Below it raft-engine purges nothing, not even fully compacted
+    /// files, so this is the size the directory grows to: live files up to
+    /// it plus recycled files up to 1.5 times it. TiKV's 10 GiB suits large
+    /// disks; Flotilla's default of 256 MiB keeps the directory under about
+    /// 700 MiB on small machines at the cost of more frequent rewrites of
+    /// entries that lagging shards still hold.
     pub purge_threshold: u64,
     /// Batches larger than this are lz4-compressed, in bytes (0 = never).
     pub batch_compression_threshold: u64,
@@ -104,8 +110,8 @@ pub struct RaftLogConfig {
 impl Default for RaftLogConfig {
     fn default() -> Self {
         RaftLogConfig {
-            target_file_size: 128 << 20,
-            purge_threshold: 10 << 30,
+            target_file_size: 32 << 20,
+            purge_threshold: 256 << 20,
             batch_compression_threshold: 8 << 10,
             enable_log_recycle: true,
         }

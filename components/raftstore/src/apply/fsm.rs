@@ -10,6 +10,10 @@
 //!   round;
 //! - installing a received snapshot (clear the range, ingest, new apply
 //!   state), which replaces everything applied before it.
+//!
+//! A membership change that removes this replica is the last entry it
+//! applies: what follows belongs to the remaining members, and the raft side
+//! deletes the shard's data once it hears of the removal.
 
 use std::collections::VecDeque;
 
@@ -233,14 +237,14 @@ impl ApplyFsm {
                 ) => {}
                 (ProposalCallbacks::Admin(Some(cb)), EntryOutcome::Rejected(why)) => {
                     ctx.answers
-                        .push(Answer::Admin(cb, Err(Error::StaleCommand(why.clone()))));
+                        .push(Answer::Admin(cb, Err(Error::Rejected(why.clone()))));
                 }
                 // raft-rs turns a conf change it refuses into an empty entry.
                 (ProposalCallbacks::Admin(cb), EntryOutcome::None) => {
                     if let Some(cb) = cb {
-                        let why = "the leader refused the membership change".to_string();
+                        let why = "raft refused the membership change (another one is in progress)";
                         ctx.answers
-                            .push(Answer::Admin(cb, Err(Error::StaleCommand(why))));
+                            .push(Answer::Admin(cb, Err(Error::Rejected(why.into()))));
                     }
                 }
                 (cbs, _) => panic!(
@@ -331,8 +335,14 @@ impl ApplyFsm {
         }
         let mut desc = self.descriptor.clone();
         if let Err(why) = change_replicas(&mut desc, &cc, &context.added) {
+            metrics::MEMBERSHIP_CHANGES
+                .with_label_values(&["rejected"])
+                .inc();
             return EntryOutcome::Rejected(why);
         }
+        metrics::MEMBERSHIP_CHANGES
+            .with_label_values(&["applied"])
+            .inc();
         let mut epoch = desc.epoch();
         epoch.conf_ver += 1;
         desc.epoch = Some(epoch);

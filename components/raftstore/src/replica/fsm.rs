@@ -23,6 +23,17 @@
 //!   `abandon_proposals_after_ticks`: if their entries commit (kept by the new
 //!   leader) or are replaced, apply answers them exactly. Only the ones still
 //!   unresolved after that are answered Indeterminate.
+//!
+//! # Membership
+//! A `ChangeReplicas` becomes one `ConfChangeV2` entry (joint consensus when
+//! it carries several changes, left automatically). Apply validates it
+//! against the descriptor and writes the new descriptor with it; this FSM
+//! then has raft apply it and checks raft's configuration equals the
+//! descriptor's. A replica that finds itself removed destroys itself:
+//! answers every waiter, deletes its data and log, leaves a tombstone.
+//! Replica ids allocated here (`(conf_ver + 1) << 32 | node_id`) are unique
+//! within the shard and only grow; a cluster-wide id allocator comes with
+//! the meta shard.
 
 use std::time::Instant;
 
@@ -313,17 +324,7 @@ impl ReplicaFsm {
             ReplicaMsg::Applied(res) => self.on_applied(res, ctx),
             ReplicaMsg::Unreachable { to_replica } => self.raw_node.report_unreachable(to_replica),
             ReplicaMsg::Status(cb) => cb(self.status()),
-            ReplicaMsg::TransferLeader { to_replica } => {
-                if self.is_leader() && self.descriptor.replica(to_replica).is_some() {
-                    tracing::info!(
-                        shard_id = self.shard_id,
-                        replica_id = self.replica_id,
-                        to_replica,
-                        "transferring leadership"
-                    );
-                    self.raw_node.transfer_leader(to_replica);
-                }
-            }
+            ReplicaMsg::TransferLeader { to_replica, cb } => cb(self.transfer_leader(to_replica)),
             ReplicaMsg::SnapshotGenerated(snap) => {
                 self.raw_node
                     .store()
@@ -683,10 +684,40 @@ impl ReplicaFsm {
         }
     }
 
+    fn transfer_leader(&mut self, to_replica: ReplicaId) -> Result<()> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        match self.descriptor.replica(to_replica) {
+            Some(r) if r.role == ReplicaRole::Voter as i32 => {}
+            _ => {
+                return Err(Error::Rejected(format!(
+                    "replica {to_replica} is not a voter of shard {}",
+                    self.shard_id
+                )))
+            }
+        }
+        tracing::info!(
+            shard_id = self.shard_id,
+            replica_id = self.replica_id,
+            to_replica,
+            "transferring leadership"
+        );
+        metrics::LEADER_TRANSFERS.inc();
+        self.raw_node.transfer_leader(to_replica);
+        Ok(())
+    }
+
     /// Proposes a membership change (several changes go through joint
     /// consensus). Checks here are for clear errors; apply re-checks
     /// deterministically.
-    fn change_replicas(&mut self, changes: Vec<ReplicaChange>, cb: AdminCallback) {
+    ///
+    /// A change may leave `replica_id` 0: for a replica being added the
+    /// leader allocates `(conf_ver + 1) << 32 | node_id`, which is unique in
+    /// the shard and larger than any id the shard ever had on that node (so
+    /// a tombstone left by an earlier removal does not swallow it); for any
+    /// other change it names the member on `node_id`.
+    fn change_replicas(&mut self, mut changes: Vec<ReplicaChange>, cb: AdminCallback) {
         use flotilla_proto::admin::replica_change::Kind;
         if !self.is_leader() {
             cb(Err(self.not_leader()));
@@ -706,15 +737,39 @@ impl ReplicaFsm {
             return;
         }
         if changes.is_empty() {
-            cb(Err(busy("no change given")));
+            cb(Err(Error::Rejected("no change given".into())));
             return;
+        }
+        if let Some(ch) = changes.iter().find(|c| Kind::try_from(c.kind).is_err()) {
+            cb(Err(Error::Rejected(format!(
+                "unknown change kind {}",
+                ch.kind
+            ))));
+            return;
+        }
+        let conf_ver = self.descriptor.epoch().conf_ver;
+        for ch in changes.iter_mut().filter(|c| c.replica_id == 0) {
+            let kind = Kind::try_from(ch.kind).expect("checked above");
+            ch.replica_id = match self.descriptor.replica_on(ch.node_id) {
+                Some(r) => r.id,
+                None if matches!(kind, Kind::AddLearner | Kind::AddVoter) => {
+                    (conf_ver + 1) << 32 | (ch.node_id & 0xffff_ffff)
+                }
+                None => {
+                    cb(Err(Error::Rejected(format!(
+                        "node {} holds no replica of shard {}",
+                        ch.node_id, self.shard_id
+                    ))));
+                    return;
+                }
+            };
         }
         let mut cc = ConfChangeV2::default();
         cc.set_transition(ConfChangeTransition::Auto);
         let mut added = Vec::new();
         for ch in &changes {
             let member = self.descriptor.replica(ch.replica_id);
-            let kind = Kind::try_from(ch.kind).unwrap_or(Kind::AddLearner);
+            let kind = Kind::try_from(ch.kind).expect("checked above");
             let refuse = match kind {
                 Kind::AddLearner | Kind::AddVoter if member.is_none() => {
                     if ch.node_id == 0 || self.descriptor.replica_on(ch.node_id).is_some() {
@@ -747,7 +802,7 @@ impl ReplicaFsm {
                 _ => None,
             };
             if let Some(why) = refuse {
-                cb(Err(Error::StaleCommand(why)));
+                cb(Err(Error::Rejected(why)));
                 return;
             }
             let mut single = ConfChangeSingle {
@@ -844,6 +899,9 @@ impl ReplicaFsm {
         }
         // Last, so whoever sees the replica gone also sees its data gone.
         ctx.meta.remove(shard_id);
+        metrics::REPLICA_LIFECYCLE
+            .with_label_values(&["destroyed"])
+            .inc();
     }
 
     fn on_role_change(&mut self, ctx: &PollContext) {

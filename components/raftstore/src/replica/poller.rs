@@ -145,6 +145,9 @@ fn maybe_create_replica(m: RaftMessage, ctx: &PollContext) {
     ctx.raft_router
         .register(shard_id, BasicMailbox::new(tx, Box::new(replica)));
     metrics::SHARDS.inc();
+    metrics::REPLICA_LIFECYCLE
+        .with_label_values(&["created"])
+        .inc();
     tracing::info!(
         shard_id,
         replica_id = m.to_replica,

@@ -1,0 +1,281 @@
+//! Operator calls on one shard: membership changes and leadership
+//! transfer, sent to the shard's leader.
+//!
+//! A call goes to the leader the route cache names (refreshing the cache
+//! when the shard or its leader is unknown). A node that does not lead the
+//! shard answers `FailedPrecondition` with the leader's node id in the
+//! `flotilla-not-leader` metadata; the call follows it, backing off while
+//! an election is under way, within the client's deadline.
+//!
+//! A membership change is not idempotent: when the connection fails after
+//! it was sent, the outcome is unknown and `Indeterminate` is returned
+//! (list the shard to see what applied).
+
+use std::future::Future;
+use std::time::Duration;
+
+use flotilla_proto::admin::admin_client::AdminClient;
+use flotilla_proto::admin::replica_change::Kind;
+use flotilla_proto::admin::{ChangeReplicasRequest, ReplicaChange, TransferLeaderRequest};
+use flotilla_proto::meta::{ReplicaRole, ShardDescriptor};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::client::{never_sent, Client, Retry};
+use crate::error::{Error, Result};
+use crate::routes::CachedShard;
+
+/// How often progress of a catch-up or a transfer is checked.
+const POLL: Duration = Duration::from_millis(100);
+
+impl Client {
+    /// The cached shard `shard_id`, reloading the shard list when it is not
+    /// cached or its leader is unknown.
+    async fn shard_with_leader(&self, shard_id: u64, retry: &mut Retry) -> Result<CachedShard> {
+        loop {
+            let cached = self.inner.cache.read().by_id(shard_id);
+            if let Some(s) = cached.filter(|s| s.leader_node != 0) {
+                return Ok(s);
+            }
+            let why = match self.refresh_all().await {
+                Ok(()) => match self.inner.cache.read().by_id(shard_id) {
+                    None => return Err(Error::InvalidArgument(format!("no shard {shard_id}"))),
+                    Some(_) => format!("shard {shard_id} has no known leader"),
+                },
+                Err(e) => e.to_string(),
+            };
+            retry.backoff(why).await?;
+        }
+    }
+
+    /// Runs `call` on the shard's leader, following leader changes.
+    async fn on_leader<T, F, Fut>(&self, shard_id: u64, idempotent: bool, call: F) -> Result<T>
+    where
+        F: Fn(AdminClient<Channel>, CachedShard) -> Fut,
+        Fut: Future<Output = std::result::Result<T, Status>>,
+    {
+        let mut retry = self.new_retry();
+        loop {
+            let shard = self.shard_with_leader(shard_id, &mut retry).await?;
+            let addr = self
+                .inner
+                .cache
+                .read()
+                .nodes
+                .get(&shard.leader_node)
+                .cloned();
+            let Some(addr) = addr else {
+                self.inner.cache.write().set_leader(shard_id, 0);
+                retry
+                    .backoff(format!("no address for node {}", shard.leader_node))
+                    .await?;
+                continue;
+            };
+            let admin = self.admin(&addr)?;
+            let status = match tokio::time::timeout(retry.remaining(), call(admin, shard)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(s)) => s,
+                Err(_) => {
+                    return Err(Error::DeadlineExceeded {
+                        attempts: 1,
+                        last: format!("no answer from {addr}"),
+                    })
+                }
+            };
+            if let Some(leader) = status.metadata().get(flotilla_proto::NOT_LEADER_METADATA) {
+                let leader = leader.to_str().ok().and_then(|v| v.parse().ok());
+                self.inner
+                    .cache
+                    .write()
+                    .set_leader(shard_id, leader.unwrap_or(0));
+                retry
+                    .backoff(format!("{addr}: {}", status.message()))
+                    .await?;
+                continue;
+            }
+            match status.code() {
+                Code::InvalidArgument => {
+                    return Err(Error::InvalidArgument(status.message().to_string()))
+                }
+                Code::FailedPrecondition => {
+                    return Err(Error::Server(status.message().to_string()))
+                }
+                Code::NotFound => self.inner.cache.write().invalidate(shard_id),
+                _ if !idempotent && !never_sent(&status) => {
+                    return Err(Error::Indeterminate(format!(
+                        "{addr} failed after the request was sent: {}",
+                        status.message()
+                    )))
+                }
+                _ => self.inner.cache.write().set_leader(shard_id, 0),
+            }
+            retry
+                .backoff(format!("{addr}: {} {}", status.code(), status.message()))
+                .await?;
+        }
+    }
+
+    /// Applies membership changes to a shard through its leader (several
+    /// changes go through joint consensus atomically) and returns the new
+    /// descriptor. A change with `replica_id` 0 names the replica on its
+    /// `node_id`, or has the leader allocate an id for a new replica.
+    pub async fn change_replicas(
+        &self,
+        shard_id: u64,
+        changes: Vec<ReplicaChange>,
+    ) -> Result<ShardDescriptor> {
+        let desc = self
+            .on_leader(shard_id, false, |mut admin, _| {
+                let changes = changes.clone();
+                async move {
+                    let r = admin
+                        .change_replicas(ChangeReplicasRequest { shard_id, changes })
+                        .await?;
+                    r.into_inner()
+                        .shard
+                        .ok_or_else(|| Status::internal("the leader answered without a descriptor"))
+                }
+            })
+            .await?;
+        self.inner.cache.write().insert(desc.clone(), 0);
+        Ok(desc)
+    }
+
+    /// Adds a replica of `shard_id` on `node_id` as a learner; with
+    /// `voter`, waits until it caught up with the leader (by snapshot or
+    /// log) and promotes it, so the shard never counts a replica that cannot
+    /// vote in time towards its quorum.
+    pub async fn add_replica(
+        &self,
+        shard_id: u64,
+        node_id: u64,
+        voter: bool,
+    ) -> Result<ShardDescriptor> {
+        let change = |kind: Kind, replica_id: u64| ReplicaChange {
+            kind: kind as i32,
+            replica_id,
+            node_id,
+        };
+        let desc = self
+            .change_replicas(shard_id, vec![change(Kind::AddLearner, 0)])
+            .await?;
+        if !voter {
+            return Ok(desc);
+        }
+        let added = desc
+            .replica_on(node_id)
+            .ok_or_else(|| Error::Server(format!("node {node_id} missing after the change")))?
+            .id;
+        self.wait_caught_up(shard_id, node_id).await?;
+        self.change_replicas(shard_id, vec![change(Kind::AddVoter, added)])
+            .await
+    }
+
+    /// Waits until the replica on `node_id` applied what the leader had
+    /// committed when the wait began.
+    async fn wait_caught_up(&self, shard_id: u64, node_id: u64) -> Result<()> {
+        let mut retry = self.new_retry();
+        let shard = self.shard_with_leader(shard_id, &mut retry).await?;
+        let (leader_addr, addr) = {
+            let cache = self.inner.cache.read();
+            (
+                cache.nodes.get(&shard.leader_node).cloned(),
+                cache.nodes.get(&node_id).cloned(),
+            )
+        };
+        let (Some(leader_addr), Some(addr)) = (leader_addr, addr) else {
+            return Err(Error::Server(format!(
+                "no address for node {} or {node_id}",
+                shard.leader_node
+            )));
+        };
+        let target = self
+            .replica_status(&leader_addr, shard_id)
+            .await?
+            .commit_index;
+        loop {
+            match self.replica_status(&addr, shard_id).await {
+                Ok(s) if s.applied_index >= target => return Ok(()),
+                Ok(s) => {
+                    retry.last = format!(
+                        "the new replica applied {} of {target} entries",
+                        s.applied_index
+                    )
+                }
+                Err(e) => retry.last = e.to_string(),
+            }
+            if retry.remaining() < POLL {
+                return Err(Error::DeadlineExceeded {
+                    attempts: retry.attempts,
+                    last: std::mem::take(&mut retry.last),
+                });
+            }
+            retry.attempts += 1;
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Removes the replica of `shard_id` on `node_id`. A voter is removed
+    /// in one step; a replica that leads hands leadership to another voter
+    /// first.
+    pub async fn remove_replica(&self, shard_id: u64, node_id: u64) -> Result<ShardDescriptor> {
+        let mut retry = self.new_retry();
+        let shard = self.shard_with_leader(shard_id, &mut retry).await?;
+        if shard.desc.replica_on(node_id).is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "node {node_id} holds no replica of shard {shard_id}"
+            )));
+        }
+        if shard.leader_node == node_id {
+            let to = shard
+                .desc
+                .replicas
+                .iter()
+                .find(|r| r.node_id != node_id && r.role == ReplicaRole::Voter as i32)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "shard {shard_id} has no other voter to take over leadership"
+                    ))
+                })?;
+            self.transfer_leader(shard_id, to.node_id).await?;
+        }
+        let change = ReplicaChange {
+            kind: Kind::Remove as i32,
+            replica_id: 0,
+            node_id,
+        };
+        self.change_replicas(shard_id, vec![change]).await
+    }
+
+    /// Hands leadership of `shard_id` to its replica on `to_node` and waits
+    /// until that replica leads.
+    pub async fn transfer_leader(&self, shard_id: u64, to_node: u64) -> Result<()> {
+        let mut retry = self.new_retry();
+        loop {
+            let shard = self.shard_with_leader(shard_id, &mut retry).await?;
+            if shard.leader_node == to_node {
+                return Ok(());
+            }
+            self.on_leader(shard_id, true, |mut admin, _| async move {
+                admin
+                    .transfer_leader(TransferLeaderRequest {
+                        shard_id,
+                        to_replica_id: 0,
+                        to_node_id: to_node,
+                    })
+                    .await
+                    .map(|_| ())
+            })
+            .await?;
+            // The transfer takes an election round; look again after it.
+            tokio::time::sleep(POLL).await;
+            if let Err(e) = self.refresh_all().await {
+                retry.backoff(e.to_string()).await?;
+            } else {
+                retry
+                    .backoff(format!("leadership has not moved to node {to_node} yet"))
+                    .await?;
+            }
+        }
+    }
+}
