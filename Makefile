@@ -11,10 +11,14 @@ PROFILE_FLAGS := --release
 BIN_DIR := bin
 BINARIES := flotilla-server flotilla-ctl flotilla-bench
 
-.PHONY: deps build run stop status clean-data test crash-test fmt-check clippy bench clean
+.PHONY: deps test-deps build run stop status clean-data test crash-test fmt-check clippy bench clean monitor monitor-stop
 
 deps:
 	@scripts/install-deps.sh
+
+# Tests also check the alert rules and a live Prometheus (package prometheus).
+test-deps:
+	@scripts/install-deps.sh prometheus
 
 build: deps
 	$(CARGO) build $(PROFILE_FLAGS) --bins
@@ -25,8 +29,15 @@ build: deps
 run: build
 	@scripts/local-cluster.sh start
 
-stop:
+stop: monitor-stop
 	@scripts/local-cluster.sh stop
+
+# Prometheus (and Grafana when installed) watching the `make run` cluster.
+monitor: test-deps
+	@scripts/monitor.sh start
+
+monitor-stop:
+	@scripts/monitor.sh stop
 
 status:
 	@scripts/local-cluster.sh status
@@ -34,7 +45,7 @@ status:
 clean-data: stop
 	rm -rf .flotilla
 
-test: deps
+test: test-deps
 	$(CARGO) test $(PROFILE_FLAGS) --workspace --all-targets
 
 # The black-box crash test for ten minutes (CI runs a 45 s version inside

@@ -16,6 +16,26 @@ fn b(s: impl AsRef<[u8]>) -> Bytes {
 }
 
 /// Waits until `node`'s RocksDB holds `value` under `key`.
+/// Waits until the leaders on `nodes` count `want` replicas down in all
+/// (what `flotilla_replicas_down` exports).
+async fn wait_down_replicas(c: &TestCluster, nodes: &[u64], want: usize) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let down: usize = nodes
+            .iter()
+            .map(|&n| c.router(n).meta().counts().down_replicas)
+            .sum();
+        if down == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{down} replicas down, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_local_value(c: &TestCluster, node: u64, key: &[u8], value: Option<&[u8]>) {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -289,7 +309,11 @@ async fn a_stopped_node_restarts_on_its_data_and_catches_up() {
             .await
             .unwrap();
     }
+    // The leaders (now on nodes 1 and 2) report node 3's replicas down:
+    // one per shard.
+    wait_down_replicas(&c, &[1, 2], 2).await;
     c.restart_node(3).await;
+    wait_down_replicas(&c, &[1, 2, 3], 0).await;
     for i in 0..100u32 {
         wait_local_value(
             &c,

@@ -17,6 +17,9 @@ pub struct ShardMeta {
     /// 0 when unknown.
     pub leader_id: ReplicaId,
     pub term: Term,
+    /// On a leader: other replicas it has not heard from within two
+    /// election timeouts.
+    pub down_replicas: u32,
 }
 
 impl ShardMeta {
@@ -49,6 +52,8 @@ pub struct MetaCounts {
     pub replicas: usize,
     pub leaders: usize,
     pub without_leader: usize,
+    /// Replicas the local leaders have not heard from lately.
+    pub down_replicas: usize,
 }
 
 impl StoreMeta {
@@ -64,6 +69,12 @@ impl StoreMeta {
         if let Some(m) = self.shards.write().get_mut(&shard_id) {
             m.leader_id = leader_id;
             m.term = term;
+        }
+    }
+
+    pub fn set_down_replicas(&self, shard_id: ShardId, down: u32) {
+        if let Some(m) = self.shards.write().get_mut(&shard_id) {
+            m.down_replicas = down;
         }
     }
 
@@ -104,6 +115,7 @@ impl StoreMeta {
             if m.leader_id == 0 {
                 c.without_leader += 1;
             }
+            c.down_replicas += m.down_replicas as usize;
         }
         c
     }

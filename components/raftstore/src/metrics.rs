@@ -213,6 +213,22 @@ pub static RAFT_ENGINE_PURGE_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static SHARDS_WITHOUT_LEADER: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "flotilla_shards_without_leader",
+        "Shard replicas on this node that know no leader."
+    )
+    .unwrap()
+});
+
+pub static REPLICAS_DOWN: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "flotilla_replicas_down",
+        "Replicas that shards led from this node have not heard from within two election timeouts."
+    )
+    .unwrap()
+});
+
 pub static LEADER_TRANSFERS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "flotilla_raft_leader_transfers_total",
@@ -239,9 +255,37 @@ pub static REPLICA_LIFECYCLE: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .unwrap()
 });
 
+/// Creates the series of every known label value at zero, so rates and
+/// alerts see them before the first event.
+fn init_labels(v: &IntCounterVec, values: &[&str]) {
+    for l in values {
+        v.with_label_values(&[l]);
+    }
+}
+
 /// Registers every metric of this module now, so /metrics lists them
 /// (at zero) before first use.
 pub fn register() {
+    init_labels(&PROPOSALS, &["proposed", "refused", "dropped"]);
+    init_labels(&PROPOSALS_DROPPED, &["stale", "indeterminate"]);
+    init_labels(&READS, &["served", "refused", "not_leader"]);
+    init_labels(
+        &SNAPSHOTS,
+        &[
+            "generated",
+            "generate_failed",
+            "sent",
+            "send_failed",
+            "received",
+            "applied",
+        ],
+    );
+    init_labels(&SNAPSHOT_BYTES, &["sent", "received"]);
+    for phase in ["generate", "send", "receive", "apply"] {
+        SNAPSHOT_DURATION.with_label_values(&[phase]);
+    }
+    init_labels(&MEMBERSHIP_CHANGES, &["applied", "rejected"]);
+    init_labels(&REPLICA_LIFECYCLE, &["created", "destroyed"]);
     LazyLock::force(&PROPOSALS);
     LazyLock::force(&PROPOSAL_ENTRIES);
     LazyLock::force(&PROPOSALS_DROPPED);
@@ -265,6 +309,8 @@ pub fn register() {
     LazyLock::force(&SNAPSHOT_BYTES);
     LazyLock::force(&LOG_COMPACTIONS);
     LazyLock::force(&LEADER_TRANSFERS);
+    LazyLock::force(&SHARDS_WITHOUT_LEADER);
+    LazyLock::force(&REPLICAS_DOWN);
     LazyLock::force(&MEMBERSHIP_CHANGES);
     LazyLock::force(&REPLICA_LIFECYCLE);
     LazyLock::force(&RAFT_ENGINE_PURGES);

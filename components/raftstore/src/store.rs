@@ -292,6 +292,7 @@ impl Store {
                 replica_id,
                 leader_id: replica.leader_id(),
                 term: replica.term(),
+                down_replicas: 0,
             });
             raft_mailboxes.push((shard_id, BasicMailbox::new(tx, Box::new(replica))));
         }

@@ -1,8 +1,13 @@
-//! gRPC metrics, by method and outcome code.
+//! gRPC metrics, by method and outcome code; storage gauges read from
+//! RocksDB properties and the data directory when `/metrics` is scraped.
 
 use std::sync::LazyLock;
 
-use prometheus::{register_histogram_vec, register_int_counter_vec, HistogramVec, IntCounterVec};
+use flotilla_storage::KvEngine;
+use prometheus::{
+    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, HistogramVec,
+    IntCounterVec, IntGaugeVec,
+};
 
 pub static GRPC_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -23,9 +28,77 @@ pub static GRPC_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static STORAGE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "flotilla_storage_bytes",
+        "Bytes held by the storage engines, by part: raft_engine_files (the log directory), \
+         rocksdb_sst_files, rocksdb_live_data (estimate), rocksdb_memtables, \
+         rocksdb_pending_compaction (estimated bytes compaction must still rewrite).",
+        &["part"]
+    )
+    .unwrap()
+});
+
+pub static ROCKSDB_STALL: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "flotilla_rocksdb_write_stall",
+        "RocksDB write stalls now: stopped (1 when writes are stopped), \
+         delayed_rate_bytes_per_second (the throttled write rate, 0 when not delayed), \
+         running_compactions.",
+        &["kind"]
+    )
+    .unwrap()
+});
+
+/// Reads the storage gauges; called on every scrape.
+pub fn update_storage(kv: &KvEngine, data_dir: &std::path::Path) {
+    let raft = crate::status::dir_size(&data_dir.join("raft"));
+    STORAGE
+        .with_label_values(&["raft_engine_files"])
+        .set(raft as i64);
+    for (part, property) in [
+        ("rocksdb_sst_files", "rocksdb.total-sst-files-size"),
+        ("rocksdb_live_data", "rocksdb.estimate-live-data-size"),
+        ("rocksdb_memtables", "rocksdb.cur-size-all-mem-tables"),
+        (
+            "rocksdb_pending_compaction",
+            "rocksdb.estimate-pending-compaction-bytes",
+        ),
+    ] {
+        STORAGE
+            .with_label_values(&[part])
+            .set(kv.property_sum(property) as i64);
+    }
+    let db = kv.db();
+    let int = |name: &str| db.property_int_value(name).ok().flatten().unwrap_or(0) as i64;
+    ROCKSDB_STALL
+        .with_label_values(&["stopped"])
+        .set(int("rocksdb.is-write-stopped"));
+    ROCKSDB_STALL
+        .with_label_values(&["delayed_rate_bytes_per_second"])
+        .set(int("rocksdb.actual-delayed-write-rate"));
+    ROCKSDB_STALL
+        .with_label_values(&["running_compactions"])
+        .set(int("rocksdb.num-running-compactions"));
+}
+
 /// Registers every metric of this module now, so /metrics lists them
 /// (at zero) before first use.
 pub fn register() {
-    LazyLock::force(&GRPC_REQUESTS);
+    for method in [
+        "Get",
+        "BatchGet",
+        "Put",
+        "BatchPut",
+        "Delete",
+        "DeleteRange",
+        "Scan",
+        "CompareAndSwap",
+    ] {
+        GRPC_REQUESTS.with_label_values(&[method, "ok"]);
+        GRPC_DURATION.with_label_values(&[method]);
+    }
     LazyLock::force(&GRPC_DURATION);
+    LazyLock::force(&STORAGE);
+    LazyLock::force(&ROCKSDB_STALL);
 }

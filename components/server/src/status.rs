@@ -49,7 +49,8 @@ async fn ready(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
     )
 }
 
-async fn metrics() -> impl IntoResponse {
+async fn metrics(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
+    crate::metrics::update_storage(&ctx.kv, &ctx.cfg.server.data_dir);
     let encoder = prometheus::TextEncoder::new();
     let mut buf = Vec::new();
     if let Err(e) = encoder.encode(&prometheus::gather(), &mut buf) {

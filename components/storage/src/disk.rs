@@ -64,6 +64,7 @@ impl DiskStatus {
         self.reserve.store(reserve, Ordering::Relaxed);
         self.level.store(level as u8, Ordering::Relaxed);
         crate::metrics::DISK_AVAILABLE.set(available as i64);
+        crate::metrics::DISK_RESERVE.set(reserve as i64);
         crate::metrics::DISK_LEVEL.set(level as i64);
         level
     }

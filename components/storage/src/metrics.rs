@@ -51,6 +51,14 @@ pub static DISK_AVAILABLE: LazyLock<IntGauge> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static DISK_RESERVE: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "flotilla_disk_reserve_bytes",
+        "Free space below which client writes are refused (server.reserve-space-bytes)."
+    )
+    .unwrap()
+});
+
 pub static DISK_LEVEL: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "flotilla_disk_full_level",
@@ -68,4 +76,5 @@ pub fn register() {
     LazyLock::force(&RAFT_LOG_WRITES);
     LazyLock::force(&DISK_AVAILABLE);
     LazyLock::force(&DISK_LEVEL);
+    LazyLock::force(&DISK_RESERVE);
 }

@@ -344,6 +344,11 @@ impl Inner {
 
     async fn run_peer(self: Arc<Self>, to: NodeId, mut rx: mpsc::Receiver<Vec<RaftMessage>>) {
         let to_label = to.to_string();
+        // Every drop reason of this peer starts at zero, visible to rates.
+        for reason in ["filtered", "queue_full", "unreachable", "stream_closed"] {
+            metrics::MESSAGES_DROPPED.with_label_values(&[&to_label, reason]);
+        }
+        metrics::MESSAGES_SENT.with_label_values(&[&to_label]);
         let mut backoff = self.cfg.backoff_base;
         loop {
             // Connect lazily: only when there is something to send.

@@ -107,6 +107,10 @@ pub struct ReplicaFsm {
     /// Nodes of replicas learned from their messages: an uninitialized
     /// replica has no descriptor to find its leader's node in.
     peer_nodes: HashMap<ReplicaId, NodeId>,
+    /// On a leader: the tick each other replica was last heard from.
+    last_heard: HashMap<ReplicaId, u64>,
+    /// The down count last published to the node's meta.
+    reported_down: u32,
 }
 
 impl Fsm for ReplicaFsm {
@@ -199,6 +203,8 @@ impl ReplicaFsm {
             ticks: 0,
             stopped: false,
             peer_nodes: HashMap::new(),
+            last_heard: HashMap::new(),
+            reported_down: 0,
         })
     }
 
@@ -454,6 +460,9 @@ impl ReplicaFsm {
             return;
         }
         self.peer_nodes.insert(m.from_replica, m.from_node);
+        if self.was_leader {
+            self.last_heard.insert(m.from_replica, self.ticks);
+        }
         match self.raw_node.step(m.msg) {
             Ok(()) => metrics::RAFT_MESSAGES_RECEIVED
                 .with_label_values(&["stepped"])
@@ -615,6 +624,44 @@ impl ReplicaFsm {
                 self.ticks_since_stepdown = None;
                 self.abandon_proposals();
             }
+        }
+        if self
+            .ticks
+            .is_multiple_of(ctx.cfg.election_ticks.max(1) as u64)
+        {
+            self.check_down_replicas(timeout, ctx);
+        }
+    }
+
+    /// On a leader, counts the other replicas not heard from within
+    /// `timeout` ticks and publishes the count when it changes (the node
+    /// sums them into `flotilla_replicas_down`).
+    fn check_down_replicas(&mut self, timeout: u64, ctx: &PollContext) {
+        let down = if self.was_leader {
+            let now = self.ticks;
+            self.descriptor
+                .replicas
+                .iter()
+                .filter(|r| r.id != self.replica_id)
+                .filter(|r| {
+                    let heard = *self.last_heard.entry(r.id).or_insert(now);
+                    now.saturating_sub(heard) > timeout
+                })
+                .count() as u32
+        } else {
+            0
+        };
+        if down != self.reported_down {
+            if down > self.reported_down {
+                tracing::warn!(
+                    shard_id = self.shard_id,
+                    replica_id = self.replica_id,
+                    down,
+                    "replicas of this shard stopped answering its leader"
+                );
+            }
+            self.reported_down = down;
+            ctx.meta.set_down_replicas(self.shard_id, down);
         }
     }
 
@@ -914,6 +961,8 @@ impl ReplicaFsm {
             if is_leader {
                 metrics::LEADERS.inc();
                 self.ticks_since_stepdown = None;
+                // Every replica gets a fresh grace period.
+                self.last_heard.clear();
                 tracing::info!(
                     shard_id = self.shard_id,
                     replica_id = self.replica_id,

@@ -65,6 +65,8 @@ impl NodeFsm {
                 ControlMsg::Tick => {
                     let c = self.meta.counts();
                     metrics::SHARDS.set(c.replicas as i64);
+                    metrics::SHARDS_WITHOUT_LEADER.set(c.without_leader as i64);
+                    metrics::REPLICAS_DOWN.set(c.down_replicas as i64);
                 }
             }
         }
@@ -141,6 +143,7 @@ fn maybe_create_replica(m: RaftMessage, ctx: &PollContext) {
         replica_id: m.to_replica,
         leader_id: 0,
         term: 0,
+        down_replicas: 0,
     });
     ctx.raft_router
         .register(shard_id, BasicMailbox::new(tx, Box::new(replica)));
