@@ -229,7 +229,7 @@ async fn prometheus_sees_every_dashboard_query_and_alert() {
         let key = Bytes::from(format!("{:02x}-key{i}", (i * 37) % 256));
         client.put(key.clone(), Bytes::from("v")).await.unwrap();
         client.get(key.clone()).await.unwrap();
-        if i % 10 == 0 {
+        if i.is_multiple_of(10) {
             client
                 .batch_put(vec![(key.clone(), Bytes::from("w"))])
                 .await
