@@ -128,6 +128,11 @@ enum ShardCmd {
     },
 }
 
+/// Bytes as MiB with one decimal.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
 /// `id@nNODE`, with the role when it is not a plain voter.
 fn replica_label(r: &Replica) -> String {
     let role = match ReplicaRole::try_from(r.role) {
@@ -520,20 +525,18 @@ async fn run() -> anyhow::Result<()> {
                             s.replicas.to_string(),
                             s.leaders.to_string(),
                             s.replicas_without_leader.to_string(),
+                            s.replicas_down.to_string(),
+                            mib(s.raft_engine_bytes),
+                            mib(s.rocksdb_bytes),
+                            mib(s.disk_available_bytes),
                             format!("{}s", s.uptime_seconds),
                         ]);
-                        nodes_json.push(json!({"id": id, "address": addr, "up": true, "replicas": s.replicas, "leaders": s.leaders, "replicas_without_leader": s.replicas_without_leader, "uptime_seconds": s.uptime_seconds, "version": s.version}));
+                        nodes_json.push(json!({"id": id, "address": addr, "up": true, "replicas": s.replicas, "leaders": s.leaders, "replicas_without_leader": s.replicas_without_leader, "replicas_down": s.replicas_down, "raft_engine_bytes": s.raft_engine_bytes, "rocksdb_bytes": s.rocksdb_bytes, "disk_available_bytes": s.disk_available_bytes, "uptime_seconds": s.uptime_seconds, "version": s.version}));
                     }
                     Err(e) => {
-                        rows.push(vec![
-                            id.to_string(),
-                            addr.clone(),
-                            "DOWN".into(),
-                            "-".into(),
-                            "-".into(),
-                            "-".into(),
-                            "-".into(),
-                        ]);
+                        let mut row = vec![id.to_string(), addr.clone(), "DOWN".into()];
+                        row.resize(11, "-".into());
+                        rows.push(row);
                         nodes_json.push(
                             json!({"id": id, "address": addr, "up": false, "error": e.to_string()}),
                         );
@@ -557,6 +560,10 @@ async fn run() -> anyhow::Result<()> {
                             "REPLICAS",
                             "LEADERS",
                             "NO LEADER",
+                            "PEERS DOWN",
+                            "RAFT LOG",
+                            "ROCKSDB",
+                            "DISK FREE",
                             "UPTIME"
                         ],
                         rows

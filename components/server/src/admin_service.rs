@@ -271,16 +271,19 @@ impl Admin for AdminService {
         &self,
         _req: Request<NodeStatusRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
-        let c = &self.ctx;
-        let counts = c.router.meta().counts();
+        let s = crate::status::NodeStatus::of(&self.ctx);
         Ok(Response::new(NodeStatusResponse {
-            node_id: c.node_id,
-            address: c.addr.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            uptime_seconds: c.started.elapsed().as_secs(),
-            replicas: counts.replicas as u64,
-            leaders: counts.leaders as u64,
-            replicas_without_leader: counts.without_leader as u64,
+            node_id: s.node_id,
+            address: s.address,
+            version: s.version,
+            uptime_seconds: s.uptime_seconds,
+            replicas: s.shards as u64,
+            leaders: s.leaders as u64,
+            replicas_without_leader: s.shards_without_leader as u64,
+            replicas_down: s.replicas_down as u64,
+            raft_engine_bytes: s.raft_engine_bytes,
+            rocksdb_bytes: s.rocksdb_bytes,
+            disk_available_bytes: s.disk_available_bytes,
         }))
     }
 }

@@ -43,6 +43,10 @@ pub struct ServerSection {
     pub reserve_space_bytes: u64,
     /// How often free space is checked.
     pub disk_check_interval_ms: u64,
+    /// Record the per-request and per-round histograms (latencies, batch
+    /// sizes). Off saves their cost on the hot path; counters and gauges
+    /// stay.
+    pub detailed_metrics: bool,
 }
 
 impl Default for ServerSection {
@@ -57,6 +61,7 @@ impl Default for ServerSection {
             request_timeout_ms: 10_000,
             reserve_space_bytes: 512 << 20,
             disk_check_interval_ms: 500,
+            detailed_metrics: true,
         }
     }
 }

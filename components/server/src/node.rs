@@ -147,6 +147,7 @@ impl Server {
         cfg.validate()?;
         let started = Instant::now();
         register_metrics();
+        flotilla_storage::metrics::set_detailed(cfg.server.detailed_metrics);
         let node_id = cfg.server.node_id;
         let listeners = match listeners {
             Some(l) => l,

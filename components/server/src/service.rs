@@ -110,9 +110,11 @@ impl NodeContext {
         metrics::GRPC_REQUESTS
             .with_label_values(&[method, code])
             .inc();
-        metrics::GRPC_DURATION
-            .with_label_values(&[method])
-            .observe(started.elapsed().as_secs_f64());
+        if flotilla_storage::metrics::detailed() {
+            metrics::GRPC_DURATION
+                .with_label_values(&[method])
+                .observe(started.elapsed().as_secs_f64());
+        }
         out
     }
 

@@ -63,6 +63,8 @@ async fn metrics(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
         .into_response()
 }
 
+/// What `/status` shows and `Admin.NodeStatus` (behind `flotilla-ctl
+/// cluster status`) answers: one source for both.
 #[derive(Serialize)]
 pub struct NodeStatus {
     pub node_id: u64,
@@ -72,23 +74,33 @@ pub struct NodeStatus {
     pub shards: usize,
     pub leaders: usize,
     pub shards_without_leader: usize,
+    pub replicas_down: usize,
     pub raft_engine_bytes: u64,
     pub rocksdb_bytes: u64,
+    pub disk_available_bytes: u64,
+}
+
+impl NodeStatus {
+    pub fn of(ctx: &NodeContext) -> NodeStatus {
+        let c = ctx.router.meta().counts();
+        NodeStatus {
+            node_id: ctx.node_id,
+            address: ctx.addr.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: ctx.started.elapsed().as_secs(),
+            shards: c.replicas,
+            leaders: c.leaders,
+            shards_without_leader: c.without_leader,
+            replicas_down: c.down_replicas,
+            raft_engine_bytes: dir_size(&ctx.cfg.server.data_dir.join("raft")),
+            rocksdb_bytes: dir_size(&ctx.cfg.server.data_dir.join("kv")),
+            disk_available_bytes: ctx.disk.available(),
+        }
+    }
 }
 
 async fn status(State(ctx): State<Arc<NodeContext>>) -> Json<NodeStatus> {
-    let c = ctx.router.meta().counts();
-    Json(NodeStatus {
-        node_id: ctx.node_id,
-        address: ctx.addr.clone(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        uptime_seconds: ctx.started.elapsed().as_secs(),
-        shards: c.replicas,
-        leaders: c.leaders,
-        shards_without_leader: c.without_leader,
-        raft_engine_bytes: dir_size(&ctx.cfg.server.data_dir.join("raft")),
-        rocksdb_bytes: dir_size(&ctx.cfg.server.data_dir.join("kv")),
-    })
+    Json(NodeStatus::of(&ctx))
 }
 
 /// Bytes of the regular files directly under `dir` (what the engine

@@ -67,6 +67,19 @@ pub static DISK_LEVEL: LazyLock<IntGauge> = LazyLock::new(|| {
     .unwrap()
 });
 
+static DETAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether hot-path histograms are recorded (`server.detailed-metrics`).
+/// Shared by every crate of the node.
+#[inline]
+pub fn detailed() -> bool {
+    DETAILED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub fn set_detailed(on: bool) {
+    DETAILED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Registers every metric of this module now, so /metrics lists them
 /// (at zero) before first use.
 pub fn register() {

@@ -146,8 +146,10 @@ impl RaftLogEngine {
     pub fn write(&self, batch: &mut LogBatch, sync: bool) -> Result<usize> {
         let start = std::time::Instant::now();
         let bytes = self.engine.write(batch, sync)?;
-        metrics::RAFT_LOG_WRITE_DURATION.observe(start.elapsed().as_secs_f64());
-        metrics::RAFT_LOG_WRITE_BYTES.observe(bytes as f64);
+        if metrics::detailed() {
+            metrics::RAFT_LOG_WRITE_DURATION.observe(start.elapsed().as_secs_f64());
+            metrics::RAFT_LOG_WRITE_BYTES.observe(bytes as f64);
+        }
         metrics::RAFT_LOG_WRITES.inc();
         if sync {
             metrics::RAFT_LOG_SYNCED_WRITES.inc();

@@ -421,7 +421,9 @@ impl Inner {
                     self.report_unreachable(&msgs);
                     break;
                 }
-                metrics::BATCH_SIZE.observe(n as f64);
+                if flotilla_storage::metrics::detailed() {
+                    metrics::BATCH_SIZE.observe(n as f64);
+                }
                 metrics::MESSAGES_SENT
                     .with_label_values(&[&to_label])
                     .inc_by(n as u64);

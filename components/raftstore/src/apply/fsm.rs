@@ -118,7 +118,9 @@ impl ApplyFsm {
         while !self.must_wait() {
             match self.receiver.try_recv() {
                 Ok(ApplyMsg::Apply(task)) => {
-                    metrics::APPLY_WAIT.observe(task.sent_at.elapsed().as_secs_f64());
+                    if flotilla_storage::metrics::detailed() {
+                        metrics::APPLY_WAIT.observe(task.sent_at.elapsed().as_secs_f64());
+                    }
                     self.apply_entries(task.entries.into(), task.proposals.into(), ctx);
                 }
                 Ok(ApplyMsg::GenerateSnapshot) => self.gen_snapshot = true,

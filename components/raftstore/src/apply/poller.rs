@@ -98,7 +98,7 @@ impl PollHandler<ApplyFsm, ApplyControlFsm> for ApplyPoller {
         for answer in ctx.answers.drain(..) {
             match answer {
                 Answer::Write(cb, result, proposed_at) => {
-                    if let Some(t) = proposed_at {
+                    if let Some(t) = proposed_at.filter(|_| flotilla_storage::metrics::detailed()) {
                         metrics::APPLY_DURATION.observe(t.elapsed().as_secs_f64());
                     }
                     cb(result);
@@ -111,10 +111,12 @@ impl PollHandler<ApplyFsm, ApplyControlFsm> for ApplyPoller {
                 .raft_router
                 .force_send(shard_id, ReplicaMsg::Applied(res));
         }
-        metrics::APPLY_ROUND_DURATION.observe(self.started.elapsed().as_secs_f64());
-        metrics::POLL_ROUND_FSMS
-            .with_label_values(&["apply"])
-            .observe(self.batch_size as f64);
+        if flotilla_storage::metrics::detailed() {
+            metrics::APPLY_ROUND_DURATION.observe(self.started.elapsed().as_secs_f64());
+            metrics::POLL_ROUND_FSMS
+                .with_label_values(&["apply"])
+                .observe(self.batch_size as f64);
+        }
     }
 }
 

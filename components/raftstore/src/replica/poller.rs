@@ -206,6 +206,9 @@ impl PollHandler<ReplicaFsm, NodeFsm> for RaftPoller {
             }
         }
         ctx.transport.flush();
+        if !flotilla_storage::metrics::detailed() {
+            return;
+        }
         metrics::POLL_ROUND_DURATION
             .with_label_values(&["raft"])
             .observe(self.started.elapsed().as_secs_f64());
