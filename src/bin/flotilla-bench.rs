@@ -22,6 +22,9 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "flotilla-bench/check.rs"]
+mod check;
+
 #[derive(Parser, Debug)]
 #[command(version, about = "Load generator for Flotilla")]
 struct Args {
@@ -56,6 +59,10 @@ struct Args {
     /// Output format of the summary.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Time the `check` workload may spend searching for a linearization,
+    /// in seconds.
+    #[arg(long, default_value_t = 60)]
+    check_budget: u64,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -66,6 +73,10 @@ enum Workload {
     Get,
     /// Half reads, half writes.
     Mixed,
+    /// Put, get and compare-and-swap on a few keys (use a small --keys),
+    /// recording the history and checking it for linearizability; exits 1
+    /// unless it is linearizable.
+    Check,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -155,6 +166,22 @@ async fn main() -> anyhow::Result<()> {
     .await
     .with_context(|| format!("connecting to {}", args.endpoints.join(",")))?;
 
+    if args.workload == Workload::Check {
+        let ok = check::run(
+            &client,
+            check::CheckArgs {
+                clients: args.clients,
+                duration: Duration::from_secs(args.duration),
+                keys: args.keys,
+                seed: args.seed,
+                budget: Duration::from_secs(args.check_budget),
+                json: args.output == Output::Json,
+            },
+        )
+        .await?;
+        std::process::exit(if ok { 0 } else { 1 });
+    }
+
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
 
     if args.load {
@@ -204,6 +231,7 @@ async fn main() -> anyhow::Result<()> {
                 let op = match workload {
                     Workload::Put => Op::Put,
                     Workload::Get => Op::Get,
+                    Workload::Check => unreachable!("handled above"),
                     Workload::Mixed => {
                         if rng.gen_bool(0.5) {
                             Op::Put

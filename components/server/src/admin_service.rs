@@ -88,6 +88,79 @@ fn store_status(e: flotilla_raftstore::Error) -> Status {
     }
 }
 
+/// Operator calls, counted by their wrappers in the service.
+impl AdminService {
+    async fn do_change_replicas(
+        &self,
+        req: Request<ChangeReplicasRequest>,
+    ) -> Result<Response<ChangeReplicasResponse>, Status> {
+        let r = req.into_inner();
+        if r.changes.is_empty() {
+            return Err(Status::invalid_argument("changes must not be empty"));
+        }
+        for (i, c) in r.changes.iter().enumerate() {
+            if flotilla_proto::admin::replica_change::Kind::try_from(c.kind).is_err() {
+                return Err(Status::invalid_argument(format!(
+                    "changes[{i}].kind {} is not a known kind",
+                    c.kind
+                )));
+            }
+            if c.replica_id == 0 && c.node_id == 0 {
+                return Err(Status::invalid_argument(format!(
+                    "changes[{i}] needs replica_id or node_id (non-zero)"
+                )));
+            }
+        }
+        let router = &self.ctx.router;
+        let shard_id = r.shard_id;
+        let shard = admin_call(&self.ctx, |cb| {
+            router.change_replicas(shard_id, r.changes, cb)
+        })
+        .await?
+        .shard;
+        self.ctx.directory.update(shard.clone());
+        Ok(Response::new(ChangeReplicasResponse { shard: Some(shard) }))
+    }
+
+    async fn do_transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let r = req.into_inner();
+        let to_replica = if r.to_replica_id != 0 {
+            r.to_replica_id
+        } else {
+            let meta = self.ctx.router.meta().get(r.shard_id).ok_or_else(|| {
+                store_status(flotilla_raftstore::Error::ShardNotFound(r.shard_id))
+            })?;
+            match meta.descriptor.replica_on(r.to_node_id) {
+                Some(rep) => rep.id,
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                    "to_node_id {} holds no replica of shard {} (set to_replica_id or to_node_id)",
+                    r.to_node_id, r.shard_id
+                )))
+                }
+            }
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.ctx
+            .router
+            .transfer_leader(
+                r.shard_id,
+                to_replica,
+                Box::new(move |res| {
+                    let _ = tx.send(res);
+                }),
+            )
+            .map_err(store_status)?;
+        rx.await
+            .map_err(|_| Status::unavailable("node is shutting down"))?
+            .map_err(store_status)?;
+        Ok(Response::new(TransferLeaderResponse {}))
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn replica_status(
@@ -154,70 +227,18 @@ impl Admin for AdminService {
         &self,
         req: Request<ChangeReplicasRequest>,
     ) -> Result<Response<ChangeReplicasResponse>, Status> {
-        let r = req.into_inner();
-        if r.changes.is_empty() {
-            return Err(Status::invalid_argument("changes must not be empty"));
-        }
-        for (i, c) in r.changes.iter().enumerate() {
-            if flotilla_proto::admin::replica_change::Kind::try_from(c.kind).is_err() {
-                return Err(Status::invalid_argument(format!(
-                    "changes[{i}].kind {} is not a known kind",
-                    c.kind
-                )));
-            }
-            if c.replica_id == 0 && c.node_id == 0 {
-                return Err(Status::invalid_argument(format!(
-                    "changes[{i}] needs replica_id or node_id (non-zero)"
-                )));
-            }
-        }
-        let router = &self.ctx.router;
-        let shard_id = r.shard_id;
-        let shard = admin_call(&self.ctx, |cb| {
-            router.change_replicas(shard_id, r.changes, cb)
-        })
-        .await?
-        .shard;
-        self.ctx.directory.update(shard.clone());
-        Ok(Response::new(ChangeReplicasResponse { shard: Some(shard) }))
+        let r = self.do_change_replicas(req).await;
+        crate::metrics::placement_operator("change_replicas", &r);
+        r
     }
 
     async fn transfer_leader(
         &self,
         req: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
-        let r = req.into_inner();
-        let to_replica = if r.to_replica_id != 0 {
-            r.to_replica_id
-        } else {
-            let meta = self.ctx.router.meta().get(r.shard_id).ok_or_else(|| {
-                store_status(flotilla_raftstore::Error::ShardNotFound(r.shard_id))
-            })?;
-            match meta.descriptor.replica_on(r.to_node_id) {
-                Some(rep) => rep.id,
-                None => {
-                    return Err(Status::invalid_argument(format!(
-                    "to_node_id {} holds no replica of shard {} (set to_replica_id or to_node_id)",
-                    r.to_node_id, r.shard_id
-                )))
-                }
-            }
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.ctx
-            .router
-            .transfer_leader(
-                r.shard_id,
-                to_replica,
-                Box::new(move |res| {
-                    let _ = tx.send(res);
-                }),
-            )
-            .map_err(store_status)?;
-        rx.await
-            .map_err(|_| Status::unavailable("node is shutting down"))?
-            .map_err(store_status)?;
-        Ok(Response::new(TransferLeaderResponse {}))
+        let r = self.do_transfer_leader(req).await;
+        crate::metrics::placement_operator("transfer_leader", &r);
+        r
     }
 
     async fn compact_log(

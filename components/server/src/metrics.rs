@@ -28,6 +28,34 @@ pub static GRPC_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static PLACEMENT_OPERATORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_placement_operators_total",
+        "Placement operations asked of this node's leaders, by type (change_replicas, \
+         transfer_leader) and outcome (ok, not_leader, rejected, error).",
+        &["type", "outcome"]
+    )
+    .unwrap()
+});
+
+/// Counts one placement operation by its gRPC outcome.
+pub fn placement_operator<T>(kind: &str, r: &Result<T, tonic::Status>) {
+    let outcome = match r {
+        Ok(_) => "ok",
+        Err(s)
+            if s.metadata()
+                .contains_key(flotilla_proto::NOT_LEADER_METADATA) =>
+        {
+            "not_leader"
+        }
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => "rejected",
+        Err(_) => "error",
+    };
+    PLACEMENT_OPERATORS
+        .with_label_values(&[kind, outcome])
+        .inc();
+}
+
 pub static STORAGE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
         "flotilla_storage_bytes",
@@ -100,5 +128,10 @@ pub fn register() {
     }
     LazyLock::force(&GRPC_DURATION);
     LazyLock::force(&STORAGE);
+    for kind in ["change_replicas", "transfer_leader"] {
+        for outcome in ["ok", "not_leader", "rejected", "error"] {
+            PLACEMENT_OPERATORS.with_label_values(&[kind, outcome]);
+        }
+    }
     LazyLock::force(&ROCKSDB_STALL);
 }
