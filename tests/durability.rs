@@ -5,11 +5,11 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use flotilla_raftstore::RaftMessage;
-use flotilla_test_cluster::{FilterDecision, TestCluster};
+use flotilla_test_cluster::{wait_until, FilterDecision, TestCluster};
 use raft::eraftpb::MessageType;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -36,30 +36,6 @@ async fn write_keys(c: &TestCluster, from: u32, to: u32) {
     }
 }
 
-async fn wait_until<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn assert_replicas_identical(c: &TestCluster, shard: u64) {
-    let hashes = c.shard_hashes(shard, WAIT).await;
-    let first = hashes[0];
-    for h in &hashes {
-        assert_eq!(
-            (h.1, h.2),
-            (first.1, first.2),
-            "replicas differ: {hashes:?}"
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_log_is_compacted_on_every_replica() {
     let c = TestCluster::builder(3)
@@ -76,7 +52,7 @@ async fn the_log_is_compacted_on_every_replica() {
         })
         .await;
     }
-    assert_replicas_identical(&c, 1).await;
+    c.assert_replicas_identical(1).await;
     c.shutdown().await;
 }
 
@@ -181,7 +157,7 @@ async fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
     })
     .await;
     write_keys(&c, 800, 820).await;
-    assert_replicas_identical(&c, 1).await;
+    c.assert_replicas_identical(1).await;
     // The follower's data is complete.
     let kv = c.server(lagging).kv_engine();
     wait_until("the last write reached the follower", || async {
@@ -230,7 +206,7 @@ async fn a_failed_snapshot_transfer_is_retried() {
         cut.load(Ordering::SeqCst) >= 3,
         "the snapshot was sent again after failures"
     );
-    assert_replicas_identical(&c, 1).await;
+    c.assert_replicas_identical(1).await;
     c.shutdown().await;
 }
 
@@ -247,7 +223,7 @@ async fn a_restarted_follower_catches_up_after_the_log_moved_on() {
     write_keys(&c, 100, 700).await;
     c.restart_node(2).await;
     for shard in [1, 2] {
-        assert_replicas_identical(&c, shard).await;
+        c.assert_replicas_identical(shard).await;
     }
     c.shutdown().await;
 }

@@ -3,13 +3,13 @@
 //! atomically with joint consensus; a removed replica destroys itself and is
 //! not recreated by late messages.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use flotilla_proto::admin::replica_change::Kind;
 use flotilla_proto::admin::ReplicaChange;
 use flotilla_proto::meta::ReplicaRole;
-use flotilla_test_cluster::TestCluster;
+use flotilla_test_cluster::{wait_until, TestCluster};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -23,28 +23,6 @@ fn change(kind: Kind, replica_id: u64, node_id: u64) -> ReplicaChange {
         replica_id,
         node_id,
     }
-}
-
-async fn wait_until<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn assert_replicas_identical(c: &TestCluster, shard: u64) {
-    let hashes = c.shard_hashes(shard, WAIT).await;
-    assert!(
-        hashes
-            .windows(2)
-            .all(|w| (w[0].1, w[0].2) == (w[1].1, w[1].2)),
-        "{hashes:?}"
-    );
 }
 
 /// Four nodes; the one shard starts on nodes 1-3.
@@ -105,7 +83,7 @@ async fn a_new_replica_catches_up_by_snapshot_and_becomes_a_voter() {
     })
     .await;
     assert_eq!(kv.scan(b"k", b"l", 1000, false).unwrap().0.len(), 300);
-    assert_replicas_identical(&c, 1).await;
+    c.assert_replicas_identical(1).await;
     c.shutdown().await;
 }
 
@@ -174,7 +152,7 @@ async fn a_replica_is_replaced_atomically_and_the_removed_one_cleans_up() {
     let d = c.router(leader).meta().get(1).unwrap().descriptor;
     assert_eq!(d.replicas.len(), 3);
     assert!(d.replica_on(gone).is_none());
-    assert_replicas_identical(&c, 1).await;
+    c.assert_replicas_identical(1).await;
     c.shutdown().await;
 }
 

@@ -314,6 +314,18 @@ impl TestCluster {
             .map(|r| r.shard)
     }
 
+    /// Has every replica of `shard_id` hash its data at one log index and
+    /// panics unless the hashes (and key counts) agree.
+    pub async fn assert_replicas_identical(&self, shard_id: ShardId) {
+        let hashes = self.shard_hashes(shard_id, Duration::from_secs(30)).await;
+        assert!(
+            hashes
+                .windows(2)
+                .all(|w| (w[0].1, w[0].2) == (w[1].1, w[1].2)),
+            "replicas of shard {shard_id} differ: {hashes:?}"
+        );
+    }
+
     /// A replica's own view of itself.
     pub async fn replica_status(
         &self,
@@ -393,5 +405,21 @@ impl TestCluster {
         for id in ids {
             self.stop_node(id).await;
         }
+    }
+}
+
+/// Polls `f` every 50 ms until it holds; panics naming `what` after 30 s.
+pub async fn wait_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !f().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -498,25 +498,27 @@ fn change_replicas(
         return Ok(());
     }
     let joint = cc.enter_joint().is_some();
+    // A replica new to the shard, on the node its proposal named.
+    let new_replica = |id: u64, role: ReplicaRole| -> std::result::Result<Replica, String> {
+        let r = added
+            .iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| format!("no node given for new replica {id}"))?;
+        Ok(Replica {
+            id,
+            node_id: r.node_id,
+            role: role as i32,
+        })
+    };
     for ch in &cc.changes {
         let id = ch.node_id;
         let pos = desc.replicas.iter().position(|r| r.id == id);
         match ch.get_change_type() {
             ConfChangeType::AddNode => {
-                let new_role = if joint { IncomingVoter } else { Voter } as i32;
+                let new_role = if joint { IncomingVoter } else { Voter };
                 match pos {
-                    Some(i) => desc.replicas[i].role = new_role,
-                    None => {
-                        let r = added
-                            .iter()
-                            .find(|r| r.id == id)
-                            .ok_or_else(|| format!("no node given for new replica {id}"))?;
-                        desc.replicas.push(Replica {
-                            id,
-                            node_id: r.node_id,
-                            role: new_role,
-                        });
-                    }
+                    Some(i) => desc.replicas[i].role = new_role as i32,
+                    None => desc.replicas.push(new_replica(id, new_role)?),
                 }
             }
             ConfChangeType::AddLearnerNode => match pos {
@@ -524,17 +526,7 @@ fn change_replicas(
                 Some(i) => {
                     desc.replicas[i].role = if joint { DemotingVoter } else { Learner } as i32
                 }
-                None => {
-                    let r = added
-                        .iter()
-                        .find(|r| r.id == id)
-                        .ok_or_else(|| format!("no node given for new replica {id}"))?;
-                    desc.replicas.push(Replica {
-                        id,
-                        node_id: r.node_id,
-                        role: Learner as i32,
-                    });
-                }
+                None => desc.replicas.push(new_replica(id, Learner)?),
             },
             ConfChangeType::RemoveNode => match pos {
                 Some(i) if joint && role(&desc.replicas[i]) != Learner => {
