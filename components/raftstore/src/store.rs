@@ -139,7 +139,7 @@ impl StoreRouter {
     }
 
     /// Asks a shard's leader to change its membership; `cb` gets the log
-    /// index of the change once applied.
+    /// index of the change and the new descriptor once applied.
     pub fn change_replicas(
         &self,
         shard_id: ShardId,

@@ -51,10 +51,12 @@ fn refresh_directory(ctx: &NodeContext) {
 }
 
 /// Waits for an admin callback of the raftstore.
-async fn admin_call(
+async fn admin_call<T: Send + 'static>(
     ctx: &NodeContext,
-    send: impl FnOnce(flotilla_raftstore::msg::AdminCallback) -> flotilla_raftstore::Result<()>,
-) -> Result<flotilla_raftstore::msg::AdminResult, Status> {
+    send: impl FnOnce(
+        flotilla_raftstore::msg::Callback<flotilla_raftstore::Result<T>>,
+    ) -> flotilla_raftstore::Result<()>,
+) -> Result<T, Status> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     send(Box::new(move |r| {
         let _ = tx.send(r);
@@ -143,20 +145,11 @@ impl AdminService {
                 }
             }
         };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.ctx
-            .router
-            .transfer_leader(
-                r.shard_id,
-                to_replica,
-                Box::new(move |res| {
-                    let _ = tx.send(res);
-                }),
-            )
-            .map_err(store_status)?;
-        rx.await
-            .map_err(|_| Status::unavailable("node is shutting down"))?
-            .map_err(store_status)?;
+        let router = &self.ctx.router;
+        admin_call(&self.ctx, |cb| {
+            router.transfer_leader(r.shard_id, to_replica, cb)
+        })
+        .await?;
         Ok(Response::new(TransferLeaderResponse {}))
     }
 }

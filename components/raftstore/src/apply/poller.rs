@@ -98,7 +98,7 @@ impl PollHandler<ApplyFsm, ApplyControlFsm> for ApplyPoller {
         for answer in ctx.answers.drain(..) {
             match answer {
                 Answer::Write(cb, result, proposed_at) => {
-                    if let Some(t) = proposed_at.filter(|_| flotilla_storage::metrics::detailed()) {
+                    if let (Some(t), true) = (proposed_at, flotilla_storage::metrics::detailed()) {
                         metrics::APPLY_DURATION.observe(t.elapsed().as_secs_f64());
                     }
                     cb(result);

@@ -1036,11 +1036,10 @@ impl ReplicaFsm {
         let proposals = self.proposals.take_upto(last.index);
         if !proposals.is_empty() {
             metrics::PENDING_PROPOSALS.sub(proposals.len() as i64);
-            for p in proposals
-                .iter()
-                .filter(|_| flotilla_storage::metrics::detailed())
-            {
-                metrics::COMMIT_DURATION.observe(p.proposed_at.elapsed().as_secs_f64());
+            if flotilla_storage::metrics::detailed() {
+                for p in &proposals {
+                    metrics::COMMIT_DURATION.observe(p.proposed_at.elapsed().as_secs_f64());
+                }
             }
             if self.proposals.is_empty() {
                 self.ticks_since_stepdown = None;

@@ -83,56 +83,58 @@ impl Fsm for NodeFsm {
 /// A leader talks to a replica this node does not host: it was added to the
 /// shard. Create it uninitialized (it catches up by snapshot), unless it is
 /// a replica this node already removed (a tombstone with that id or a newer
-/// one) or the message cannot come from a leader.
+/// one) or the message cannot come from a leader. A replica created by an
+/// earlier message of the same batch simply gets the message.
 fn maybe_create_replica(m: RaftMessage, ctx: &PollContext) {
-    use flotilla_proto::local::ShardState;
-    use raft::eraftpb::MessageType::*;
     let shard_id = m.shard_id;
-    let from_leader = matches!(m.msg.get_msg_type(), MsgAppend | MsgHeartbeat | MsgSnapshot);
-    let drop_reason = if !from_leader {
-        Some("not from a leader")
-    } else {
-        match ctx.kv.shard_state(shard_id) {
-            Ok(Some(s))
-                if s.state == ShardState::Tombstone as i32 && s.replica_id >= m.to_replica =>
-            {
-                Some("the replica was removed from this node")
-            }
-            Ok(Some(s)) if s.state != ShardState::Tombstone as i32 => {
-                Some("the shard is on disk but not running")
-            }
-            Ok(_) => None,
-            Err(_) => Some("reading the shard state failed"),
+    if ctx.raft_router.mailbox(shard_id).is_none() {
+        if let Some(why) = creation_refusal(&m, ctx) {
+            metrics::RAFT_MESSAGES_RECEIVED
+                .with_label_values(&["unknown_shard"])
+                .inc();
+            tracing::debug!(
+                shard_id,
+                from_node = m.from_node,
+                to_replica = m.to_replica,
+                why,
+                "dropping a raft message for a shard not hosted here"
+            );
+            return;
         }
-    };
-    if let Some(why) = drop_reason {
-        metrics::RAFT_MESSAGES_RECEIVED
-            .with_label_values(&["unknown_shard"])
-            .inc();
-        tracing::debug!(
-            shard_id,
-            from_node = m.from_node,
-            to_replica = m.to_replica,
-            why,
-            "dropping a raft message for a shard not hosted here"
-        );
-        return;
-    }
-    if ctx.raft_router.mailbox(shard_id).is_some() {
-        // Created meanwhile.
-        let _ = ctx
-            .raft_router
-            .send(shard_id, ReplicaMsg::Raft(Box::new(m)));
-        return;
-    }
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let replica = match ReplicaFsm::create_uninitialized(ctx, shard_id, m.to_replica, rx) {
-        Ok(r) => r,
-        Err(e) => {
+        if let Err(e) = create_replica(&m, ctx) {
             tracing::error!(shard_id, error = %e, "creating a replica failed");
             return;
         }
-    };
+    }
+    let _ = ctx
+        .raft_router
+        .send(shard_id, ReplicaMsg::Raft(Box::new(m)));
+}
+
+/// Why a message for an unknown shard must not create a replica.
+fn creation_refusal(m: &RaftMessage, ctx: &PollContext) -> Option<&'static str> {
+    use flotilla_proto::local::ShardState;
+    use raft::eraftpb::MessageType::*;
+    if !matches!(m.msg.get_msg_type(), MsgAppend | MsgHeartbeat | MsgSnapshot) {
+        return Some("not from a leader");
+    }
+    match ctx.kv.shard_state(m.shard_id) {
+        Ok(Some(s)) if s.state == ShardState::Tombstone as i32 && s.replica_id >= m.to_replica => {
+            Some("the replica was removed from this node")
+        }
+        Ok(Some(s)) if s.state != ShardState::Tombstone as i32 => {
+            Some("the shard is on disk but not running")
+        }
+        Ok(_) => None,
+        Err(_) => Some("reading the shard state failed"),
+    }
+}
+
+/// Registers a new uninitialized replica and its apply FSM.
+fn create_replica(m: &RaftMessage, ctx: &PollContext) -> crate::Result<()> {
+    let shard_id = m.shard_id;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let replica = ReplicaFsm::create_uninitialized(ctx, shard_id, m.to_replica, rx)?;
     let (atx, arx) = crossbeam_channel::unbounded();
     let descriptor = replica.descriptor().clone();
     let apply = ApplyFsm::new(descriptor.clone(), m.to_replica, Default::default(), arx);
@@ -157,9 +159,7 @@ fn maybe_create_replica(m: RaftMessage, ctx: &PollContext) {
         from_node = m.from_node,
         "created a replica added by its leader; waiting for a snapshot"
     );
-    let _ = ctx
-        .raft_router
-        .send(shard_id, ReplicaMsg::Raft(Box::new(m)));
+    Ok(())
 }
 
 pub struct RaftPoller {
