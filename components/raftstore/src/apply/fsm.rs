@@ -305,6 +305,18 @@ impl ApplyFsm {
     /// it when the result reaches the replica FSM). Refusals are
     /// deterministic, so every replica refuses the same entries.
     fn exec_conf_change(&mut self, entry: &Entry, ctx: &mut ApplyCtx) -> EntryOutcome {
+        let outcome = self.apply_conf_change(entry, ctx);
+        let result = match outcome {
+            EntryOutcome::Rejected(_) => "rejected",
+            _ => "applied",
+        };
+        metrics::MEMBERSHIP_CHANGES
+            .with_label_values(&[result])
+            .inc();
+        outcome
+    }
+
+    fn apply_conf_change(&mut self, entry: &Entry, ctx: &mut ApplyCtx) -> EntryOutcome {
         let cc = if entry.data.is_empty() {
             ConfChangeV2::default()
         } else {
@@ -337,14 +349,8 @@ impl ApplyFsm {
         }
         let mut desc = self.descriptor.clone();
         if let Err(why) = change_replicas(&mut desc, &cc, &context.added) {
-            metrics::MEMBERSHIP_CHANGES
-                .with_label_values(&["rejected"])
-                .inc();
             return EntryOutcome::Rejected(why);
         }
-        metrics::MEMBERSHIP_CHANGES
-            .with_label_values(&["applied"])
-            .inc();
         let mut epoch = desc.epoch();
         epoch.conf_ver += 1;
         desc.epoch = Some(epoch);
