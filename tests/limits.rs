@@ -46,6 +46,7 @@ async fn requests_over_a_limit_are_refused_and_write_nothing() {
         shard_id: shard.id,
         epoch: shard.epoch,
         replica_id: 0,
+        read_mode: 0,
     });
     let mut kv = KvClient::connect(format!("http://{}", c.grpc_addr(1)))
         .await
@@ -72,6 +73,17 @@ async fn requests_over_a_limit_are_refused_and_write_nothing() {
         })
         .await,
         "key must not be empty",
+    );
+    assert_invalid(
+        kv.get(GetRequest {
+            context: Some(ShardContext {
+                read_mode: 9,
+                ..ctx.unwrap()
+            }),
+            key: b("k"),
+        })
+        .await,
+        "context.read_mode: unknown value 9",
     );
 
     let pair = |i: u8| KvPair {
@@ -189,6 +201,7 @@ async fn routing_errors_are_structured() {
                 shard_id: first.id,
                 epoch: first.epoch,
                 replica_id: 0,
+                read_mode: 0,
             }),
             key: b([0xff]),
             value: b("v"),
@@ -210,6 +223,7 @@ async fn routing_errors_are_structured() {
                 shard_id: first.id,
                 epoch: Some(stale),
                 replica_id: 0,
+                read_mode: 0,
             }),
             key: b([0x01]),
         })
@@ -228,6 +242,7 @@ async fn routing_errors_are_structured() {
                 shard_id: 999,
                 epoch: first.epoch,
                 replica_id: 0,
+                read_mode: 0,
             }),
             key: b([0x01]),
         })

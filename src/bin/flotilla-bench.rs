@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
-use flotilla_client::{Client, ClientConfig};
+use flotilla_client::{Client, ClientConfig, ReadMode};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -59,6 +59,12 @@ struct Args {
     /// Output format of the summary.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// How reads are served: leader (lease, else ReadIndex), leader-read-index
+    /// (always a quorum round), follower (any replica, via ReadIndex), stale
+    /// (any replica, local state), or mixed (each read picks one of the
+    /// three linearizable modes at random).
+    #[arg(long, value_enum, default_value_t = ReadModeArg::Leader)]
+    read_mode: ReadModeArg,
     /// Time the `check` workload may spend searching for a linearization,
     /// in seconds.
     #[arg(long, default_value_t = 60)]
@@ -77,6 +83,36 @@ enum Workload {
     /// recording the history and checking it for linearizability; exits 1
     /// unless it is linearizable.
     Check,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum ReadModeArg {
+    Leader,
+    LeaderReadIndex,
+    Follower,
+    Stale,
+    Mixed,
+}
+
+const LINEARIZABLE_MODES: [ReadMode; 3] = [
+    ReadMode::Leader,
+    ReadMode::LeaderReadIndex,
+    ReadMode::Follower,
+];
+
+/// The clients reads go through: one per mode the run uses.
+fn read_clients(client: &Client, arg: ReadModeArg) -> Vec<Client> {
+    let one = |m| vec![client.with_read_mode(m)];
+    match arg {
+        ReadModeArg::Leader => one(ReadMode::Leader),
+        ReadModeArg::LeaderReadIndex => one(ReadMode::LeaderReadIndex),
+        ReadModeArg::Follower => one(ReadMode::Follower),
+        ReadModeArg::Stale => one(ReadMode::Stale),
+        ReadModeArg::Mixed => LINEARIZABLE_MODES
+            .iter()
+            .map(|m| client.with_read_mode(*m))
+            .collect(),
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -167,9 +203,14 @@ async fn main() -> anyhow::Result<()> {
     .with_context(|| format!("connecting to {}", args.endpoints.join(",")))?;
 
     if args.workload == Workload::Check {
+        anyhow::ensure!(
+            args.read_mode != ReadModeArg::Stale,
+            "--read-mode stale is not linearizable; the check workload takes leader, leader-read-index, follower or mixed"
+        );
         let ok = check::run(
             &client,
             check::CheckArgs {
+                readers: read_clients(&client, args.read_mode),
                 clients: args.clients,
                 duration: Duration::from_secs(args.duration),
                 keys: args.keys,
@@ -214,8 +255,10 @@ async fn main() -> anyhow::Result<()> {
     let done_errs = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
+    let readers = read_clients(&client, args.read_mode);
     for c in 0..args.clients {
         let client = client.clone();
+        let readers = readers.clone();
         let stop = stop.clone();
         let done_ops = done_ops.clone();
         let done_errs = done_errs.clone();
@@ -246,7 +289,10 @@ async fn main() -> anyhow::Result<()> {
                         let value = random_value(&mut rng, value_size);
                         client.put(key, value).await.is_ok()
                     }
-                    Op::Get => client.get(key).await.is_ok(),
+                    Op::Get => {
+                        let reader = &readers[rng.gen_range(0..readers.len())];
+                        reader.get(key).await.is_ok()
+                    }
                 };
                 let us = (t.elapsed().as_micros() as u64).max(1);
                 match (op, ok) {
@@ -316,6 +362,7 @@ async fn main() -> anyhow::Result<()> {
         "duration_s": elapsed,
         "value_size": args.value_size,
         "keys": args.keys,
+        "read_mode": format!("{:?}", args.read_mode).to_lowercase(),
         "ops": rows,
         "raft_engine_fsyncs_per_write": fsync_per_write,
     });

@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use comfy_table::Table;
-use flotilla_client::{Client, ClientConfig};
+use flotilla_client::{Client, ClientConfig, ReadMode};
 use flotilla_proto::meta::{Replica, ReplicaRole, ShardDescriptor};
 use serde_json::json;
 
@@ -33,8 +33,32 @@ struct Args {
     /// Total time budget of the command, in seconds.
     #[arg(long, global = true, default_value_t = 10)]
     timeout: u64,
+    /// How get and scan read: leader (lease, else a quorum round),
+    /// leader-read-index, follower (any replica, linearizable) or stale (any
+    /// replica's applied state; may miss recent writes).
+    #[arg(long, global = true, value_enum, default_value_t = ReadModeArg::Leader)]
+    read_mode: ReadModeArg,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum ReadModeArg {
+    Leader,
+    LeaderReadIndex,
+    Follower,
+    Stale,
+}
+
+impl From<ReadModeArg> for ReadMode {
+    fn from(m: ReadModeArg) -> Self {
+        match m {
+            ReadModeArg::Leader => ReadMode::Leader,
+            ReadModeArg::LeaderReadIndex => ReadMode::LeaderReadIndex,
+            ReadModeArg::Follower => ReadMode::Follower,
+            ReadModeArg::Stale => ReadMode::Stale,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -238,7 +262,8 @@ async fn run() -> anyhow::Result<()> {
     };
     let client = Client::connect(cfg)
         .await
-        .with_context(|| format!("connecting to {}", args.endpoints.join(",")))?;
+        .with_context(|| format!("connecting to {}", args.endpoints.join(",")))?
+        .with_read_mode(args.read_mode.into());
     let json = args.output == Output::Json;
     let hex = args.hex;
     match args.cmd {

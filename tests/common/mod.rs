@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod net;
 pub mod workload;
 
 /// Compaction every half second once 100 entries pile up, so snapshots and
@@ -72,6 +73,17 @@ impl Node {
             Some(c) => c.try_wait().unwrap().is_none(),
             None => false,
         }
+    }
+
+    /// Sends a signal by name (STOP, CONT...) to the running process.
+    pub fn signal(&mut self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), pid.to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{sig} {pid} failed");
     }
 
     pub fn kill9(&mut self) {
@@ -157,6 +169,8 @@ fn tail(s: &str) -> String {
 pub struct ProcCluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Node>,
+    /// The proxies between nodes, for clusters made by `with_net`.
+    pub net: Option<std::sync::Arc<net::Net>>,
 }
 
 impl ProcCluster {
@@ -164,18 +178,41 @@ impl ProcCluster {
     /// config file every node uses (empty for defaults). Nodes are not
     /// started.
     pub fn new(n: usize, shards: usize, config: &str) -> Self {
+        Self::build(n, shards, config, None)
+    }
+
+    /// Like `new`, with every node-to-node link going through a proxy of
+    /// `net` (see `net`), so the test can cut links. Call inside a tokio
+    /// runtime.
+    pub fn with_net(n: usize, shards: usize, config: &str) -> Self {
+        Self::build(n, shards, config, Some(net::Net::new()))
+    }
+
+    fn build(n: usize, shards: usize, config: &str, net: Option<std::sync::Arc<net::Net>>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg_path = dir.path().join("flotilla.toml");
         // A small reserve: test machines may have little free disk.
         let config = format!("[server]\nreserve-space-bytes = 16777216\n{config}");
         std::fs::write(&cfg_path, config).unwrap();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let initial = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (g, _))| format!("{}=127.0.0.1:{g}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",");
+        // How node `me` reaches each node: directly, or through the proxy
+        // of that link.
+        let initial = |me: u64| {
+            ports
+                .iter()
+                .enumerate()
+                .map(|(i, (g, _))| {
+                    let id = i as u64 + 1;
+                    let real = format!("127.0.0.1:{g}");
+                    let addr = match &net {
+                        Some(net) if id != me => net.proxy((me, id), real),
+                        _ => real,
+                    };
+                    format!("{id}={addr}")
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let nodes = ports
             .iter()
             .enumerate()
@@ -196,7 +233,7 @@ impl ProcCluster {
                     "--status-addr".into(),
                     status.clone(),
                     "--initial-cluster".into(),
-                    initial.clone(),
+                    initial(id),
                     "--initial-shards".into(),
                     shards.to_string(),
                 ];
@@ -211,7 +248,7 @@ impl ProcCluster {
                 }
             })
             .collect();
-        ProcCluster { dir, nodes }
+        ProcCluster { dir, nodes, net }
     }
 
     pub fn start_all(&mut self) {

@@ -11,7 +11,7 @@ use flotilla_proto::admin::admin_client::AdminClient;
 use flotilla_proto::admin::{GetRouteRequest, ListShardsRequest, NodeStatusRequest};
 use flotilla_proto::error::{self as pb, error::Kind};
 use flotilla_proto::kv::kv_client::KvClient;
-use flotilla_proto::kv::{self as kvpb, ShardContext};
+use flotilla_proto::kv::{self as kvpb, ReadMode, ShardContext};
 use flotilla_proto::meta::ShardDescriptor;
 use parking_lot::{Mutex, RwLock};
 use rand::Rng;
@@ -67,6 +67,19 @@ pub struct ShardInfo {
     pub descriptor: ShardDescriptor,
     /// 0 when the answering node did not know the leader.
     pub leader_node: u64,
+}
+
+/// What a shard-level call does, for routing and retries.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Call {
+    /// Served under the client's read mode.
+    Read,
+    /// A write whose retry is harmless (put, delete, batch put, delete
+    /// range): resent when the outcome is unknown.
+    Write,
+    /// A write that must not be applied twice (compare-and-swap): an unknown
+    /// outcome is reported as Indeterminate.
+    WriteOnce,
 }
 
 /// Why one shard-level operation did not return a value.
@@ -139,6 +152,8 @@ pub(crate) struct Inner {
 #[derive(Clone)]
 pub struct Client {
     pub(crate) inner: Arc<Inner>,
+    /// How reads (get, batch get, scan) are served; see [`ReadMode`].
+    read_mode: ReadMode,
 }
 
 /// What a shard-level call hands back: the response's structured error, if
@@ -159,9 +174,27 @@ impl Client {
                 channels: Mutex::default(),
                 next_endpoint: AtomicUsize::new(0),
             }),
+            read_mode: ReadMode::Leader,
         };
         client.refresh_all().await?;
         Ok(client)
+    }
+
+    /// A client sharing this one's connections and routes whose reads use
+    /// `mode`: `Leader` (the default; linearizable, from the leader's lease
+    /// when it holds one), `LeaderReadIndex` (linearizable, always confirmed
+    /// by a quorum), `Follower` (linearizable, served by any replica after it
+    /// asks the leader for its commit index) or `Stale` (any replica's
+    /// applied state: may miss recent writes).
+    pub fn with_read_mode(&self, mode: ReadMode) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            read_mode: mode,
+        }
+    }
+
+    pub fn read_mode(&self) -> ReadMode {
+        self.read_mode
     }
 
     fn channel(&self, addr: &str) -> Result<Channel> {
@@ -300,7 +333,7 @@ impl Client {
         &self,
         anchor: &[u8],
         before: bool,
-        idempotent: bool,
+        kind: Call,
         fits: impl Fn(&ShardDescriptor) -> bool,
         call: F,
     ) -> std::result::Result<(T, ShardDescriptor), OpError>
@@ -308,8 +341,21 @@ impl Client {
         F: Fn(KvClient<Channel>, ShardContext, ShardDescriptor) -> Fut,
         Fut: Future<Output = CallResult<T>>,
     {
+        let idempotent = kind != Call::WriteOnce;
+        let read_mode = if kind == Call::Read {
+            self.read_mode
+        } else {
+            ReadMode::Leader
+        };
+        // Follower and stale reads spread over the replicas, from a random
+        // one, moving on when one cannot serve.
+        let any_replica = matches!(read_mode, ReadMode::Follower | ReadMode::Stale);
         let mut retry = self.new_retry();
-        let mut replica_turn = 0usize;
+        let mut replica_turn = if any_replica {
+            rand::thread_rng().gen::<u16>() as usize
+        } else {
+            0
+        };
         let mut followed_hint = false;
         loop {
             let shard = if before {
@@ -321,7 +367,7 @@ impl Client {
             if !fits(&desc) {
                 return Err(OpError::Regroup);
             }
-            let node = if shard.leader_node != 0 {
+            let node = if shard.leader_node != 0 && !any_replica {
                 shard.leader_node
             } else if desc.replicas.is_empty() {
                 0
@@ -338,6 +384,7 @@ impl Client {
                 shard_id: desc.id,
                 epoch: desc.epoch,
                 replica_id: desc.replica_on(node).map(|r| r.id).unwrap_or(0),
+                read_mode: read_mode as i32,
             };
             let kv = self.kv(&addr)?;
             let outcome =
@@ -387,6 +434,11 @@ impl Client {
             };
             let why = format!("shard {} at {addr}: {}", desc.id, err.message);
             match err.kind {
+                // This replica cannot serve (it knows no leader, has no data
+                // yet or is installing a snapshot): try the next one.
+                Some(Kind::NotLeader(_)) | Some(Kind::ServerIsBusy(_)) if any_replica => {
+                    replica_turn += 1
+                }
                 Some(Kind::NotLeader(nl)) => {
                     let hint = nl.leader.filter(|l| l.node_id != node && l.node_id != 0);
                     let mut cache = self.inner.cache.write();
@@ -435,21 +487,21 @@ impl Client {
         }
     }
 
-    async fn single<T, F, Fut>(&self, key: &[u8], idempotent: bool, call: F) -> Result<T>
+    async fn single<T, F, Fut>(&self, key: &[u8], kind: Call, call: F) -> Result<T>
     where
         F: Fn(KvClient<Channel>, ShardContext, ShardDescriptor) -> Fut,
         Fut: Future<Output = CallResult<T>>,
     {
-        self.on_shard(key, false, idempotent, |_| true, call)
+        self.on_shard(key, false, kind, |_| true, call)
             .await
             .map(|(v, _)| v)
             .map_err(public)
     }
 
-    /// Reads a key (linearizable).
+    /// Reads a key (linearizable unless the read mode is `Stale`).
     pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>> {
         let key = key.into();
-        self.single(&key, true, |mut kv, ctx, _| {
+        self.single(&key, Call::Read, |mut kv, ctx, _| {
             let key = key.clone();
             async move {
                 let r = kv
@@ -467,7 +519,7 @@ impl Client {
 
     pub async fn put(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<()> {
         let (key, value) = (key.into(), value.into());
-        self.single(&key, true, |mut kv, ctx, _| {
+        self.single(&key, Call::Write, |mut kv, ctx, _| {
             let (key, value) = (key.clone(), value.clone());
             async move {
                 let r = kv
@@ -486,7 +538,7 @@ impl Client {
 
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<()> {
         let key = key.into();
-        self.single(&key, true, |mut kv, ctx, _| {
+        self.single(&key, Call::Write, |mut kv, ctx, _| {
             let key = key.clone();
             async move {
                 let r = kv
@@ -511,7 +563,7 @@ impl Client {
         new: Option<Bytes>,
     ) -> Result<CasResult> {
         let key = key.into();
-        self.single(&key, false, |mut kv, ctx, _| {
+        self.single(&key, Call::WriteOnce, |mut kv, ctx, _| {
             let req = kvpb::CompareAndSwapRequest {
                 context: Some(ctx),
                 key: key.clone(),
@@ -586,7 +638,7 @@ impl Client {
             .batched(keys, |group| async move {
                 let fits = |d: &ShardDescriptor| group.iter().all(|k| d.contains(k));
                 let (pairs, _) = self
-                    .on_shard(&group[0], false, true, fits, |mut kv, ctx, _| {
+                    .on_shard(&group[0], false, Call::Read, fits, |mut kv, ctx, _| {
                         let keys = group.clone();
                         async move {
                             let r = kv
@@ -620,7 +672,7 @@ impl Client {
         let values = &values;
         self.batched(keys, |group| async move {
             let fits = |d: &ShardDescriptor| group.iter().all(|k| d.contains(k));
-            self.on_shard(&group[0], false, true, fits, |mut kv, ctx, _| {
+            self.on_shard(&group[0], false, Call::Write, fits, |mut kv, ctx, _| {
                 let pairs = group
                     .iter()
                     .map(|k| kvpb::KvPair {
@@ -660,7 +712,7 @@ impl Client {
                 .on_shard(
                     &cursor,
                     false,
-                    true,
+                    Call::Write,
                     |_| true,
                     |mut kv, ctx, desc| {
                         let start = cursor.clone();
@@ -712,7 +764,7 @@ impl Client {
                 .on_shard(
                     &anchor,
                     reverse,
-                    true,
+                    Call::Read,
                     |_| true,
                     |mut kv, ctx, desc| {
                         let (s, e) = if reverse {

@@ -19,6 +19,11 @@
 //!    put, delete range) and returned for CompareAndSwap, as is a transport
 //!    failure after a CompareAndSwap was sent: retrying could apply it twice.
 //!
+//! Reads follow the client's [`ReadMode`] (`Client::with_read_mode`): the
+//! leader by default (served from its lease when it holds one), or any
+//! replica for follower and stale reads, starting from a random one and
+//! moving to the next when one cannot serve.
+//!
 //! Batch requests are split by shard and sent in parallel; a scan crossing
 //! shards is stitched into one ordered result.
 //!
@@ -32,3 +37,4 @@ mod routes;
 
 pub use client::{CasResult, Client, ClientConfig, KvPair, NodeStatus, ShardInfo};
 pub use error::{Error, Result};
+pub use flotilla_proto::kv::ReadMode;

@@ -23,6 +23,10 @@ pub struct Config {
     /// Ticks without a leader before a follower campaigns (randomised in
     /// [election_ticks, 2 * election_ticks)).
     pub election_ticks: usize,
+    /// How long a quorum-acknowledged round lets the leader serve reads
+    /// without asking the others (zero: never). Below
+    /// `(election_ticks - 1) * tick_interval`; see `replica::lease`.
+    pub leader_lease: Duration,
     /// Bytes of entries in one append message.
     pub max_size_per_msg: u64,
     /// Append messages in flight per follower.
@@ -61,6 +65,8 @@ impl Default for Config {
             tick_interval: Duration::from_millis(100),
             heartbeat_ticks: 2,
             election_ticks: 10,
+            // 900 ms of follower hold-off minus 100 ms (11 %) for drift.
+            leader_lease: Duration::from_millis(800),
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             max_uncommitted_size: 64 << 20,

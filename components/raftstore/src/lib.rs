@@ -38,10 +38,16 @@
 //!   apply poller takes after its write; sent by the transport as a separate
 //!   stream; installed as documented in `snapshot`.
 //!
+//! # Reads
+//! A read asks the replica when it may be served from the applied state:
+//! from the leader's lease, after a ReadIndex round (on the leader, or
+//! forwarded by a follower), or at once for stale reads (`replica::read`,
+//! `replica::lease`). The data itself is read from RocksDB by the caller.
+//!
 //! # Not done yet
-//! - Membership changes, splits, replica creation from messages (placement
-//!   issue): messages for unknown shards are counted and dropped.
-//! - Lease reads, follower reads, hibernation.
+//! - Splits and merges, and a cluster-wide replica id allocator (placement
+//!   issue).
+//! - Hibernation of idle shards.
 
 pub mod apply;
 pub mod bootstrap;
@@ -60,7 +66,9 @@ pub mod worker;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use meta::{ShardMeta, StoreMeta};
-pub use msg::{CasOutcome, KeySpan, ReadRequest, ReplicaStatus, WriteRequest, WriteResult};
+pub use msg::{
+    CasOutcome, KeySpan, ReadMode, ReadRequest, ReplicaStatus, WriteRequest, WriteResult,
+};
 pub use store::{Engines, Store, StoreRouter};
 pub use transport::{RaftMessage, Transport};
 

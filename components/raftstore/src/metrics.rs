@@ -127,6 +127,24 @@ pub static READS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static READ_PATHS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_raft_read_paths_total",
+        "Reads accepted by a replica, by how they are served: lease (the leader's lease, no network round), read_index (the leader confirms with a quorum), follower (a follower asks the leader), stale (local applied state).",
+        &["path"]
+    )
+    .unwrap()
+});
+
+pub static LEASE_RENEWALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_raft_lease_renewals_total",
+        "Leader lease extensions, by the kind of quorum-acknowledged round: read_index or commit.",
+        &["by"]
+    )
+    .unwrap()
+});
+
 pub static RAFT_MESSAGES_RECEIVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "flotilla_raft_messages_received_total",
@@ -269,6 +287,12 @@ pub fn register() {
     init_labels(&PROPOSALS, &["proposed", "refused", "dropped"]);
     init_labels(&PROPOSALS_DROPPED, &["stale", "indeterminate"]);
     init_labels(&READS, &["served", "refused", "not_leader"]);
+    init_labels(&READ_PATHS, &["lease", "read_index", "follower", "stale"]);
+    init_labels(&LEASE_RENEWALS, &["read_index", "commit"]);
+    init_labels(
+        &RAFT_MESSAGES_RECEIVED,
+        &["stepped", "rejected", "wrong_replica", "vote_held_off"],
+    );
     init_labels(
         &SNAPSHOTS,
         &[
@@ -299,6 +323,8 @@ pub fn register() {
     LazyLock::force(&POLL_ROUND_READIES);
     LazyLock::force(&READ_INDEX_REQUESTS);
     LazyLock::force(&READS);
+    LazyLock::force(&READ_PATHS);
+    LazyLock::force(&LEASE_RENEWALS);
     LazyLock::force(&RAFT_MESSAGES_RECEIVED);
     LazyLock::force(&LEADER_CHANGES);
     LazyLock::force(&SHARDS);

@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
+pub use flotilla_proto::kv::ReadMode;
 use flotilla_proto::local::{ApplyState, SnapshotData};
 use flotilla_proto::meta::{Epoch, ShardDescriptor};
 use flotilla_proto::raftcmd::{op, WriteCommand};
@@ -92,11 +93,13 @@ pub fn write_spans(cmd: &WriteCommand) -> impl Iterator<Item = KeySpan> + '_ {
     })
 }
 
-/// A linearizable read of one shard.
+/// A read of one shard: `cb` is answered once the replica may serve it
+/// from its applied state under `mode` (see `replica::read`).
 pub struct ReadRequest {
     pub shard_id: ShardId,
     pub epoch: Epoch,
     pub spans: Vec<KeySpan>,
+    pub mode: ReadMode,
     pub cb: ReadCallback,
 }
 

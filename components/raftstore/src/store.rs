@@ -372,7 +372,10 @@ fn spawn_ticker(router: RaftRouter, interval: Duration) -> (JoinHandle<()>, Send
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                     _ => return,
                 }
-                next += interval;
+                // Never catch up after a stall with a burst of ticks: a
+                // follower's election timeout must span real time for the
+                // leader lease to hold (replica::lease).
+                next = (next + interval).max(Instant::now() + interval);
                 router.broadcast_normal(|| ReplicaMsg::Tick);
                 let _ = router.send_control(ControlMsg::Tick);
             }

@@ -77,6 +77,8 @@ pub struct RaftstoreSection {
     pub tick_interval_ms: u64,
     pub heartbeat_ticks: usize,
     pub election_ticks: usize,
+    /// None: 8/9 of the safe bound, see `leader_lease`.
+    pub leader_lease_ms: Option<u64>,
     pub max_size_per_msg_bytes: u64,
     pub max_inflight_msgs: usize,
     pub max_uncommitted_size_bytes: u64,
@@ -108,6 +110,7 @@ impl Default for RaftstoreSection {
             tick_interval_ms: d.tick_interval.as_millis() as u64,
             heartbeat_ticks: d.heartbeat_ticks,
             election_ticks: d.election_ticks,
+            leader_lease_ms: None,
             max_size_per_msg_bytes: d.max_size_per_msg,
             max_inflight_msgs: d.max_inflight_msgs,
             max_uncommitted_size_bytes: d.max_uncommitted_size,
@@ -139,6 +142,7 @@ impl RaftstoreSection {
             tick_interval: Duration::from_millis(self.tick_interval_ms),
             heartbeat_ticks: self.heartbeat_ticks,
             election_ticks: self.election_ticks,
+            leader_lease: self.leader_lease(),
             max_size_per_msg: self.max_size_per_msg_bytes,
             max_inflight_msgs: self.max_inflight_msgs,
             max_uncommitted_size: self.max_uncommitted_size_bytes,
@@ -151,6 +155,23 @@ impl RaftstoreSection {
             raft_engine_purge_interval: Duration::from_millis(self.raft_engine_purge_interval_ms),
             snap_workers: self.snap_workers,
         }
+    }
+
+    /// Followers hold off other candidates for election-ticks ticks after
+    /// hearing from the leader, which spans at least (election-ticks - 1)
+    /// tick intervals; a lease must end before that (see
+    /// flotilla_raftstore::replica::lease).
+    fn lease_bound_ms(&self) -> u64 {
+        (self.election_ticks as u64).saturating_sub(1) * self.tick_interval_ms
+    }
+
+    /// The configured lease, or 8/9 of the bound (800 ms with the default
+    /// timing), leaving 11 % for clock-rate drift.
+    pub fn leader_lease(&self) -> Duration {
+        Duration::from_millis(
+            self.leader_lease_ms
+                .unwrap_or(self.lease_bound_ms() * 8 / 9),
+        )
     }
 
     pub fn to_snapshot(&self) -> flotilla_transport::SnapshotConfig {
@@ -299,6 +320,14 @@ impl Config {
         if r.tick_interval_ms == 0 {
             bail!("raftstore.tick-interval-ms must be at least 1");
         }
+        if let Some(lease) = r.leader_lease_ms {
+            let bound = r.lease_bound_ms();
+            if lease > 0 && lease >= bound {
+                bail!(
+                    "raftstore.leader-lease-ms = {lease} must be below (election-ticks - 1) * tick-interval-ms = {bound} (leave a margin for clock drift; 0 turns lease reads off)"
+                );
+            }
+        }
         if !(1..=65536).contains(&self.server.initial_shards) {
             bail!("server.initial-shards must be in 1..=65536");
         }
@@ -352,6 +381,8 @@ mod tests {
         let c = Config::from_file(&path).unwrap();
         let d = Config::default();
         assert_eq!(c.raftstore.election_ticks, d.raftstore.election_ticks);
+        assert_eq!(c.raftstore.leader_lease(), d.raftstore.leader_lease());
+        assert_eq!(d.raftstore.leader_lease(), Duration::from_millis(800));
         assert_eq!(c.limits.max_key_size_bytes, d.limits.max_key_size_bytes);
         assert_eq!(c.limits.max_value_size_bytes, d.limits.max_value_size_bytes);
         assert_eq!(c.server.initial_shards, d.server.initial_shards);

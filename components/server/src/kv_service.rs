@@ -2,9 +2,11 @@
 //! (nothing reaches Raft otherwise), sends the command or read to the
 //! shard's replica, and answers with the result or a structured error.
 //!
-//! Reads are linearizable: a read waits for a ReadIndex confirmation
-//! (batched per shard per round) and for the replica to apply up to it, then
-//! reads the node's RocksDB directly.
+//! Reads follow the request's read mode (linearizable unless STALE): a read
+//! waits until the replica allows it (leader lease, or a ReadIndex
+//! confirmation and the replica applied up to it; see
+//! `flotilla_raftstore::replica::read`), then reads a RocksDB snapshot taken
+//! at that moment.
 
 use std::sync::Arc;
 
@@ -47,9 +49,10 @@ impl Kv for KvService {
             let l = &c.cfg.limits;
             limits::check_key(l, "key", &r.key)?;
             let ctx = require_context(r.context)?;
-            c.read_barrier(&ctx, vec![KeySpan::Point(r.key.clone())])
+            let (snap, _) = c
+                .read_barrier(&ctx, vec![KeySpan::Point(r.key.clone())])
                 .await?;
-            let value = c.kv.get(&r.key).map_err(internal)?;
+            let value = snap.get(&r.key).map_err(internal)?;
             Ok(GetResponse {
                 error: None,
                 found: value.is_some(),
@@ -74,12 +77,11 @@ impl Kv for KvService {
             }
             let ctx = require_context(r.context)?;
             let spans = r.keys.iter().cloned().map(KeySpan::Point).collect();
-            c.read_barrier(&ctx, spans).await?;
-            let kv = c.kv.clone();
+            let (snap, _) = c.read_barrier(&ctx, spans).await?;
             let pairs = tokio::task::spawn_blocking(move || {
                 let mut pairs = Vec::new();
                 for k in r.keys {
-                    if let Some(v) = kv.get(&k)? {
+                    if let Some(v) = snap.get(&k)? {
                         pairs.push(KvPair {
                             key: k,
                             value: v.into(),
@@ -193,7 +195,7 @@ impl Kv for KvService {
                 start: r.start_key.clone(),
                 end: r.end_key.clone(),
             };
-            let shard_end = c.read_barrier(&ctx, vec![span]).await?;
+            let (snap, shard_end) = c.read_barrier(&ctx, vec![span]).await?;
             let end = if r.end_key.is_empty() {
                 shard_end
             } else {
@@ -203,12 +205,12 @@ impl Kv for KvService {
                 0 => l.max_scan_limit,
                 n => n.min(l.max_scan_limit),
             } as usize;
-            let kv = c.kv.clone();
-            let (pairs, more) =
-                tokio::task::spawn_blocking(move || kv.scan(&r.start_key, &end, limit, r.reverse))
-                    .await
-                    .map_err(internal)?
-                    .map_err(internal)?;
+            let (pairs, more) = tokio::task::spawn_blocking(move || {
+                snap.scan(&r.start_key, &end, limit, r.reverse)
+            })
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
             Ok(ScanResponse {
                 error: None,
                 pairs: pairs

@@ -14,8 +14,9 @@ use flotilla_proto::error as pb;
 use flotilla_proto::kv::ShardContext;
 use flotilla_proto::raftcmd::WriteCommand;
 use flotilla_raftstore::{
-    Error as StoreError, KeySpan, ReadRequest, StoreRouter, WriteRequest, WriteResult,
+    Error as StoreError, KeySpan, ReadMode, ReadRequest, StoreRouter, WriteRequest, WriteResult,
 };
+use flotilla_storage::kv::KvSnapshot;
 use flotilla_storage::{DiskStatus, KvEngine, RaftLogEngine};
 use flotilla_transport::AddressBook;
 use tokio::sync::oneshot;
@@ -224,20 +225,32 @@ impl NodeContext {
         }
     }
 
-    /// Waits until reading `spans` of the shard locally is linearizable.
-    /// Returns the shard's end key (for scans that run to its end).
+    /// Waits until this replica may serve a read of `spans` from its applied
+    /// state under the context's read mode (linearizable for every mode but
+    /// STALE). Returns a snapshot of the data taken the moment the replica
+    /// allowed the read (later changes, such as a snapshot install on a
+    /// follower, do not show), and the shard's end key (for scans that run
+    /// to its end).
     pub async fn read_barrier(
         &self,
         ctx: &ShardContext,
         spans: Vec<KeySpan>,
-    ) -> Result<bytes::Bytes, HandlerError> {
+    ) -> Result<(KvSnapshot, bytes::Bytes), HandlerError> {
+        let mode = ReadMode::try_from(ctx.read_mode).map_err(|_| {
+            HandlerError::Status(Status::invalid_argument(format!(
+                "context.read_mode: unknown value {} (0 leader, 1 leader-read-index, 2 follower, 3 stale)",
+                ctx.read_mode
+            )))
+        })?;
         let (tx, rx) = oneshot::channel();
+        let kv = self.kv.clone();
         self.router.read(ReadRequest {
             shard_id: ctx.shard_id,
             epoch: ctx.epoch.unwrap_or_default(),
             spans,
+            mode,
             cb: Box::new(move |r| {
-                let _ = tx.send(r);
+                let _ = tx.send(r.map(|()| kv.snapshot()));
             }),
         });
         match tokio::time::timeout(self.request_timeout(), rx).await {
@@ -248,14 +261,14 @@ impl NodeContext {
             .into()),
             Ok(Err(_)) => Err(StoreError::Shutdown.into()),
             Ok(Ok(r)) => {
-                r?;
+                let snap = r?;
                 let end = self
                     .router
                     .meta()
                     .get(ctx.shard_id)
                     .map(|m| m.descriptor.end_key)
                     .unwrap_or_default();
-                Ok(end)
+                Ok((snap, end))
             }
         }
     }

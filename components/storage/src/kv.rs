@@ -181,31 +181,10 @@ impl KvEngine {
         limit: usize,
         reverse: bool,
     ) -> Result<(Vec<KvPair>, bool)> {
-        let mut opts = ReadOptions::default();
-        opts.set_iterate_lower_bound(start.to_vec());
-        if !end.is_empty() {
-            opts.set_iterate_upper_bound(end.to_vec());
-        }
-        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_DEFAULT), opts);
-        if reverse {
-            it.seek_to_last();
-        } else {
-            it.seek_to_first();
-        }
-        let mut out = Vec::new();
-        while it.valid() {
-            if out.len() == limit {
-                return Ok((out, true));
-            }
-            out.push((it.key().unwrap().to_vec(), it.value().unwrap().to_vec()));
-            if reverse {
-                it.prev();
-            } else {
-                it.next();
-            }
-        }
-        it.status()?;
-        Ok((out, false))
+        let it = self
+            .db
+            .raw_iterator_cf_opt(self.cf(CF_DEFAULT), range_opts(start, end));
+        collect_range(it, limit, reverse)
     }
 
     fn get_meta<M: Message + Default>(&self, key: &[u8]) -> Result<Option<M>> {
@@ -349,8 +328,46 @@ impl KvEngine {
     }
 }
 
+fn range_opts(start: &[u8], end: &[u8]) -> ReadOptions {
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_lower_bound(start.to_vec());
+    if !end.is_empty() {
+        opts.set_iterate_upper_bound(end.to_vec());
+    }
+    opts
+}
+
+/// Up to `limit` pairs from a bounded iterator, ascending or descending,
+/// and whether more remain.
+fn collect_range<D: rocksdb::DBAccess>(
+    mut it: rocksdb::DBRawIteratorWithThreadMode<'_, D>,
+    limit: usize,
+    reverse: bool,
+) -> Result<(Vec<KvPair>, bool)> {
+    if reverse {
+        it.seek_to_last();
+    } else {
+        it.seek_to_first();
+    }
+    let mut out = Vec::new();
+    while it.valid() {
+        if out.len() == limit {
+            return Ok((out, true));
+        }
+        out.push((it.key().unwrap().to_vec(), it.value().unwrap().to_vec()));
+        if reverse {
+            it.prev();
+        } else {
+            it.next();
+        }
+    }
+    it.status()?;
+    Ok((out, false))
+}
+
 /// A RocksDB snapshot that owns a handle to its database, so it can move
-/// to a worker thread (snapshot generation, hashing).
+/// to a worker thread (snapshot generation, hashing) or outlive the moment
+/// a read was confirmed (the read then sees exactly that state).
 pub struct KvSnapshot {
     // Declared first: dropped (released) before the database handle.
     snap: SnapshotWithThreadMode<'static, DB>,
@@ -358,6 +375,31 @@ pub struct KvSnapshot {
 }
 
 impl KvSnapshot {
+    fn cf(&self) -> &ColumnFamily {
+        self._db
+            .cf_handle(CF_DEFAULT)
+            .expect("default column family")
+    }
+
+    /// Reads one user key as of the snapshot.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.snap.get_cf(self.cf(), key)?)
+    }
+
+    /// `KvEngine::scan` as of the snapshot.
+    pub fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<(Vec<KvPair>, bool)> {
+        let it = self
+            .snap
+            .raw_iterator_cf_opt(self.cf(), range_opts(start, end));
+        collect_range(it, limit, reverse)
+    }
+
     /// Calls `f` with every user pair of `[start, end)` (empty end = +inf)
     /// in key order; stops early if `f` returns an error.
     pub fn for_each<E: From<Error>>(
@@ -366,17 +408,9 @@ impl KvSnapshot {
         end: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
-        let mut opts = ReadOptions::default();
-        opts.set_iterate_lower_bound(start.to_vec());
-        if !end.is_empty() {
-            opts.set_iterate_upper_bound(end.to_vec());
-        }
+        let mut opts = range_opts(start, end);
         opts.fill_cache(false);
-        let cf = self
-            ._db
-            .cf_handle(CF_DEFAULT)
-            .expect("default column family");
-        let mut it = self.snap.raw_iterator_cf_opt(cf, opts);
+        let mut it = self.snap.raw_iterator_cf_opt(self.cf(), opts);
         it.seek_to_first();
         while it.valid() {
             f(it.key().unwrap(), it.value().unwrap())?;

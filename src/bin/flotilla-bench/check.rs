@@ -20,6 +20,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 pub struct CheckArgs {
+    /// Reads go through one of these at random (one per read mode tried).
+    pub readers: Vec<Client>,
     pub clients: usize,
     pub duration: Duration,
     pub keys: u64,
@@ -40,6 +42,7 @@ fn key_of(run: u64, i: u64) -> Bytes {
 #[allow(clippy::too_many_arguments)]
 async fn run_client(
     client: Client,
+    readers: Vec<Client>,
     run: u64,
     id: u64,
     keys: u64,
@@ -59,7 +62,8 @@ async fn run_client(
         let roll = rng.gen_range(0..10);
         let call = now();
         let (input, output) = if roll < 4 {
-            match client.get(key.clone()).await {
+            let reader = &readers[rng.gen_range(0..readers.len())];
+            match reader.get(key.clone()).await {
                 Ok(v) => {
                     last_seen.insert(k, v.clone());
                     (Input::Get, Output::Read(v))
@@ -123,6 +127,7 @@ pub async fn run(client: &Client, a: CheckArgs) -> anyhow::Result<bool> {
     for c in 0..a.clients as u64 {
         tasks.push(tokio::spawn(run_client(
             client.clone(),
+            a.readers.clone(),
             run,
             c,
             a.keys.max(1),

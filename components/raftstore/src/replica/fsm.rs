@@ -14,8 +14,10 @@
 //!    that had to wait for it (votes, append acks) and advances raft.
 //!
 //! # Invariants
-//! - A follower never proposes: a write or read on a non-leader is answered
-//!   `NotLeader` with the leader it knows.
+//! - A follower never proposes: a write or leader read on a non-leader is
+//!   answered `NotLeader` with the leader it knows. Follower and stale
+//!   reads are served by any initialized replica (`replica::read`); lease
+//!   reads only by a leader holding a lease (`replica::lease`).
 //! - Every callback is answered exactly once: on apply (success or
 //!   StaleCommand), at proposal time (an error), or when the node shuts down
 //!   (dropped, which the caller sees as cancellation).
@@ -35,9 +37,8 @@
 //! within the shard and only grow; a cluster-wide id allocator comes with
 //! the meta shard.
 
-use std::time::Instant;
-
 use std::collections::HashMap;
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, TryRecvError};
 use flotilla_batch_system::{Fsm, HandleResult};
@@ -60,9 +61,10 @@ use raft_engine::LogBatch;
 
 use crate::msg::{
     AdminCallback, AdminResult, ApplyMsg, ApplyResult, ApplyTask, ExecResult, KeySpan, Proposal,
-    ProposalCallbacks, ReadRequest, ReplicaMsg, ReplicaStatus, SnapshotInstall, WriteCallback,
-    WriteRequest,
+    ProposalCallbacks, ReadMode, ReadRequest, ReplicaMsg, ReplicaStatus, SnapshotInstall,
+    WriteCallback, WriteRequest,
 };
+use crate::replica::lease::Lease;
 use crate::replica::poller::PollContext;
 use crate::replica::proposal::ProposalQueue;
 use crate::replica::read::ReadQueue;
@@ -92,6 +94,14 @@ pub struct ReplicaFsm {
     receiver: Receiver<ReplicaMsg>,
     proposals: ProposalQueue,
     reads: ReadQueue,
+    lease: Lease,
+    /// Unanswered read batches go out again (through the new leader) once
+    /// one is known and, on a leader, has committed in its term.
+    resend_reads: bool,
+    /// A replica loaded from disk ignores vote requests for this many ticks
+    /// after it starts: it may have acknowledged a leader's lease just
+    /// before it stopped.
+    vote_guard_ticks: u64,
     /// Writes received this round, proposed together at its end.
     pending_writes: Vec<(WriteCommand, WriteCallback)>,
     pending_write_bytes: usize,
@@ -99,6 +109,9 @@ pub struct ReplicaFsm {
     pending_ready: Option<Ready>,
     /// A received snapshot to hand to apply once its raft state is durable.
     pending_install: Option<SnapshotInstall>,
+    /// A snapshot handed to apply and not yet installed: the data is being
+    /// replaced, so no read may look at it.
+    installing: bool,
     was_leader: bool,
     /// Ticks since this replica stopped leading with proposals pending.
     ticks_since_stepdown: Option<usize>,
@@ -186,6 +199,16 @@ impl ReplicaFsm {
         let logger = crate::logger::replica_logger(shard_id, replica_id);
         let raw_node =
             RawNode::new(&raft_cfg, storage, &logger).map_err(|e| Error::Storage(e.to_string()))?;
+        // Nobody ever led a pristine shard or an empty new replica (it
+        // acknowledged nothing), so neither has a lease to respect.
+        let pristine = raw_node.raft.term == RAFT_INIT_TERM
+            && raw_node.raft.vote == 0
+            && raw_node.store().last_index() == RAFT_INIT_INDEX;
+        let vote_guard_ticks = if raw_node.raft.term == 0 || pristine {
+            0
+        } else {
+            cfg.election_ticks as u64
+        };
         Ok(ReplicaFsm {
             shard_id,
             replica_id,
@@ -193,11 +216,15 @@ impl ReplicaFsm {
             raw_node,
             receiver,
             proposals: ProposalQueue::default(),
-            reads: ReadQueue::default(),
+            reads: ReadQueue::new(replica_id),
+            lease: Lease::new(cfg.leader_lease),
+            resend_reads: false,
+            vote_guard_ticks,
             pending_writes: Vec::new(),
             pending_write_bytes: 0,
             pending_ready: None,
             pending_install: None,
+            installing: false,
             was_leader: false,
             ticks_since_stepdown: None,
             ticks: 0,
@@ -273,6 +300,32 @@ impl ReplicaFsm {
                 self.shard_id
             )));
         }
+        self.check_epoch_and_range(epoch, spans)
+    }
+
+    /// Checks a follower or stale read: any replica with data may serve it.
+    fn check_replica_read(
+        &self,
+        epoch: &flotilla_proto::meta::Epoch,
+        spans: impl IntoIterator<Item = KeySpan>,
+    ) -> Result<()> {
+        if !self.raw_node.store().is_initialized() {
+            return Err(self.not_leader());
+        }
+        if self.data_in_flux() {
+            return Err(Error::ServerIsBusy(format!(
+                "replica {} of shard {} is installing a snapshot",
+                self.replica_id, self.shard_id
+            )));
+        }
+        self.check_epoch_and_range(epoch, spans)
+    }
+
+    fn check_epoch_and_range(
+        &self,
+        epoch: &flotilla_proto::meta::Epoch,
+        spans: impl IntoIterator<Item = KeySpan>,
+    ) -> Result<()> {
         let current = self.descriptor.epoch();
         if epoch.version != current.version {
             return Err(Error::EpochNotMatch {
@@ -459,6 +512,18 @@ impl ReplicaFsm {
                 .inc();
             return;
         }
+        if self.ticks < self.vote_guard_ticks && self.holds_off_vote(&m.msg) {
+            metrics::RAFT_MESSAGES_RECEIVED
+                .with_label_values(&["vote_held_off"])
+                .inc();
+            tracing::debug!(
+                shard_id = self.shard_id,
+                replica_id = self.replica_id,
+                from = m.from_replica,
+                "just started: ignoring a vote request, as if a leader had been heard"
+            );
+            return;
+        }
         self.peer_nodes.insert(m.from_replica, m.from_node);
         if self.was_leader {
             self.last_heard.insert(m.from_replica, self.ticks);
@@ -474,6 +539,16 @@ impl ReplicaFsm {
                 tracing::debug!(shard_id = self.shard_id, replica_id = self.replica_id, from = m.from_replica, error = %e, "raft message rejected");
             }
         }
+    }
+
+    /// A vote request that raft would refuse if it had heard from a leader
+    /// within the election timeout (see `replica::lease`).
+    fn holds_off_vote(&self, msg: &Message) -> bool {
+        matches!(
+            msg.get_msg_type(),
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        ) && msg.term > self.term()
+            && msg.context != raft::CAMPAIGN_TRANSFER
     }
 
     fn on_write(&mut self, req: WriteRequest, ctx: &PollContext) {
@@ -493,12 +568,99 @@ impl ReplicaFsm {
     }
 
     fn on_read(&mut self, req: ReadRequest) {
-        match self.check_request(&req.epoch, req.spans) {
-            Ok(()) => self.reads.push(req.cb),
-            Err(e) => {
-                metrics::READS.with_label_values(&["refused"]).inc();
-                (req.cb)(Err(e));
+        let ReadRequest {
+            epoch,
+            spans,
+            mode,
+            cb,
+            ..
+        } = req;
+        let checked = match mode {
+            ReadMode::Leader | ReadMode::LeaderReadIndex => self.check_request(&epoch, spans),
+            ReadMode::Follower | ReadMode::Stale => self.check_replica_read(&epoch, spans),
+        };
+        if let Err(e) = checked {
+            metrics::READS.with_label_values(&["refused"]).inc();
+            cb(Err(e));
+            return;
+        }
+        let path = match mode {
+            ReadMode::Stale => {
+                metrics::READ_PATHS.with_label_values(&["stale"]).inc();
+                metrics::READS.with_label_values(&["served"]).inc();
+                cb(Ok(()));
+                return;
             }
+            ReadMode::Leader | ReadMode::Follower if self.lease_valid() => {
+                let committed = self.raw_node.raft.raft_log.committed;
+                self.reads.push_ready(committed, cb);
+                "lease"
+            }
+            ReadMode::Leader | ReadMode::LeaderReadIndex => {
+                self.reads.push(cb, self.ticks);
+                "read_index"
+            }
+            ReadMode::Follower if self.is_leader() => {
+                self.reads.push(cb, self.ticks);
+                "read_index"
+            }
+            ReadMode::Follower => {
+                self.reads.push(cb, self.ticks);
+                "follower"
+            }
+        };
+        metrics::READ_PATHS.with_label_values(&[path]).inc();
+    }
+
+    /// Whether this replica leads with a lease in force: it may answer reads
+    /// at its commit index without asking anyone.
+    fn lease_valid(&mut self) -> bool {
+        if !self.is_leader() || !self.raw_node.raft.commit_to_current_term() {
+            return false;
+        }
+        if self.raw_node.raft.lead_transferee.is_some() {
+            self.lease.on_transfer(self.term());
+            return false;
+        }
+        self.lease.is_valid(Instant::now())
+    }
+
+    fn renew_lease(&mut self, started: Instant, by: &str) {
+        if self.lease.renew(started, self.term()) {
+            metrics::LEASE_RENEWALS.with_label_values(&[by]).inc();
+        }
+    }
+
+    /// On a leader, an entry of its term that committed was acknowledged by
+    /// a quorum after it was proposed.
+    fn renew_lease_by_commit(&mut self, committed: &[Entry]) {
+        let Some(last) = committed.last() else {
+            return;
+        };
+        if !self.is_leader() {
+            return;
+        }
+        if let Some(at) = self.proposals.proposed_at(last.index, self.term()) {
+            self.renew_lease(at, "commit");
+        }
+    }
+
+    /// A snapshot is about to replace, or is replacing, this replica's data.
+    fn data_in_flux(&self) -> bool {
+        self.pending_install.is_some() || self.installing
+    }
+
+    /// Answers the reads whose index is applied: each caller then takes a
+    /// RocksDB snapshot, so nothing may be half-installed now.
+    fn serve_reads(&mut self) {
+        if self.data_in_flux() {
+            return;
+        }
+        let served = self.reads.serve(self.raw_node.store().applied_index());
+        if served > 0 {
+            metrics::READS
+                .with_label_values(&["served"])
+                .inc_by(served as u64);
         }
     }
 
@@ -579,25 +741,35 @@ impl ReplicaFsm {
 
     /// Issues one ReadIndex for every read gathered so far, once the leader
     /// has committed an entry of its own term.
+    /// On a follower, raft forwards them to the leader. Then serves what is
+    /// ready (lease reads may be already).
     fn issue_pending_reads(&mut self) {
-        if !self.reads.has_pending() {
-            return;
+        if self.reads.has_pending() || self.resend_reads {
+            if self.leader_id() == raft::INVALID_ID {
+                self.resend_reads = false;
+                self.fail_unconfirmed_reads();
+            } else if !self.is_leader() || self.raw_node.raft.commit_to_current_term() {
+                if std::mem::take(&mut self.resend_reads) {
+                    for ctx in self.reads.due_for_resend(self.ticks, 0) {
+                        self.raw_node.read_index(ctx);
+                    }
+                }
+                let term = self.is_leader().then(|| self.term());
+                if let Some(ctx) = self.reads.issue(self.ticks, Instant::now(), term) {
+                    metrics::READ_INDEX_REQUESTS.inc();
+                    self.raw_node.read_index(ctx);
+                }
+            }
         }
-        if !self.is_leader() {
-            let err = self.not_leader();
-            let n = self.reads.fail_unconfirmed(|| err.clone());
-            metrics::READS
-                .with_label_values(&["not_leader"])
-                .inc_by(n as u64);
-            return;
-        }
-        if !self.raw_node.raft.commit_to_current_term() {
-            return;
-        }
-        if let Some(ctx) = self.reads.issue(self.ticks) {
-            metrics::READ_INDEX_REQUESTS.inc();
-            self.raw_node.read_index(ctx);
-        }
+        self.serve_reads();
+    }
+
+    fn fail_unconfirmed_reads(&mut self) {
+        let err = self.not_leader();
+        let n = self.reads.fail_unconfirmed(|| err.clone());
+        metrics::READS
+            .with_label_values(&["not_leader"])
+            .inc_by(n as u64);
     }
 
     fn on_tick(&mut self, ctx: &PollContext) {
@@ -611,12 +783,28 @@ impl ReplicaFsm {
             self.compact_log(ctx, false, None);
         }
         let timeout = 2 * ctx.cfg.election_ticks as u64;
-        if self.reads.retry_stale(self.ticks, timeout) > 0 {
+        let resend = self
+            .reads
+            .due_for_resend(self.ticks, (2 * ctx.cfg.heartbeat_ticks as u64).max(2));
+        if !resend.is_empty() {
             tracing::debug!(
                 shard_id = self.shard_id,
                 replica_id = self.replica_id,
-                "re-issuing a read index that got no answer"
+                batches = resend.len(),
+                "sending again read indexes that got no answer"
             );
+            for ctx in resend {
+                self.raw_node.read_index(ctx);
+            }
+        }
+        let err = self.not_leader();
+        let n = self
+            .reads
+            .fail_older_than(self.ticks, 2 * timeout, || err.clone());
+        if n > 0 {
+            metrics::READS
+                .with_label_values(&["not_leader"])
+                .inc_by(n as u64);
         }
         if let Some(t) = self.ticks_since_stepdown.as_mut() {
             *t += 1;
@@ -704,6 +892,7 @@ impl ReplicaFsm {
                     });
                 }
                 ExecResult::SnapshotInstalled { index, term, shard } => {
+                    self.installing = false;
                     if let Err(e) = crate::snapshot::cleanup(
                         &ctx.raft_engine,
                         &ctx.snap_mgr,
@@ -723,12 +912,7 @@ impl ReplicaFsm {
             return;
         }
         self.raw_node.advance_apply_to(applied);
-        let served = self.reads.serve(applied);
-        if served > 0 {
-            metrics::READS
-                .with_label_values(&["served"])
-                .inc_by(served as u64);
-        }
+        self.serve_reads();
     }
 
     fn transfer_leader(&mut self, to_replica: ReplicaId) -> Result<()> {
@@ -751,6 +935,8 @@ impl ReplicaFsm {
             "transferring leadership"
         );
         metrics::LEADER_TRANSFERS.inc();
+        // The transferee's votes are forced through the followers' leases.
+        self.lease.on_transfer(self.term());
         self.raw_node.transfer_leader(to_replica);
         Ok(())
     }
@@ -880,6 +1066,8 @@ impl ReplicaFsm {
     /// A membership change applied: raft follows, and a replica that is no
     /// longer a member destroys itself.
     fn on_conf_change(&mut self, cc: ConfChangeV2, shard: ShardDescriptor, ctx: &PollContext) {
+        // The quorum changed: only rounds that start now may renew the lease.
+        self.lease.restart_at(Instant::now());
         let cs = match self.raw_node.apply_conf_change(&cc) {
             Ok(cs) => cs,
             Err(e) => panic!(
@@ -981,14 +1169,13 @@ impl ReplicaFsm {
                 if !self.proposals.is_empty() {
                     self.ticks_since_stepdown = Some(0);
                 }
-                let err = self.not_leader();
-                let n = self.reads.fail_unconfirmed(|| err.clone());
-                metrics::READS
-                    .with_label_values(&["not_leader"])
-                    .inc_by(n as u64);
             }
+            self.lease.expire();
             self.was_leader = is_leader;
         }
+        // The leader changed (or is unknown): raft dropped the read indexes
+        // in flight; send them again through whoever leads now.
+        self.resend_reads = true;
     }
 
     fn send_messages(&self, msgs: Vec<Message>, ctx: &PollContext) {
@@ -1074,6 +1261,7 @@ impl ReplicaFsm {
         }
         let committed = rd.take_committed_entries();
         if !committed.is_empty() {
+            self.renew_lease_by_commit(&committed);
             self.send_to_apply(committed, ctx);
         }
         let mut dirty = false;
@@ -1095,14 +1283,14 @@ impl ReplicaFsm {
             round.sync = true;
         }
         for rs in rd.take_read_states() {
-            self.reads.on_read_state(&rs.request_ctx, rs.index);
+            let Some(c) = self.reads.on_read_state(&rs.request_ctx, rs.index) else {
+                continue;
+            };
+            if c.leader_term == Some(self.term()) && self.is_leader() {
+                self.renew_lease(c.issued_at, "read_index");
+            }
         }
-        let served = self.reads.serve(self.raw_node.store().applied_index());
-        if served > 0 {
-            metrics::READS
-                .with_label_values(&["served"])
-                .inc_by(served as u64);
-        }
+        self.serve_reads();
         round.readies += 1;
         self.pending_ready = Some(rd);
     }
@@ -1143,6 +1331,7 @@ impl ReplicaFsm {
         };
         // Before any entry committed after the snapshot.
         if let Some(install) = self.pending_install.take() {
+            self.installing = true;
             let _ = ctx
                 .apply_router
                 .force_send(self.shard_id, ApplyMsg::Install(install));
@@ -1159,6 +1348,7 @@ impl ReplicaFsm {
         }
         let committed = light.take_committed_entries();
         if !committed.is_empty() {
+            self.renew_lease_by_commit(&committed);
             self.send_to_apply(committed, ctx);
         }
         self.maybe_request_snapshot(ctx);

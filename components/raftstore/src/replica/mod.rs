@@ -1,6 +1,7 @@
 //! The raft side of a shard replica: its FSM and the poller that drives it.
 
 pub mod fsm;
+pub mod lease;
 pub mod poller;
 pub mod proposal;
 pub mod read;

@@ -7,9 +7,10 @@
 //! a newer leader's: StaleCommand). The queue is ordered by index.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use crate::msg::Proposal;
-use crate::{Error, Index};
+use crate::{Error, Index, Term};
 
 #[derive(Default)]
 pub struct ProposalQueue {
@@ -43,6 +44,15 @@ impl ProposalQueue {
     pub fn take_upto(&mut self, index: Index) -> Vec<Proposal> {
         let n = self.queue.iter().take_while(|p| p.index <= index).count();
         self.queue.drain(..n).collect()
+    }
+
+    /// When the newest proposal of `term` at or below `index` was made.
+    pub fn proposed_at(&self, index: Index, term: Term) -> Option<Instant> {
+        self.queue
+            .iter()
+            .rev()
+            .find(|p| p.index <= index && p.term == term)
+            .map(|p| p.proposed_at)
     }
 
     pub fn len(&self) -> usize {

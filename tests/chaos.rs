@@ -1,0 +1,285 @@
+//! The fault suite (`make chaos`): real server processes under two checked
+//! workloads while a nemesis injects faults on a seeded random schedule.
+//!
+//! - Workloads: `flotilla-bench check --read-mode mixed` (put, get and
+//!   compare-and-swap on a few keys; reads in the leader, leader-read-index
+//!   and follower modes at random; the history is checked for
+//!   linearizability by flotilla-checker), and the crash test's workload
+//!   (unique puts and CAS counters) whose acknowledged writes must all be
+//!   there at the end.
+//! - Faults, one at a time, each healed before the next: a partition
+//!   (random minority against the majority), the node leading the most
+//!   shards isolated, a one-way partition (a node hears everyone but
+//!   nobody hears it), `kill -9` and restart, SIGSTOP then SIGCONT,
+//!   leadership transfers of random shards, and moving a replica away and
+//!   back (membership changes through joint consensus). Links are cut with
+//!   proxies between the nodes (`common::net`): no privileges needed.
+//! - Verdict: the test passes only when the history is linearizable, every
+//!   acknowledged write is present, every counter matches its acknowledged
+//!   increments, and the replicas of every shard hash equal.
+//!
+//! `FLOTILLA_CHAOS_SECS` (default 60; `make chaos` runs 600),
+//! `FLOTILLA_CHAOS_SEED` (default: the clock; printed) and
+//! `FLOTILLA_CHAOS_NODES` (3 or 5) shape the run.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::workload::{spawn_workload, verify, History};
+use common::{ProcCluster, SMALL_LOGS};
+use flotilla_client::Client;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+fn ms(rng: &mut StdRng, lo: u64, hi: u64) -> Duration {
+    Duration::from_millis(rng.gen_range(lo..hi))
+}
+
+const FAULTS: [&str; 7] = [
+    "partition",
+    "isolate-leader",
+    "one-way",
+    "kill-9",
+    "pause",
+    "transfer-leaders",
+    "move-replica",
+];
+
+/// The running node with the most leaders (a paused or dead node does not
+/// answer and is skipped).
+async fn busiest(cluster: &ProcCluster, client: &Client) -> usize {
+    let mut best = (0, 0);
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        let status = tokio::time::timeout(Duration::from_secs(1), client.node_status(&n.grpc));
+        if let Ok(Ok(s)) = status.await {
+            if s.leaders >= best.1 {
+                best = (i, s.leaders);
+            }
+        }
+    }
+    best.0
+}
+
+/// Runs one fault and heals it; returns what it did, for the log.
+async fn inject(
+    fault: &str,
+    cluster: &mut ProcCluster,
+    client: &Client,
+    rng: &mut StdRng,
+) -> String {
+    let net = cluster.net.clone().expect("a cluster with a net");
+    let ids: Vec<u64> = cluster.nodes.iter().map(|n| n.id).collect();
+    let n = ids.len();
+    let hold = ms(rng, 1000, 4000);
+    match fault {
+        "partition" => {
+            let mut shuffled = ids.clone();
+            shuffled.shuffle(rng);
+            let (minority, majority) = shuffled.split_at((n - 1) / 2);
+            net.partition(minority, majority);
+            tokio::time::sleep(hold).await;
+            net.heal();
+            format!("{minority:?} | {majority:?} for {hold:?}")
+        }
+        "isolate-leader" => {
+            let i = busiest(cluster, client).await;
+            let id = ids[i];
+            let others: Vec<u64> = ids.iter().copied().filter(|x| *x != id).collect();
+            net.partition(&[id], &others);
+            tokio::time::sleep(hold).await;
+            net.heal();
+            format!("node {id} (most leaders) isolated for {hold:?}")
+        }
+        "one-way" => {
+            let id = *ids.choose(rng).unwrap();
+            net.block(ids.iter().filter(|x| **x != id).map(|x| (id, *x)));
+            tokio::time::sleep(hold).await;
+            net.heal();
+            format!("node {id} cannot send for {hold:?}")
+        }
+        "kill-9" => {
+            let i = rng.gen_range(0..n);
+            let down = ms(rng, 0, 3000);
+            cluster.nodes[i].kill9();
+            tokio::time::sleep(down).await;
+            cluster.nodes[i].start();
+            cluster.nodes[i].wait_ready(Duration::from_secs(60));
+            format!("node {} killed, down {down:?}", ids[i])
+        }
+        "pause" => {
+            let i = rng.gen_range(0..n);
+            let pause = ms(rng, 500, 3000);
+            cluster.nodes[i].signal("STOP");
+            tokio::time::sleep(pause).await;
+            cluster.nodes[i].signal("CONT");
+            format!("node {} paused for {pause:?}", ids[i])
+        }
+        "transfer-leaders" => {
+            let Ok(shards) = client.list_shards().await else {
+                return "no shard list".into();
+            };
+            let mut moved = 0;
+            for s in shards.choose_multiple(rng, 3) {
+                let to = s.descriptor.replicas.choose(rng).unwrap().node_id;
+                let call = client.transfer_leader(s.descriptor.id, to);
+                if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(5), call).await {
+                    moved += 1;
+                }
+            }
+            format!("{moved} of 3 leadership transfers done")
+        }
+        "move-replica" => {
+            let Ok(shards) = client.list_shards().await else {
+                return "no shard list".into();
+            };
+            let s = shards.choose(rng).unwrap();
+            let id = s.descriptor.id;
+            let Some(node) = s
+                .descriptor
+                .replicas
+                .iter()
+                .map(|r| r.node_id)
+                .find(|x| *x != s.leader_node)
+            else {
+                return format!("shard {id}: no follower to move");
+            };
+            let t = Duration::from_secs(20);
+            let removed = tokio::time::timeout(t, client.remove_replica(id, node)).await;
+            let added = tokio::time::timeout(t, client.add_replica(id, node, true)).await;
+            format!(
+                "shard {id}: replica on node {node} removed: {}, added back: {}",
+                matches!(removed, Ok(Ok(_))),
+                matches!(added, Ok(Ok(_)))
+            )
+        }
+        other => unreachable!("{other}"),
+    }
+}
+
+/// Puts back any replica a failed move left out, so every node again holds
+/// every shard.
+async fn repair(cluster: &ProcCluster, client: &Client) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shards = client.list_shards().await.unwrap();
+        let mut missing = Vec::new();
+        for s in &shards {
+            for node in &cluster.nodes {
+                if s.descriptor.replica_on(node.id).is_none() {
+                    missing.push((s.descriptor.id, node.id));
+                }
+            }
+        }
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas still missing: {missing:?}"
+        );
+        for (shard, node) in missing {
+            eprintln!("chaos: repairing shard {shard}: replica on node {node}");
+            let _ = client.add_replica(shard, node, true).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nemesis_under_checked_workloads_keeps_histories_linearizable() {
+    let secs = env_u64("FLOTILLA_CHAOS_SECS").unwrap_or(60);
+    let nodes = env_u64("FLOTILLA_CHAOS_NODES").unwrap_or(3) as usize;
+    let seed = env_u64("FLOTILLA_CHAOS_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    });
+    eprintln!(
+        "chaos: {nodes} nodes, {secs}s of faults, seed {seed} (FLOTILLA_CHAOS_SEED to replay)"
+    );
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    let mut cluster = ProcCluster::with_net(nodes, 8, SMALL_LOGS);
+    cluster.start_all();
+    let client = cluster.client(Duration::from_secs(30)).await;
+
+    // The checked history: a few keys, so operations contend.
+    let keys = (secs / 10).max(8);
+    let bench = Command::new(env!("CARGO_BIN_EXE_flotilla-bench"))
+        .args(["check", "--clients", "8", "--read-mode", "mixed"])
+        .args(["--duration", &(secs + 5).to_string()])
+        .args(["--keys", &keys.to_string()])
+        .args(["--check-budget", "300", "--seed", &seed.to_string()])
+        .arg("--endpoints")
+        .arg(cluster.endpoints().join(","))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start flotilla-bench");
+
+    // Acknowledged writes that must survive.
+    let stop = Arc::new(AtomicBool::new(false));
+    let history = Arc::new(Mutex::new(History::default()));
+    let tasks = spawn_workload(&client, 4, stop.clone(), history.clone());
+
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(secs);
+    let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    while Instant::now() < deadline {
+        let fault = *FAULTS.choose(&mut rng).unwrap();
+        let what = inject(fault, &mut cluster, &client, &mut rng).await;
+        *counts.entry(fault).or_default() += 1;
+        eprintln!(
+            "chaos [{:>6.1}s] {fault}: {what}",
+            t0.elapsed().as_secs_f64()
+        );
+        cluster.assert_all_running();
+        tokio::time::sleep(ms(&mut rng, 500, 2000)).await;
+    }
+    cluster.net.as_ref().unwrap().heal();
+
+    let out = bench.wait_with_output().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let faults: u32 = counts.values().sum();
+    eprintln!("chaos: {faults} faults: {counts:?}");
+    eprintln!("chaos: checked history: {}", stdout.trim());
+    assert!(
+        out.status.success() && stdout.contains(": linearizable"),
+        "the history is not linearizable (or the check did not finish):\n{stdout}\n{stderr}"
+    );
+    let ops: usize = stdout
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(ops > 100, "only {ops} operations checked");
+    assert!(faults > 0);
+
+    let history = std::mem::take(&mut *history.lock().unwrap());
+    let increments: u64 = history.counters.values().map(|(a, _)| a).sum();
+    let unknown: u64 = history.counters.values().map(|(_, u)| u).sum();
+    eprintln!(
+        "chaos: {} acknowledged puts, {increments} acknowledged increments, {unknown} unknown",
+        history.puts.len()
+    );
+    verify(&client, &history).await;
+    repair(&cluster, &client).await;
+    common::assert_replicas_identical(&mut cluster, &client).await;
+    eprintln!("chaos: every acknowledged write present; replicas identical; linearizable");
+}
