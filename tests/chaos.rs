@@ -166,6 +166,27 @@ async fn inject(
     }
 }
 
+/// Sums counters over the nodes' /metrics (since each node's last start):
+/// `(series prefix, total)` for every series whose name starts with one of
+/// `names`.
+fn node_counters(cluster: &ProcCluster, names: &[&str]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for n in &cluster.nodes {
+        let Some((200, text)) = n.http_get("/metrics") else {
+            continue;
+        };
+        for line in text.lines() {
+            if !names.iter().any(|name| line.starts_with(name)) {
+                continue;
+            }
+            if let Some((series, v)) = line.rsplit_once(' ') {
+                *out.entry(series.to_string()).or_default() += v.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+    }
+    out
+}
+
 /// Puts back any replica a failed move left out, so every node again holds
 /// every shard.
 async fn repair(cluster: &ProcCluster, client: &Client) {
@@ -279,6 +300,19 @@ async fn nemesis_under_checked_workloads_keeps_histories_linearizable() {
         history.puts.len()
     );
     verify(&client, &history).await;
+    let seen = node_counters(
+        &cluster,
+        &[
+            "flotilla_raft_leader_changes_total",
+            "flotilla_raft_read_paths_total",
+            "flotilla_raft_lease_renewals_total",
+            "flotilla_raft_messages_received_total{outcome=\"vote_held_off\"}",
+        ],
+    );
+    eprintln!("chaos: counters of the nodes since their last start:");
+    for (series, v) in &seen {
+        eprintln!("  {series} {v}");
+    }
     repair(&cluster, &client).await;
     common::assert_replicas_identical(&mut cluster, &client).await;
     eprintln!("chaos: every acknowledged write present; replicas identical; linearizable");

@@ -76,10 +76,7 @@ async fn requests_over_a_limit_are_refused_and_write_nothing() {
     );
     assert_invalid(
         kv.get(GetRequest {
-            context: Some(ShardContext {
-                read_mode: 9,
-                ..ctx.unwrap()
-            }),
+            context: ctx.map(|c| ShardContext { read_mode: 9, ..c }),
             key: b("k"),
         })
         .await,
