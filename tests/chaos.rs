@@ -244,7 +244,7 @@ async fn nemesis_under_checked_workloads_keeps_histories_linearizable() {
         .arg("--endpoints")
         .arg(cluster.endpoints().join(","))
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(cluster.dir.path().join("bench.log")).unwrap())
         .spawn()
         .expect("start flotilla-bench");
 
@@ -276,7 +276,12 @@ async fn nemesis_under_checked_workloads_keeps_histories_linearizable() {
         t.await.unwrap();
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = std::fs::read_to_string(cluster.dir.path().join("bench.log")).unwrap_or_default();
+    let stderr: String = stderr
+        .lines()
+        .filter(|l| !l.starts_with('['))
+        .collect::<Vec<_>>()
+        .join("\n");
     let faults: u32 = counts.values().sum();
     eprintln!("chaos: {faults} faults: {counts:?}");
     eprintln!("chaos: checked history: {}", stdout.trim());

@@ -150,6 +150,17 @@ impl Drop for ProcCluster {
             for n in &self.nodes {
                 let _ = std::fs::copy(&n.log, keep.join(format!("node{}.log", n.id)));
             }
+            // Logs of other processes the test ran (flotilla-bench...).
+            for e in std::fs::read_dir(self.dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = e.file_name();
+                if name.to_string_lossy().ends_with(".log") {
+                    let _ = std::fs::copy(e.path(), keep.join(&name));
+                }
+            }
             eprintln!("node logs kept in {}", keep.display());
         }
     }

@@ -133,11 +133,16 @@ impl Retry {
 }
 
 /// Whether a failed call certainly never reached the server (so even a
-/// non-idempotent command can be retried).
+/// non-idempotent command can be retried): only a failure to connect. A
+/// connection reset or closed after the request went out ("connection
+/// reset", "connection closed") may follow its execution, so it does not
+/// count: retrying a compare-and-swap then could apply it twice.
 pub(crate) fn never_sent(s: &Status) -> bool {
     s.code() == Code::Unavailable && {
         let m = s.message().to_ascii_lowercase();
-        m.contains("connect") || m.contains("refused")
+        m.contains("tcp connect error")
+            || m.contains("error trying to connect")
+            || m.contains("connection refused")
     }
 }
 
@@ -904,4 +909,36 @@ fn clip_start(start: &Bytes, desc: &ShardDescriptor) -> Bytes {
 /// Whether the shard extends to or past `end` (empty = +inf).
 fn reaches(desc: &ShardDescriptor, end: &Bytes) -> bool {
     desc.end_key.is_empty() || (!end.is_empty() && desc.end_key[..] >= end[..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_a_failed_connect_counts_as_never_sent() {
+        // A port nobody listens on: the call fails before anything is sent.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect_lazy();
+        let status = KvClient::new(channel)
+            .get(kvpb::GetRequest::default())
+            .await
+            .unwrap_err();
+        assert!(never_sent(&status), "{status:?}");
+        // A connection that broke after the request went out.
+        for m in [
+            "transport error",
+            "error reading a body from connection: connection reset",
+            "connection closed before message completed",
+            "h2 protocol error: broken pipe",
+        ] {
+            assert!(!never_sent(&Status::unavailable(m)), "{m}");
+        }
+    }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flotilla_checker::{Input, Op, Output, Verdict};
-use flotilla_client::Client;
+use flotilla_client::{Client, ReadMode};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -38,6 +38,10 @@ fn key_of(run: u64, i: u64) -> Bytes {
     Bytes::from(k)
 }
 
+/// The read mode of each read, by (client, invocation time), to name it
+/// when a read shows up in a violation.
+type ReadModes = std::collections::HashMap<(u64, u64), ReadMode>;
+
 /// One client's loop; returns its operations.
 #[allow(clippy::too_many_arguments)]
 async fn run_client(
@@ -50,9 +54,10 @@ async fn run_client(
     t0: Instant,
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
-) -> Vec<Op> {
+) -> (Vec<Op>, ReadModes) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut ops = Vec::new();
+    let mut modes = ReadModes::new();
     let mut last_seen: std::collections::HashMap<u64, Option<Bytes>> = Default::default();
     let mut seq = 0u64;
     let now = || t0.elapsed().as_nanos() as u64;
@@ -65,6 +70,7 @@ async fn run_client(
             let reader = &readers[rng.gen_range(0..readers.len())];
             match reader.get(key.clone()).await {
                 Ok(v) => {
+                    modes.insert((id, call), reader.read_mode());
                     last_seen.insert(k, v.clone());
                     (Input::Get, Output::Read(v))
                 }
@@ -112,7 +118,7 @@ async fn run_client(
             ret,
         });
     }
-    ops
+    (ops, modes)
 }
 
 /// Runs the workload and checks it. Returns whether the history is
@@ -147,8 +153,11 @@ pub async fn run(client: &Client, a: CheckArgs) -> anyhow::Result<bool> {
     }
     stop.store(true, Ordering::Relaxed);
     let mut history = Vec::new();
+    let mut modes = ReadModes::new();
     for t in tasks {
-        history.extend(t.await?);
+        let (ops, m) = t.await?;
+        history.extend(ops);
+        modes.extend(m);
     }
     let summary = flotilla_checker::summarize(&history);
     let started = Instant::now();
@@ -181,7 +190,10 @@ pub async fn run(client: &Client, a: CheckArgs) -> anyhow::Result<bool> {
                 key.iter().map(|b| format!("{b:02x}")).collect::<String>()
             );
             for op in &ops {
-                eprintln!("  {op}");
+                match modes.get(&(op.client, op.call)) {
+                    Some(m) => eprintln!("  {op}  [read mode {m:?}]"),
+                    None => eprintln!("  {op}"),
+                }
             }
         }
         Verdict::Unknown { key } => eprintln!(
