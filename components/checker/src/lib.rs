@@ -16,7 +16,10 @@
 //! and Porcupine it is treated as returning at infinity, which lets the
 //! search place it anywhere after its call, including after everything
 //! else (where its effect is unobservable, i.e. it never happened). A read
-//! that failed carries no information and should simply be left out.
+//! that failed carries no information and should simply be left out. An
+//! unknown write of a value nobody observed is dropped before the search
+//! (`prune_unobserved_unknowns`): it changes no verdict, and each one would
+//! multiply the search.
 //!
 //! # Search
 //! Wing & Gong's algorithm with Lowe's memoization, as in Porcupine: walk a
@@ -130,7 +133,7 @@ pub fn check(history: &[Op], budget: Duration) -> Verdict {
     }
     let mut unknown = None;
     for (key, ops) in by_key {
-        let ops: Vec<Op> = ops.into_iter().cloned().collect();
+        let ops = prune_unobserved_unknowns(ops);
         match check_key(&ops, deadline) {
             Some(true) => {}
             Some(false) => {
@@ -148,6 +151,42 @@ pub fn check(history: &[Op], budget: Duration) -> Verdict {
     }
 }
 
+/// Drops the operations of unknown outcome that wrote a value nobody
+/// observed. Such an operation can always be linearized last (it never
+/// returned), where it changes nothing anyone saw, so the history is
+/// linearizable with it exactly when it is without it; and each one left in
+/// multiplies the search (it may go anywhere after its call). Writes of
+/// absence (deletes) are kept: absence is not unique, so a read of it may
+/// be theirs.
+fn prune_unobserved_unknowns(ops: Vec<&Op>) -> Vec<Op> {
+    let seen: HashSet<&Option<Bytes>> = ops.iter().filter_map(|o| observed(o)).collect();
+    ops.into_iter()
+        .filter(|o| {
+            o.output != Output::Unknown
+                || !written(o).is_some_and(|w| w.is_some() && !seen.contains(w))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The state an operation wrote, if it (maybe) wrote one.
+fn written(op: &Op) -> Option<&Option<Bytes>> {
+    match (&op.input, &op.output) {
+        (Input::Put(v), _) => Some(v),
+        (Input::Cas { new, .. }, Output::Swapped(true) | Output::Unknown) => Some(new),
+        _ => None,
+    }
+}
+
+/// The state an operation saw, if it saw one.
+fn observed(op: &Op) -> Option<&Option<Bytes>> {
+    match (&op.input, &op.output) {
+        (_, Output::Read(v) | Output::NotSwappedSaw(v)) => Some(v),
+        (Input::Cas { expected, .. }, Output::Swapped(true)) => Some(expected),
+        _ => None,
+    }
+}
+
 /// Shrinks a non-linearizable single-key history: drops each operation in
 /// turn and keeps the drop when the rest still has no linearization. A
 /// write whose value a remaining operation observed is kept, so the
@@ -155,20 +194,6 @@ pub fn check(history: &[Op], budget: Duration) -> Verdict {
 /// saw and the one it missed). Stops shrinking at `deadline` (what is left
 /// still fails).
 pub fn minimize(ops: &[Op], deadline: Instant) -> Vec<Op> {
-    fn written(op: &Op) -> Option<&Option<Bytes>> {
-        match (&op.input, &op.output) {
-            (Input::Put(v), _) => Some(v),
-            (Input::Cas { new, .. }, Output::Swapped(true) | Output::Unknown) => Some(new),
-            _ => None,
-        }
-    }
-    fn observed(op: &Op) -> Option<&Option<Bytes>> {
-        match (&op.input, &op.output) {
-            (_, Output::Read(v) | Output::NotSwappedSaw(v)) => Some(v),
-            (Input::Cas { expected, .. }, Output::Swapped(true)) => Some(expected),
-            _ => None,
-        }
-    }
     let mut ops = ops.to_vec();
     // Passes until nothing more can go: dropping a read can free the write
     // it observed.
@@ -599,5 +624,42 @@ mod tests {
         let started = Instant::now();
         assert_eq!(check(&h, BUDGET), Verdict::Linearizable);
         assert!(started.elapsed() < BUDGET);
+    }
+
+    #[test]
+    fn many_unobserved_unknown_writes_do_not_slow_the_check() {
+        // A put of unknown outcome per client every few operations, never
+        // read back: each could go anywhere after its call, which without
+        // pruning makes the search explode.
+        let mut h = Vec::new();
+        for i in 0..3000u64 {
+            let t = i * 10;
+            let c = i % 8;
+            if i % 3 == 0 {
+                h.push(put(c, &format!("known-{i}"), t, t + 4));
+                h.push(op(
+                    c + 8,
+                    Input::Put(b(&format!("lost-{i}"))),
+                    Output::Unknown,
+                    t + 1,
+                    0,
+                ));
+            } else {
+                h.push(get(c, Some(&format!("known-{}", i - i % 3)), t + 5, t + 9));
+            }
+        }
+        let started = Instant::now();
+        assert_eq!(check(&h, Duration::from_secs(20)), Verdict::Linearizable);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        // An unknown write that was observed still counts: read, then
+        // followed by a read of the older value, it is a violation.
+        let mut h: Vec<Op> = h.into_iter().take(40).collect();
+        h.push(get(1, Some("lost-0"), 40_000, 40_001));
+        h.push(get(2, Some("known-27"), 40_010, 40_011));
+        assert!(matches!(check(&h, BUDGET), Verdict::Violation { .. }));
     }
 }

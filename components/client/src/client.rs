@@ -72,14 +72,13 @@ pub struct ShardInfo {
 /// What a shard-level call does, for routing and retries.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Call {
-    /// Served under the client's read mode.
+    /// Served under the client's read mode; retried freely.
     Read,
-    /// A write whose retry is harmless (put, delete, batch put, delete
-    /// range): resent when the outcome is unknown.
+    /// Sent again only when it certainly was not applied; an unknown
+    /// outcome is reported as Indeterminate. Even a put is not idempotent
+    /// once others write: a retry applied after a newer write to the key
+    /// brings the old value back (the chaos test's checker caught that).
     Write,
-    /// A write that must not be applied twice (compare-and-swap): an unknown
-    /// outcome is reported as Indeterminate.
-    WriteOnce,
 }
 
 /// Why one shard-level operation did not return a value.
@@ -346,7 +345,7 @@ impl Client {
         F: Fn(KvClient<Channel>, ShardContext, ShardDescriptor) -> Fut,
         Fut: Future<Output = CallResult<T>>,
     {
-        let idempotent = kind != Call::WriteOnce;
+        let idempotent = kind == Call::Read;
         let read_mode = if kind == Call::Read {
             self.read_mode
         } else {
@@ -568,7 +567,7 @@ impl Client {
         new: Option<Bytes>,
     ) -> Result<CasResult> {
         let key = key.into();
-        self.single(&key, Call::WriteOnce, |mut kv, ctx, _| {
+        self.single(&key, Call::Write, |mut kv, ctx, _| {
             let req = kvpb::CompareAndSwapRequest {
                 context: Some(ctx),
                 key: key.clone(),

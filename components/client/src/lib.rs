@@ -14,10 +14,12 @@
 //!    immediate when a new leader is named), `EpochNotMatch` installs the
 //!    new descriptors, `ShardNotFound`/`KeyNotInShard` drop the cached route,
 //!    `ServerIsBusy` and transport errors back off and try another replica.
-//! 4. `StaleCommand` (definitely not applied) is retried. `Indeterminate`
-//!    (maybe applied) is retried for idempotent writes (put, delete, batch
-//!    put, delete range) and returned for CompareAndSwap, as is a transport
-//!    failure after a CompareAndSwap was sent: retrying could apply it twice.
+//! 4. `StaleCommand` (definitely not applied) is retried. A write whose
+//!    outcome is unknown (`Indeterminate` from the server, no answer before
+//!    the deadline, a connection lost after the request went out) is
+//!    returned as `Error::Indeterminate`, never sent again: a blind retry of
+//!    even a put can land after a newer write to the same key and bring the
+//!    old value back. The caller decides (read, then write again).
 //!
 //! Reads follow the client's [`ReadMode`] (`Client::with_read_mode`): the
 //! leader by default (served from its lease when it holds one), or any

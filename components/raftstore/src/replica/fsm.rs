@@ -524,6 +524,32 @@ impl ReplicaFsm {
             );
             return;
         }
+        let log = &self.raw_node.raft.raft_log;
+        if m.msg.get_msg_type() == MessageType::MsgHeartbeat
+            && m.msg.term >= self.term()
+            && m.msg.commit > log.last_index()
+        {
+            // raft panics on this; say what led here first.
+            tracing::error!(
+                shard_id = self.shard_id,
+                replica_id = self.replica_id,
+                from = m.from_replica,
+                from_node = m.from_node,
+                msg_term = m.msg.term,
+                msg_commit = m.msg.commit,
+                term = self.term(),
+                last_index = log.last_index(),
+                persisted = log.persisted,
+                committed = log.committed,
+                stored_last = self.raw_node.store().last_index(),
+                applied = self.raw_node.store().applied_index(),
+                truncated = self.raw_node.store().truncated_index(),
+                role = ?self.raw_node.raft.state,
+                installing = self.installing,
+                pending_install = self.pending_install.is_some(),
+                "a leader commits past the end of this replica's log"
+            );
+        }
         self.peer_nodes.insert(m.from_replica, m.from_node);
         if self.was_leader {
             self.last_heard.insert(m.from_replica, self.ticks);
@@ -1181,6 +1207,22 @@ impl ReplicaFsm {
     fn send_messages(&self, msgs: Vec<Message>, ctx: &PollContext) {
         let epoch = self.descriptor.epoch();
         for msg in msgs {
+            if msg.get_msg_type() == MessageType::MsgAppendResponse
+                && !msg.reject
+                && msg.index > self.raw_node.store().last_index()
+            {
+                tracing::error!(
+                    shard_id = self.shard_id,
+                    replica_id = self.replica_id,
+                    to = msg.to,
+                    index = msg.index,
+                    msg_term = msg.term,
+                    raft_last = self.raw_node.raft.raft_log.last_index(),
+                    stored_last = self.raw_node.store().last_index(),
+                    persisted = self.raw_node.raft.raft_log.persisted,
+                    "acknowledging entries past the end of the stored log"
+                );
+            }
             let to_node = self
                 .descriptor
                 .replica(msg.to)
