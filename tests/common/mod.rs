@@ -115,8 +115,11 @@ impl Node {
         let mut s = TcpStream::connect(&self.status).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
+        let mut bytes = Vec::new();
+        // A slow or kept-open connection ends the read at the timeout; keep
+        // what arrived.
+        let _ = s.read_to_end(&mut bytes);
+        let out = String::from_utf8_lossy(&bytes).into_owned();
         let code = out.split_whitespace().nth(1)?.parse().ok()?;
         Some((code, out))
     }

@@ -423,3 +423,23 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Puts until the write is acknowledged, sending it again after an
+/// Indeterminate outcome (the client never does: a blind retry can land
+/// after someone else's newer write). Only for keys the caller alone
+/// writes, where a repeated put is harmless. Panics on other errors.
+pub async fn put_acked(
+    client: &Client,
+    key: impl Into<bytes::Bytes>,
+    value: impl Into<bytes::Bytes>,
+) {
+    let (key, value) = (key.into(), value.into());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.put(key.clone(), value.clone()).await {
+            Ok(()) => return,
+            Err(e) if e.is_indeterminate() && Instant::now() < deadline => {}
+            Err(e) => panic!("put {key:?}: {e}"),
+        }
+    }
+}
