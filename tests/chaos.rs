@@ -285,15 +285,7 @@ async fn nemesis_under_checked_workloads_keeps_histories_linearizable() {
     let faults: u32 = counts.values().sum();
     eprintln!("chaos: {faults} faults: {counts:?}");
     eprintln!("chaos: checked history: {}", stdout.trim());
-    assert!(
-        out.status.success() && stdout.contains(": linearizable"),
-        "the history is not linearizable (or the check did not finish):\n{stdout}\n{stderr}"
-    );
-    let ops: usize = stdout
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let ops = common::assert_linearizable(out.status, &stdout, &stderr);
     assert!(ops > 100, "only {ops} operations checked");
     assert!(faults > 0);
 

@@ -40,15 +40,7 @@ async fn histories_stay_linearizable_across_a_leader_crash() {
     let out = bench.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains(": linearizable"),
-        "flotilla-bench check failed:\n{stdout}\n{stderr}"
-    );
     // The run did real work.
-    let ops: usize = stdout
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let ops = common::assert_linearizable(out.status, &stdout, &stderr);
     assert!(ops > 500, "only {ops} operations: {stdout}");
 }

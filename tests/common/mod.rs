@@ -25,6 +25,21 @@ use flotilla_client::{Client, ClientConfig};
 use flotilla_proto::admin::admin_client::AdminClient;
 use flotilla_proto::admin::{ComputeHashRequest, ShardHashRequest};
 
+/// Checks the output of `flotilla-bench check`: it must have exited 0 with
+/// a linearizable verdict (else panics with `stdout` and `log`). Returns
+/// the number of operations checked.
+pub fn assert_linearizable(status: ExitStatus, stdout: &str, log: &str) -> usize {
+    assert!(
+        status.success() && stdout.contains(": linearizable"),
+        "the history is not linearizable (or the check did not finish):\n{stdout}\n{log}"
+    );
+    stdout
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
