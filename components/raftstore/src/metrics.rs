@@ -291,7 +291,13 @@ pub fn register() {
     init_labels(&LEASE_RENEWALS, &["read_index", "commit"]);
     init_labels(
         &RAFT_MESSAGES_RECEIVED,
-        &["stepped", "rejected", "wrong_replica", "vote_held_off"],
+        &[
+            "stepped",
+            "rejected",
+            "wrong_replica",
+            "vote_held_off",
+            "dropped",
+        ],
     );
     init_labels(
         &SNAPSHOTS,

@@ -270,7 +270,13 @@ impl ReplicaStorage {
 
     /// Records apply progress reported by the apply poller (including a log
     /// truncation), trimming the entry cache of what apply no longer needs.
-    pub fn set_apply_state(&mut self, state: ApplyState) {
+    pub fn set_apply_state(&mut self, mut state: ApplyState) {
+        // A result apply produced before a snapshot it has not installed yet
+        // must not move the log's start back before the snapshot.
+        if state.truncated_index < self.apply_state.truncated_index {
+            state.truncated_index = self.apply_state.truncated_index;
+            state.truncated_term = self.apply_state.truncated_term;
+        }
         let old_entries = self.log_entries();
         self.cache.compact_to(state.applied_index + 1);
         self.apply_state = state;

@@ -193,7 +193,15 @@ impl ReplicaFsm {
             pre_vote: true,
             read_only_option: raft::ReadOnlyOption::Safe,
             max_uncommitted_size: cfg.max_uncommitted_size,
-            batch_append: true,
+            // Off: raft-rs 0.7 merges new entries into a queued MsgAppend
+            // without checking that the queued message's index still
+            // precedes them; when a follower's next index drops back in the
+            // same round (a rejection, an Unreachable report), the merged
+            // message makes the follower acknowledge one entry it does not
+            // have, and the next heartbeat panics it ("to_commit N is out of
+            // range [last_index N-1]"). Found by the chaos test. Messages to
+            // a node are batched per round by the transport anyway.
+            batch_append: false,
             ..Default::default()
         };
         let logger = crate::logger::replica_logger(shard_id, replica_id);
@@ -1137,7 +1145,14 @@ impl ReplicaFsm {
         let shard_id = self.shard_id;
         let n = self.proposals.len();
         metrics::PENDING_PROPOSALS.sub(n as i64);
-        self.proposals.fail_all(|| Error::ShardNotFound(shard_id));
+        // A former leader's proposals may still commit through the new
+        // leader: their outcome is unknown, not "no such shard" (which a
+        // client would take as not applied and retry).
+        self.proposals.fail_all(|| {
+            Error::Indeterminate(format!(
+                "replica of shard {shard_id} was removed before the command's outcome was known"
+            ))
+        });
         self.reads
             .fail_unconfirmed(|| Error::ShardNotFound(shard_id));
         for (_, cb) in self.pending_writes.drain(..) {
