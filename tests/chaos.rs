@@ -187,17 +187,31 @@ fn node_counters(cluster: &ProcCluster, names: &[&str]) -> BTreeMap<String, f64>
     out
 }
 
-/// Puts back any replica a failed move left out, so every node again holds
-/// every shard.
-async fn repair(cluster: &ProcCluster, client: &Client) {
+/// The nodes holding each shard.
+type Placement = BTreeMap<u64, Vec<u64>>;
+
+async fn placement(client: &Client) -> Placement {
+    let shards = client.list_shards().await.unwrap();
+    shards
+        .iter()
+        .map(|s| {
+            let nodes = s.descriptor.replicas.iter().map(|r| r.node_id).collect();
+            (s.descriptor.id, nodes)
+        })
+        .collect()
+}
+
+/// Puts back any replica a failed move left out, so every shard is again on
+/// the nodes it started on.
+async fn repair(initial: &Placement, client: &Client) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let shards = client.list_shards().await.unwrap();
+        let now = placement(client).await;
         let mut missing = Vec::new();
-        for s in &shards {
-            for node in &cluster.nodes {
-                if s.descriptor.replica_on(node.id).is_none() {
-                    missing.push((s.descriptor.id, node.id));
+        for (shard, nodes) in initial {
+            for node in nodes {
+                if !now.get(shard).is_some_and(|n| n.contains(node)) {
+                    missing.push((*shard, *node));
                 }
             }
         }
@@ -233,6 +247,7 @@ async fn nemesis_under_checked_workloads_keeps_histories_linearizable() {
     let mut cluster = ProcCluster::with_net(nodes, 8, SMALL_LOGS);
     cluster.start_all();
     let client = cluster.client(Duration::from_secs(30)).await;
+    let initial = placement(&client).await;
 
     // The checked history: a few keys, so operations contend.
     let keys = (secs / 10).max(8);
@@ -310,7 +325,7 @@ async fn nemesis_under_checked_workloads_keeps_histories_linearizable() {
     for (series, v) in &seen {
         eprintln!("  {series} {v}");
     }
-    repair(&cluster, &client).await;
+    repair(&initial, &client).await;
     common::assert_replicas_identical(&mut cluster, &client).await;
     eprintln!("chaos: every acknowledged write present; replicas identical; linearizable");
 }

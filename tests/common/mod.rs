@@ -329,6 +329,11 @@ pub async fn assert_replicas_identical(cluster: &mut ProcCluster, client: &Clien
     let cluster = &*cluster;
     for shard in client.list_shards().await.unwrap() {
         let id = shard.descriptor.id;
+        let holders: Vec<&Node> = cluster
+            .nodes
+            .iter()
+            .filter(|n| shard.descriptor.replica_on(n.id).is_some())
+            .collect();
         let deadline = Instant::now() + Duration::from_secs(60);
         'retry: loop {
             assert!(
@@ -337,7 +342,7 @@ pub async fn assert_replicas_identical(cluster: &mut ProcCluster, client: &Clien
             );
             // Ask each node; only the leader accepts.
             let mut index = None;
-            for n in &cluster.nodes {
+            for n in &holders {
                 let Ok(mut admin) = AdminClient::connect(format!("http://{}", n.grpc)).await else {
                     continue;
                 };
@@ -356,7 +361,7 @@ pub async fn assert_replicas_identical(cluster: &mut ProcCluster, client: &Clien
             let round = Instant::now() + Duration::from_secs(5);
             loop {
                 let mut hashes = Vec::new();
-                for n in &cluster.nodes {
+                for n in &holders {
                     let mut admin = AdminClient::connect(format!("http://{}", n.grpc))
                         .await
                         .unwrap();
@@ -367,7 +372,7 @@ pub async fn assert_replicas_identical(cluster: &mut ProcCluster, client: &Clien
                         }
                     }
                 }
-                if hashes.len() == cluster.nodes.len() {
+                if hashes.len() == holders.len() {
                     let first = hashes[0];
                     for h in &hashes {
                         assert_eq!(
