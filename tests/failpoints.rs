@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::workload::{key, spawn_workload, verify, History};
 use common::ProcCluster;
+use flotilla_test_cluster::put_acked;
 
 use common::SMALL_LOGS;
 
@@ -76,7 +77,8 @@ async fn crash_installing_a_snapshot(failpoint: &str) {
     let mut acked = Vec::new();
     for i in 50..700u64 {
         let v = Bytes::from(format!("v{i}"));
-        client.put(key(i), v.clone()).await.unwrap();
+        // (A put on a connection to the killed node may be Indeterminate.)
+        put_acked(&client, key(i), v.clone()).await;
         acked.push((key(i), v));
     }
     // Give the leaders a few GC rounds to truncate.
@@ -122,7 +124,12 @@ async fn a_failed_fsync_stops_the_node() {
     cluster.nodes[0].kill9();
     cluster.nodes[0].start_with(&[("FAILPOINTS", "log_fd::sync::err=20*off->return")]);
     for i in 0..300u64 {
-        client.put(key(i), Bytes::from("x")).await.unwrap();
+        // A put in flight when the node stops has an unknown outcome.
+        match client.put(key(i), Bytes::from("x")).await {
+            Ok(()) => {}
+            Err(e) if e.is_indeterminate() => {}
+            Err(e) => panic!("put: {e}"),
+        }
         if !cluster.nodes[0].is_running() {
             break;
         }
@@ -135,10 +142,7 @@ async fn a_failed_fsync_stops_the_node() {
         "a clear log line:\n{log}"
     );
     // The others go on.
-    client
-        .put(Bytes::from("after"), Bytes::from("1"))
-        .await
-        .unwrap();
+    put_acked(&client, Bytes::from("after"), Bytes::from("1")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -166,7 +170,7 @@ async fn a_torn_raft_log_tail_is_tolerated() {
     cluster.nodes[2].start();
     cluster.nodes[2].wait_ready(Duration::from_secs(60));
     for i in 200..220u64 {
-        client.put(key(i), Bytes::from("v")).await.unwrap();
+        put_acked(&client, key(i), Bytes::from("v")).await;
     }
     common::assert_replicas_identical(&mut cluster, &client).await;
 }
