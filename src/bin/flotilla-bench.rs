@@ -1,7 +1,9 @@
 //! `flotilla-bench`: a closed-loop load generator for a Flotilla cluster.
 //!
 //! Each of `--clients` tasks issues one request at a time for `--duration`
-//! seconds, on keys drawn uniformly from `--keys` keys. Keys are 8 bytes,
+//! seconds, on keys drawn from `--keys` keys: uniformly, or with
+//! `--distribution zipfian` by YCSB's Zipfian generator (constant 0.99: a
+//! few hot keys take most requests). Keys are 8 bytes,
 //! spread evenly over the key space (a splitmix64 permutation of the key
 //! number), so every shard gets its share; values are random bytes (seeded),
 //! so compression does not flatter stored sizes. Latencies go into HDR histograms
@@ -50,6 +52,10 @@ struct Args {
     /// Number of distinct keys.
     #[arg(long, default_value_t = 100_000)]
     keys: u64,
+    /// How keys are drawn: uniform, or zipfian (YCSB's, constant 0.99; the
+    /// hot keys are spread over the key space like all others).
+    #[arg(long, value_enum, default_value_t = Distribution::Uniform)]
+    distribution: Distribution,
     /// Write every key once before the run (useful before `get`).
     #[arg(long)]
     load: bool,
@@ -83,6 +89,76 @@ enum Workload {
     /// recording the history and checking it for linearizability; exits 1
     /// unless it is linearizable.
     Check,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Distribution {
+    Uniform,
+    Zipfian,
+}
+
+/// Draws key numbers in `0..n`.
+#[derive(Clone, Debug)]
+enum KeyChooser {
+    Uniform(u64),
+    Zipfian(Zipfian),
+}
+
+impl KeyChooser {
+    fn new(d: Distribution, n: u64) -> Self {
+        match d {
+            Distribution::Uniform => KeyChooser::Uniform(n.max(1)),
+            Distribution::Zipfian => KeyChooser::Zipfian(Zipfian::new(n.max(1), 0.99)),
+        }
+    }
+
+    fn next(&self, rng: &mut impl Rng) -> u64 {
+        match self {
+            KeyChooser::Uniform(n) => rng.gen_range(0..*n),
+            KeyChooser::Zipfian(z) => z.next(rng),
+        }
+    }
+}
+
+/// YCSB's Zipfian generator (Gray et al., "Quickly generating
+/// billion-record synthetic databases"): rank `i` is drawn with probability
+/// proportional to `1 / (i + 1)^theta`. Rank 0 is the hottest; `key_of`
+/// scatters ranks over the key space, as YCSB's scrambled variant does.
+#[derive(Clone, Debug)]
+struct Zipfian {
+    n: u64,
+    theta: f64,
+    alpha: f64,
+    zetan: f64,
+    eta: f64,
+}
+
+impl Zipfian {
+    fn new(n: u64, theta: f64) -> Self {
+        let zeta = |n: u64| (1..=n).map(|i| 1.0 / (i as f64).powf(theta)).sum::<f64>();
+        let zetan = zeta(n);
+        let zeta2 = zeta(2.min(n));
+        Zipfian {
+            n,
+            theta,
+            alpha: 1.0 / (1.0 - theta),
+            zetan,
+            eta: (1.0 - (2.0 / n as f64).powf(1.0 - theta)) / (1.0 - zeta2 / zetan),
+        }
+    }
+
+    fn next(&self, rng: &mut impl Rng) -> u64 {
+        let u: f64 = rng.gen();
+        let uz = u * self.zetan;
+        if uz < 1.0 || self.n == 1 {
+            return 0;
+        }
+        if uz < 1.0 + 0.5f64.powf(self.theta) {
+            return 1;
+        }
+        let r = (self.n as f64 * (self.eta * u - self.eta + 1.0).powf(self.alpha)) as u64;
+        r.min(self.n - 1)
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -256,6 +332,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     let readers = read_clients(&client, args.read_mode);
+    let chooser = KeyChooser::new(args.distribution, args.keys);
     for c in 0..args.clients {
         let client = client.clone();
         let readers = readers.clone();
@@ -263,14 +340,14 @@ async fn main() -> anyhow::Result<()> {
         let done_ops = done_ops.clone();
         let done_errs = done_errs.clone();
         let value_size = args.value_size;
-        let keys = args.keys.max(1);
+        let chooser = chooser.clone();
         let workload = args.workload;
         let seed = args.seed.wrapping_add(c as u64 + 1);
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let mut stats = Stats::new();
             while !stop.load(Ordering::Relaxed) {
-                let key = key_of(rng.gen_range(0..keys));
+                let key = key_of(chooser.next(&mut rng));
                 let op = match workload {
                     Workload::Put => Op::Put,
                     Workload::Get => Op::Get,
@@ -362,6 +439,7 @@ async fn main() -> anyhow::Result<()> {
         "duration_s": elapsed,
         "value_size": args.value_size,
         "keys": args.keys,
+        "distribution": format!("{:?}", args.distribution).to_lowercase(),
         "read_mode": format!("{:?}", args.read_mode).to_lowercase(),
         "ops": rows,
         "raft_engine_fsyncs_per_write": fsync_per_write,
@@ -398,4 +476,53 @@ async fn main() -> anyhow::Result<()> {
         println!("raft-engine fsyncs per acknowledged write: {f:.4}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shares(c: &KeyChooser, n: u64, draws: u32) -> Vec<f64> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut counts = vec![0u32; n as usize];
+        for _ in 0..draws {
+            let k = c.next(&mut rng);
+            assert!(k < n, "{k} out of 0..{n}");
+            counts[k as usize] += 1;
+        }
+        counts.iter().map(|c| *c as f64 / draws as f64).collect()
+    }
+
+    #[test]
+    fn zipfian_draws_are_skewed_towards_low_ranks_and_uniform_ones_are_not() {
+        let n = 1000;
+        let z = shares(&KeyChooser::new(Distribution::Zipfian, n), n, 200_000);
+        // With theta 0.99 and 1,000 keys, rank 0 takes about 13 %, rank 1
+        // about half of that, and the top 1 % of ranks about 40 %.
+        assert!((0.10..0.17).contains(&z[0]), "rank 0: {}", z[0]);
+        assert!(z[1] < z[0] && z[1] > z[0] / 3.0, "rank 1: {}", z[1]);
+        let top: f64 = z[..10].iter().sum();
+        assert!((0.30..0.50).contains(&top), "top 1 %: {top}");
+        let u = shares(&KeyChooser::new(Distribution::Uniform, n), n, 200_000);
+        assert!(
+            u.iter().all(|s| *s < 0.002),
+            "uniform max {:?}",
+            u.iter().cloned().fold(0.0, f64::max)
+        );
+    }
+
+    #[test]
+    fn a_seed_replays_the_same_keys() {
+        let c = KeyChooser::new(Distribution::Zipfian, 100_000);
+        let draw = || {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+            (0..100).map(|_| c.next(&mut rng)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(), draw());
+        // One key space.
+        assert_eq!(
+            KeyChooser::new(Distribution::Zipfian, 1).next(&mut rand::thread_rng()),
+            0
+        );
+    }
 }
