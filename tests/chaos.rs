@@ -305,8 +305,7 @@ async fn nemesis_under_checked_workloads_keeps_histories_linearizable() {
     assert!(faults > 0);
 
     let history = std::mem::take(&mut *history.lock().unwrap());
-    let increments: u64 = history.counters.values().map(|(a, _)| a).sum();
-    let unknown: u64 = history.counters.values().map(|(_, u)| u).sum();
+    let (increments, unknown) = history.increments();
     eprintln!(
         "chaos: {} acknowledged puts, {increments} acknowledged increments, {unknown} unknown",
         history.puts.len()

@@ -59,8 +59,7 @@ async fn random_kill9_under_load_loses_nothing() {
         t.await.unwrap();
     }
     let history = std::mem::take(&mut *history.lock().unwrap());
-    let increments: u64 = history.counters.values().map(|(a, _)| a).sum();
-    let unknown: u64 = history.counters.values().map(|(_, u)| u).sum();
+    let (increments, unknown) = history.increments();
     eprintln!(
         "crash test: {kills} kills, {} acknowledged puts, {increments} acknowledged increments, {unknown} unknown",
         history.puts.len()

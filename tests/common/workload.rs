@@ -18,6 +18,16 @@ pub struct History {
     pub counters: HashMap<Bytes, (u64, u64)>,
 }
 
+impl History {
+    /// Acknowledged increments and increments of unknown outcome, over all
+    /// counters.
+    pub fn increments(&self) -> (u64, u64) {
+        self.counters
+            .values()
+            .fold((0, 0), |(a, u), (ca, cu)| (a + ca, u + cu))
+    }
+}
+
 pub fn key(i: u64) -> Bytes {
     Bytes::copy_from_slice(&i.wrapping_mul(0x9e3779b97f4a7c15).to_be_bytes())
 }

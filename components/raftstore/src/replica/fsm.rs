@@ -109,9 +109,6 @@ pub struct ReplicaFsm {
     pending_ready: Option<Ready>,
     /// A received snapshot to hand to apply once its raft state is durable.
     pending_install: Option<SnapshotInstall>,
-    /// A snapshot handed to apply and not yet installed: the data is being
-    /// replaced, so no read may look at it.
-    installing: bool,
     was_leader: bool,
     /// Ticks since this replica stopped leading with proposals pending.
     ticks_since_stepdown: Option<usize>,
@@ -207,17 +204,7 @@ impl ReplicaFsm {
         let logger = crate::logger::replica_logger(shard_id, replica_id);
         let raw_node =
             RawNode::new(&raft_cfg, storage, &logger).map_err(|e| Error::Storage(e.to_string()))?;
-        // Nobody ever led a pristine shard or an empty new replica (it
-        // acknowledged nothing), so neither has a lease to respect.
-        let pristine = raw_node.raft.term == RAFT_INIT_TERM
-            && raw_node.raft.vote == 0
-            && raw_node.store().last_index() == RAFT_INIT_INDEX;
-        let vote_guard_ticks = if raw_node.raft.term == 0 || pristine {
-            0
-        } else {
-            cfg.election_ticks as u64
-        };
-        Ok(ReplicaFsm {
+        let mut fsm = ReplicaFsm {
             shard_id,
             replica_id,
             descriptor,
@@ -227,12 +214,11 @@ impl ReplicaFsm {
             reads: ReadQueue::new(replica_id),
             lease: Lease::new(cfg.leader_lease),
             resend_reads: false,
-            vote_guard_ticks,
+            vote_guard_ticks: 0,
             pending_writes: Vec::new(),
             pending_write_bytes: 0,
             pending_ready: None,
             pending_install: None,
-            installing: false,
             was_leader: false,
             ticks_since_stepdown: None,
             ticks: 0,
@@ -240,7 +226,13 @@ impl ReplicaFsm {
             peer_nodes: HashMap::new(),
             last_heard: HashMap::new(),
             reported_down: 0,
-        })
+        };
+        // Nobody ever led a pristine shard, and an empty new replica (term 0)
+        // acknowledged nothing, so neither has a lease to respect.
+        if fsm.raw_node.raft.term != 0 && !fsm.is_pristine() {
+            fsm.vote_guard_ticks = cfg.election_ticks as u64;
+        }
+        Ok(fsm)
     }
 
     pub fn shard_id(&self) -> ShardId {
@@ -553,8 +545,6 @@ impl ReplicaFsm {
                 applied = self.raw_node.store().applied_index(),
                 truncated = self.raw_node.store().truncated_index(),
                 role = ?self.raw_node.raft.state,
-                installing = self.installing,
-                pending_install = self.pending_install.is_some(),
                 "a leader commits past the end of this replica's log"
             );
         }
@@ -630,17 +620,13 @@ impl ReplicaFsm {
                 self.reads.push_ready(committed, cb);
                 "lease"
             }
-            ReadMode::Leader | ReadMode::LeaderReadIndex => {
+            _ => {
                 self.reads.push(cb, self.ticks);
-                "read_index"
-            }
-            ReadMode::Follower if self.is_leader() => {
-                self.reads.push(cb, self.ticks);
-                "read_index"
-            }
-            ReadMode::Follower => {
-                self.reads.push(cb, self.ticks);
-                "follower"
+                if self.is_leader() {
+                    "read_index"
+                } else {
+                    "follower"
+                }
             }
         };
         metrics::READ_PATHS.with_label_values(&[path]).inc();
@@ -679,9 +665,13 @@ impl ReplicaFsm {
         }
     }
 
-    /// A snapshot is about to replace, or is replacing, this replica's data.
+    /// A snapshot is about to replace, or is replacing, this replica's data:
+    /// staging it moved the log's start to the snapshot, and applied catches
+    /// up only once apply installed it (`set_apply_state` never moves the
+    /// start back; a compaction only truncates applied entries).
     fn data_in_flux(&self) -> bool {
-        self.pending_install.is_some() || self.installing
+        let store = self.raw_node.store();
+        store.applied_index() < store.truncated_index()
     }
 
     /// Answers the reads whose index is applied: each caller then takes a
@@ -799,11 +789,21 @@ impl ReplicaFsm {
     }
 
     fn fail_unconfirmed_reads(&mut self) {
+        self.fail_reads_older_than(u64::MAX, 0);
+    }
+
+    /// Fails, NotLeader, the reads without a confirmed index that arrived
+    /// `give_up_ticks` or more before `tick`.
+    fn fail_reads_older_than(&mut self, tick: u64, give_up_ticks: u64) {
         let err = self.not_leader();
-        let n = self.reads.fail_unconfirmed(|| err.clone());
-        metrics::READS
-            .with_label_values(&["not_leader"])
-            .inc_by(n as u64);
+        let n = self
+            .reads
+            .fail_older_than(tick, give_up_ticks, || err.clone());
+        if n > 0 {
+            metrics::READS
+                .with_label_values(&["not_leader"])
+                .inc_by(n as u64);
+        }
     }
 
     fn on_tick(&mut self, ctx: &PollContext) {
@@ -831,15 +831,7 @@ impl ReplicaFsm {
                 self.raw_node.read_index(ctx);
             }
         }
-        let err = self.not_leader();
-        let n = self
-            .reads
-            .fail_older_than(self.ticks, 2 * timeout, || err.clone());
-        if n > 0 {
-            metrics::READS
-                .with_label_values(&["not_leader"])
-                .inc_by(n as u64);
-        }
+        self.fail_reads_older_than(self.ticks, 2 * timeout);
         if let Some(t) = self.ticks_since_stepdown.as_mut() {
             *t += 1;
             if *t >= ctx.cfg.abandon_proposals_after_ticks {
@@ -926,7 +918,6 @@ impl ReplicaFsm {
                     });
                 }
                 ExecResult::SnapshotInstalled { index, term, shard } => {
-                    self.installing = false;
                     if let Err(e) = crate::snapshot::cleanup(
                         &ctx.raft_engine,
                         &ctx.snap_mgr,
@@ -1388,7 +1379,6 @@ impl ReplicaFsm {
         };
         // Before any entry committed after the snapshot.
         if let Some(install) = self.pending_install.take() {
-            self.installing = true;
             let _ = ctx
                 .apply_router
                 .force_send(self.shard_id, ApplyMsg::Install(install));

@@ -107,11 +107,18 @@ impl ReadQueue {
     /// A read whose index is already known (a lease read at the commit
     /// index): served once applied reaches it.
     pub fn push_ready(&mut self, index: Index, cb: ReadCallback) {
+        self.insert_ready(index, vec![cb]);
+    }
+
+    /// Keeps `ready` sorted by index: a batch answered late (or by an older
+    /// leader) may carry a smaller index than one already ready. Reads at
+    /// the newest index join its group.
+    fn insert_ready(&mut self, index: Index, mut reads: Vec<ReadCallback>) {
         match self.ready.back_mut() {
-            Some((i, reads)) if *i == index => reads.push(cb),
+            Some((i, group)) if *i == index => group.append(&mut reads),
             _ => {
                 let at = self.ready.partition_point(|(i, _)| *i <= index);
-                self.ready.insert(at, (index, vec![cb]));
+                self.ready.insert(at, (index, reads));
             }
         }
     }
@@ -158,10 +165,7 @@ impl ReadQueue {
         let id = u64::from_be_bytes(<[u8; 8]>::try_from(&ctx[16..]).ok()?);
         let pos = self.inflight.iter().position(|b| b.id == id)?;
         let batch = self.inflight.remove(pos).unwrap();
-        // Keep `ready` sorted by index: a batch answered late (or by an
-        // older leader) may carry a smaller index than one already ready.
-        let at = self.ready.partition_point(|(i, _)| *i <= index);
-        self.ready.insert(at, (index, batch.reads));
+        self.insert_ready(index, batch.reads);
         Some(Confirmed {
             issued_at: batch.issued_at,
             leader_term: batch.leader_term,
