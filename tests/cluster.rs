@@ -39,7 +39,11 @@ async fn wait_down_replicas(c: &TestCluster, nodes: &[u64], want: usize) {
 async fn wait_local_value(c: &TestCluster, node: u64, key: &[u8], value: Option<&[u8]>) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let got = c.server(node).kv_engine().get(key).unwrap();
+        let got = c
+            .server(node)
+            .kv_engine()
+            .get(flotilla_storage::CF_DEFAULT, key)
+            .unwrap();
         if got.as_deref() == value {
             return;
         }
@@ -260,7 +264,13 @@ async fn isolated_leader_is_replaced_and_its_pending_proposals_fail() {
     c.heal();
     // The old leader rejoins as a follower and catches up.
     wait_local_value(&c, old, b"after", Some(b"2")).await;
-    assert_eq!(c.server(old).kv_engine().get(b"orphan").unwrap(), None);
+    assert_eq!(
+        c.server(old)
+            .kv_engine()
+            .get(flotilla_storage::CF_DEFAULT, b"orphan")
+            .unwrap(),
+        None
+    );
     assert_eq!(client.get(b("orphan")).await.unwrap(), None);
     c.shutdown().await;
 }
@@ -311,8 +321,8 @@ async fn a_stopped_node_restarts_on_its_data_and_catches_up() {
             .unwrap();
     }
     // The leaders (now on nodes 1 and 2) report node 3's replicas down:
-    // one per shard.
-    wait_down_replicas(&c, &[1, 2], 2).await;
+    // one per shard, and one of the meta shard.
+    wait_down_replicas(&c, &[1, 2], 3).await;
     c.restart_node(3).await;
     wait_down_replicas(&c, &[1, 2, 3], 0).await;
     for i in 0..100u32 {
@@ -325,7 +335,10 @@ async fn a_stopped_node_restarts_on_its_data_and_catches_up() {
         .await;
     }
     assert_eq!(
-        c.server(3).kv_engine().get(b"early").unwrap(),
+        c.server(3)
+            .kv_engine()
+            .get(flotilla_storage::CF_DEFAULT, b"early")
+            .unwrap(),
         Some(b"1".to_vec())
     );
 

@@ -161,10 +161,14 @@ async fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
     // The follower's data is complete.
     let kv = c.server(lagging).kv_engine();
     wait_until("the last write reached the follower", || async {
-        kv.get(b"key00819").unwrap().is_some()
+        kv.get(flotilla_storage::CF_DEFAULT, b"key00819")
+            .unwrap()
+            .is_some()
     })
     .await;
-    let (pairs, _) = kv.scan(b"key", b"kez", 10_000, false).unwrap();
+    let (pairs, _) = kv
+        .scan(flotilla_storage::CF_DEFAULT, b"key", b"kez", 10_000, false)
+        .unwrap();
     assert_eq!(pairs.len(), 820);
     c.shutdown().await;
 }

@@ -90,12 +90,13 @@ async fn kill9_the_busiest_leader_under_writes_loses_nothing() {
         assert_eq!(found.get(k), Some(v), "acknowledged write {k:?} lost");
     }
 
-    // The restarted node hosts all its replicas again and exports metrics.
+    // The restarted node hosts all its replicas again (8 shards and the
+    // meta shard's) and exports metrics.
     let s = client
         .node_status(&cluster.nodes[victim].grpc)
         .await
         .unwrap();
-    assert_eq!(s.replicas, 8);
+    assert_eq!(s.replicas, 9);
     let (code, body) = cluster.nodes[victim].http_get("/metrics").unwrap();
     assert_eq!(code, 200);
     assert!(body.contains("flotilla_raft_log_writes_total"));

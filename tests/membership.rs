@@ -79,10 +79,18 @@ async fn a_new_replica_catches_up_by_snapshot_and_becomes_a_voter() {
     client.put(b("after"), b("x")).await.unwrap();
     let kv = c.server(4).kv_engine();
     wait_until("the new voter applies new writes", || async {
-        kv.get(b"after").unwrap().is_some()
+        kv.get(flotilla_storage::CF_DEFAULT, b"after")
+            .unwrap()
+            .is_some()
     })
     .await;
-    assert_eq!(kv.scan(b"k", b"l", 1000, false).unwrap().0.len(), 300);
+    assert_eq!(
+        kv.scan(flotilla_storage::CF_DEFAULT, b"k", b"l", 1000, false)
+            .unwrap()
+            .0
+            .len(),
+        300
+    );
     c.assert_replicas_identical(1).await;
     c.shutdown().await;
 }
@@ -103,7 +111,11 @@ async fn a_replica_is_replaced_atomically_and_the_removed_one_cleans_up() {
         .unwrap();
     wait_until("the learner caught up", || async {
         c.router(4).meta().get(1).is_some()
-            && c.server(4).kv_engine().get(b"k0049").unwrap().is_some()
+            && c.server(4)
+                .kv_engine()
+                .get(flotilla_storage::CF_DEFAULT, b"k0049")
+                .unwrap()
+                .is_some()
     })
     .await;
     // Promote the new replica and demote the old one in one joint change.
@@ -135,7 +147,13 @@ async fn a_replica_is_replaced_atomically_and_the_removed_one_cleans_up() {
         c.router(gone).meta().get(1).is_none()
     })
     .await;
-    assert_eq!(c.server(gone).kv_engine().get(b"k0001").unwrap(), None);
+    assert_eq!(
+        c.server(gone)
+            .kv_engine()
+            .get(flotilla_storage::CF_DEFAULT, b"k0001")
+            .unwrap(),
+        None
+    );
     let state = c.server(gone).kv_engine().shard_state(1).unwrap().unwrap();
     assert_eq!(
         state.state,

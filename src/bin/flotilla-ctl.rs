@@ -150,6 +150,14 @@ enum ShardCmd {
         #[arg(long)]
         node: u64,
     },
+    /// Split a shard at a key (strictly inside its range): the shard keeps
+    /// the keys below it, a new shard on the same nodes takes the rest.
+    Split {
+        id: u64,
+        /// The new shard's first key (hex with --hex).
+        #[arg(long)]
+        key: String,
+    },
 }
 
 /// Bytes as MiB with one decimal.
@@ -174,21 +182,26 @@ fn role_name(r: &Replica) -> &'static str {
 }
 
 /// Prints a shard's descriptor after a membership change.
+fn descriptor_json(d: &ShardDescriptor) -> serde_json::Value {
+    let e = d.epoch();
+    json!({
+        "id": d.id, "conf_ver": e.conf_ver, "version": e.version,
+        "start_key": show_bound(&d.start_key), "end_key": show_bound(&d.end_key),
+        "replicas": d.replicas.iter().map(|r| json!({"id": r.id, "node_id": r.node_id, "role": role_name(r)})).collect::<Vec<_>>(),
+    })
+}
+
 fn print_descriptor(d: &ShardDescriptor, json: bool) {
     let e = d.epoch();
     if json {
-        println!(
-            "{}",
-            json!({
-                "id": d.id, "conf_ver": e.conf_ver, "version": e.version,
-                "replicas": d.replicas.iter().map(|r| json!({"id": r.id, "node_id": r.node_id, "role": role_name(r)})).collect::<Vec<_>>(),
-            })
-        );
+        println!("{}", descriptor_json(d));
     } else {
         let replicas: Vec<_> = d.replicas.iter().map(replica_label).collect();
         println!(
-            "shard {} epoch {}/{}: {}",
+            "shard {} [{}, {}) epoch {}/{}: {}",
             d.id,
+            show_bound(&d.start_key),
+            show_bound(&d.end_key),
             e.conf_ver,
             e.version,
             replicas.join(" ")
@@ -524,6 +537,20 @@ async fn run() -> anyhow::Result<()> {
         Cmd::Shard {
             cmd: ShardCmd::RemoveReplica { id, node },
         } => print_descriptor(&client.remove_replica(id, node).await?, json),
+        Cmd::Shard {
+            cmd: ShardCmd::Split { id, key },
+        } => {
+            let (left, right) = client.split_shard(id, parse(hex, &key)?).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"left": descriptor_json(&left), "right": descriptor_json(&right)})
+                );
+            } else {
+                print_descriptor(&left, false);
+                print_descriptor(&right, false);
+            }
+        }
         Cmd::Shard {
             cmd: ShardCmd::TransferLeader { id, node },
         } => {

@@ -1,5 +1,5 @@
-//! Operator calls on one shard: membership changes and leadership
-//! transfer, sent to the shard's leader.
+//! Operator calls on one shard: membership changes, leadership transfer
+//! and split, sent to the shard's leader.
 //!
 //! A call goes to the leader the route cache names (refreshing the cache
 //! when the shard or its leader is unknown). A node that does not lead the
@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use flotilla_proto::admin::admin_client::AdminClient;
 use flotilla_proto::admin::replica_change::Kind;
-use flotilla_proto::admin::{ChangeReplicasRequest, ReplicaChange, TransferLeaderRequest};
+use flotilla_proto::admin::{
+    ChangeReplicasRequest, ReplicaChange, SplitShardRequest, TransferLeaderRequest,
+};
 use flotilla_proto::meta::{ReplicaRole, ShardDescriptor};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -245,6 +247,42 @@ impl Client {
             node_id,
         };
         self.change_replicas(shard_id, vec![change]).await
+    }
+
+    /// Splits `shard_id` at `key` (strictly inside its range) through its
+    /// leader; returns the shard's new descriptor (ending at `key`) and the
+    /// new shard's (from `key`). Not retried once sent: an unknown outcome
+    /// is `Indeterminate` (list the shards to see).
+    pub async fn split_shard(
+        &self,
+        shard_id: u64,
+        key: impl Into<bytes::Bytes>,
+    ) -> Result<(ShardDescriptor, ShardDescriptor)> {
+        let key = key.into();
+        let (left, right) = self
+            .on_leader(shard_id, false, |mut admin, _| {
+                let split_key = key.clone();
+                async move {
+                    let r = admin
+                        .split_shard(SplitShardRequest {
+                            shard_id,
+                            split_key,
+                        })
+                        .await?
+                        .into_inner();
+                    match (r.left, r.right) {
+                        (Some(l), Some(r)) => Ok((l, r)),
+                        _ => Err(Status::internal("the leader answered without descriptors")),
+                    }
+                }
+            })
+            .await?;
+        {
+            let mut cache = self.inner.cache.write();
+            cache.insert(left.clone(), 0);
+            cache.insert(right.clone(), 0);
+        }
+        Ok((left, right))
     }
 
     /// Hands leadership of `shard_id` to its replica on `to_node` and waits

@@ -12,7 +12,12 @@
 //! - shard `i` has `min(3, nodes)` voters on the nodes at positions
 //!   `i, i+1, ...` (mod the node count) of the sorted node list; its first
 //!   replica campaigns at start-up, which spreads leaders over nodes;
-//! - replica ids follow the shard ids: `K + 1 + i * R + j` for replica `j`.
+//! - replica ids follow the shard ids: `K + 1 + i * R + j` for replica `j`;
+//! - the meta shard (id 0, data in column family `cluster`) has voters on the
+//!   first 5 nodes of the sorted list when there are 5 or more, else on the
+//!   first `min(3, nodes)`; its replica ids follow the user shards' and its
+//!   data starts with the node registry (ids), the directory of the K shards and
+//!   the id allocator's next id (one past the last id used here).
 //!
 //! The node writes its replicas' raft states to raft-engine first (synced),
 //! then, in one synced RocksDB batch, their shard and apply states, the whole
@@ -22,8 +27,10 @@
 
 use flotilla_proto::local::{NodeIdent, ShardLocalState, ShardState};
 use flotilla_proto::meta::{Epoch, Node, Replica, ReplicaRole, ShardDescriptor};
+use flotilla_proto::Message as _;
+use flotilla_storage::keys::cluster;
 use flotilla_storage::replica_storage::{initial_apply_state, initial_raft_state};
-use flotilla_storage::{KvEngine, RaftLogEngine};
+use flotilla_storage::{KvEngine, RaftLogEngine, CF_CLUSTER, META_SHARD_ID};
 use raft_engine::LogBatch;
 use rocksdb::WriteBatch;
 
@@ -82,7 +89,46 @@ pub fn initial_layout(nodes: &[NodeId], k: usize) -> Vec<ShardDescriptor> {
         .collect()
 }
 
-/// Writes the initial state of node `node_id` for `layout`.
+/// The meta shard of a new cluster whose user shards are `layout` (see the
+/// module doc), and the first id the allocator may hand out.
+pub fn meta_layout(nodes: &[NodeId], layout: &[ShardDescriptor]) -> (ShardDescriptor, u64) {
+    let mut nodes = nodes.to_vec();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let count = if nodes.len() >= 5 {
+        5
+    } else {
+        nodes.len().min(3)
+    };
+    let first_free = layout
+        .iter()
+        .flat_map(|d| std::iter::once(d.id).chain(d.replicas.iter().map(|r| r.id)))
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let replicas = nodes[..count]
+        .iter()
+        .enumerate()
+        .map(|(j, n)| Replica {
+            id: first_free + j as u64,
+            node_id: *n,
+            role: ReplicaRole::Voter as i32,
+        })
+        .collect();
+    let meta = ShardDescriptor {
+        id: META_SHARD_ID,
+        start_key: Default::default(),
+        end_key: Default::default(),
+        epoch: Some(Epoch {
+            conf_ver: 1,
+            version: 1,
+        }),
+        replicas,
+    };
+    (meta, first_free + count as u64)
+}
+
+/// Writes the initial state of node `node_id` for `layout` (user shards).
 pub fn bootstrap_node(
     kv: &KvEngine,
     raft: &RaftLogEngine,
@@ -90,8 +136,11 @@ pub fn bootstrap_node(
     nodes: &[Node],
     layout: &[ShardDescriptor],
 ) -> Result<()> {
+    let ids: Vec<NodeId> = nodes.iter().map(|n| n.id).collect();
+    let (meta, next_id) = meta_layout(&ids, layout);
     let hosted: Vec<_> = layout
         .iter()
+        .chain(std::iter::once(&meta))
         .filter_map(|d| d.replica_on(node_id).map(|r| (d, r.id)))
         .collect();
 
@@ -113,6 +162,24 @@ pub fn bootstrap_node(
     }
     for d in layout {
         kv.put_directory_entry(&mut wb, d);
+    }
+    if meta.replica_on(node_id).is_some() {
+        // The meta shard's data as of its initial log index.
+        let cf = kv.cf(CF_CLUSTER);
+        wb.put_cf(cf, cluster::NEXT_ID, next_id.to_be_bytes());
+        // Ids only: each node registers the address it listens on itself
+        // (nodes may reach one another through different addresses, and
+        // every replica must start from the same data).
+        for n in nodes {
+            let n = Node {
+                id: n.id,
+                address: String::new(),
+            };
+            wb.put_cf(cf, cluster::node_key(n.id), n.encode_to_vec());
+        }
+        for d in layout {
+            wb.put_cf(cf, cluster::shard_key(d.id), d.encode_to_vec());
+        }
     }
     kv.put_node_ident(
         &mut wb,

@@ -52,6 +52,14 @@ pub struct Config {
     pub raft_engine_purge_interval: Duration,
     /// Threads building snapshots and hashing shards.
     pub snap_workers: usize,
+    /// Ticks between a leader's checks of its shard against the split
+    /// thresholds (0 = no size-based splits). A check scans the shard only
+    /// after enough was written since the last one (1/16 of a threshold).
+    pub split_check_ticks: usize,
+    /// Bytes (keys plus values) past which a shard splits at its middle.
+    pub split_size: u64,
+    /// Keys past which a shard splits at its middle.
+    pub split_keys: u64,
 }
 
 impl Default for Config {
@@ -78,6 +86,9 @@ impl Default for Config {
             raft_log_gc_size_limit: 64 << 20,
             raft_engine_purge_interval: Duration::from_secs(10),
             snap_workers: 2,
+            split_check_ticks: 0,
+            split_size: 96 << 20,
+            split_keys: 960_000,
         }
     }
 }

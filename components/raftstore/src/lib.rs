@@ -73,3 +73,9 @@ pub use store::{Engines, Store, StoreRouter};
 pub use transport::{RaftMessage, Transport};
 
 pub use flotilla_storage::{Index, NodeId, ReplicaId, ShardId, Term};
+
+/// A key for log lines and messages: printable ASCII as is, other bytes
+/// escaped.
+pub fn fmt_key(key: &[u8]) -> String {
+    key.escape_ascii().to_string()
+}

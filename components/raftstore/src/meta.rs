@@ -98,6 +98,22 @@ impl StoreMeta {
         self.shards.read().get(&shard_id).cloned()
     }
 
+    /// A local initialized shard other than `shard_id` whose range meets
+    /// `[start, end)` (the meta shard's data lives apart and never does).
+    pub fn overlapping(&self, shard_id: ShardId, start: &[u8], end: &[u8]) -> Option<ShardId> {
+        self.shards
+            .read()
+            .values()
+            .find(|m| {
+                let d = &m.descriptor;
+                d.id != shard_id
+                    && d.id != flotilla_storage::META_SHARD_ID
+                    && !d.replicas.is_empty()
+                    && d.overlaps(start, end)
+            })
+            .map(|m| m.descriptor.id)
+    }
+
     pub fn all(&self) -> Vec<ShardMeta> {
         self.shards.read().values().cloned().collect()
     }

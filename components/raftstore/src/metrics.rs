@@ -255,6 +255,33 @@ pub static LEADER_TRANSFERS: LazyLock<IntCounter> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static SPLIT_CHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_split_checks_total",
+        "Scans of led shards against the split thresholds, by result (split: a split was asked for, below, failed).",
+        &["result"]
+    )
+    .unwrap()
+});
+
+pub static SPLIT_CHECK_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "flotilla_split_check_duration_seconds",
+        "Duration of one split-check scan.",
+        prometheus::exponential_buckets(0.0001, 2.0, 18).unwrap()
+    )
+    .unwrap()
+});
+
+pub static SPLITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_raft_splits_total",
+        "Split commands applied by local replicas, by result (applied, rejected).",
+        &["result"]
+    )
+    .unwrap()
+});
+
 pub static MEMBERSHIP_CHANGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "flotilla_raft_membership_changes_total",
@@ -296,6 +323,7 @@ pub fn register() {
             "rejected",
             "wrong_replica",
             "vote_held_off",
+            "snapshot_refused",
             "dropped",
         ],
     );
@@ -315,6 +343,9 @@ pub fn register() {
         SNAPSHOT_DURATION.with_label_values(&[phase]);
     }
     init_labels(&MEMBERSHIP_CHANGES, &["applied", "rejected"]);
+    init_labels(&SPLITS, &["applied", "rejected"]);
+    init_labels(&SPLIT_CHECKS, &["split", "below", "failed"]);
+    LazyLock::force(&SPLIT_CHECK_DURATION);
     init_labels(&REPLICA_LIFECYCLE, &["created", "destroyed"]);
     LazyLock::force(&PROPOSALS);
     LazyLock::force(&PROPOSAL_ENTRIES);

@@ -197,6 +197,14 @@ pub enum ExecResult {
         cc: ConfChangeV2,
         shard: ShardDescriptor,
     },
+    /// The shard was split: it is now `left`; `right` is the new shard.
+    /// `right_replica` is this node's replica of it, unless that replica
+    /// was already removed from this node (then it is not created).
+    Split {
+        left: ShardDescriptor,
+        right: ShardDescriptor,
+        right_replica: Option<ReplicaId>,
+    },
 }
 
 /// What the apply poller reports back to the replica after a round.
@@ -204,6 +212,10 @@ pub enum ExecResult {
 pub struct ApplyResult {
     pub apply_state: ApplyState,
     pub exec: Vec<ExecResult>,
+    /// Bytes of keys and values written this round, and keys put: hints
+    /// for the split check.
+    pub written_bytes: u64,
+    pub written_keys: u64,
 }
 
 /// A replica's view of itself, for status pages and ctl.
@@ -257,6 +269,18 @@ pub enum ReplicaMsg {
         changes: Vec<flotilla_proto::admin::ReplicaChange>,
         cb: AdminCallback,
     },
+    /// Split the shard at `key` (leader only); the new shard and its
+    /// replicas take the given ids (allocated by the meta shard). The
+    /// callback gets the left (this shard's) descriptor.
+    Split {
+        key: bytes::Bytes,
+        new_shard_id: ShardId,
+        new_replica_ids: Vec<ReplicaId>,
+        cb: AdminCallback,
+    },
+    /// To an uninitialized replica: a split on this node created the shard
+    /// (its state is on disk); become that replica.
+    InitBySplit(ShardDescriptor),
     /// Nothing to do but run a round (a ready was left over).
     Wake,
 }
@@ -266,4 +290,12 @@ pub enum ControlMsg {
     /// A raft message for a shard this node does not host.
     UnknownShard(Box<RaftMessage>),
     Tick,
+    /// A split applied here created this replica of the shard `shard`
+    /// (its shard and apply states are on disk).
+    SplitCreated {
+        shard: ShardDescriptor,
+        replica_id: ReplicaId,
+        /// The split shard's replica was leading: campaign at once.
+        campaign: bool,
+    },
 }

@@ -41,12 +41,13 @@ pub fn install(
         // Check before anything is deleted.
         snap_mgr.verify(&path, data)?;
     }
+    let cf = flotilla_storage::data_cf(shard.id);
     let mut wb = WriteBatch::default();
-    kv.delete_range(&mut wb, &shard.start_key, &shard.end_key)?;
+    kv.delete_range(&mut wb, cf, &shard.start_key, &shard.end_key)?;
     kv.write(wb, false)?;
     fail::fail_point!("snapshot_after_clear");
     if data.file_size > 0 {
-        kv.ingest(&path)?;
+        kv.ingest(cf, &path)?;
     }
     fail::fail_point!("snapshot_after_ingest");
     let mut wb = WriteBatch::default();
@@ -85,7 +86,8 @@ pub fn destroy_replica(
 ) -> Result<()> {
     let mut wb = WriteBatch::default();
     if initialized {
-        kv.delete_range(&mut wb, &shard.start_key, &shard.end_key)?;
+        let cf = flotilla_storage::data_cf(shard.id);
+        kv.delete_range(&mut wb, cf, &shard.start_key, &shard.end_key)?;
     }
     kv.put_shard_state(
         &mut wb,

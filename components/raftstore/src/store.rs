@@ -23,7 +23,7 @@ use crate::msg::{
 use crate::replica::poller::{ApplyRouter, PollContext, RaftRouter};
 use crate::replica::{NodeFsm, RaftPollerBuilder, ReplicaFsm};
 use crate::transport::{RaftMessage, Transport};
-use crate::worker::{GcWorker, SnapWorker};
+use crate::worker::{GcWorker, SnapWorker, SplitCheckWorker, SplitObserver};
 use crate::{metrics, Error, NodeId, ReplicaId, Result, ShardId};
 
 /// The node's two storage engines and its snapshot files.
@@ -151,6 +151,30 @@ impl StoreRouter {
             .map_err(|e| routing_error(shard_id, e).0)
     }
 
+    /// Asks a shard's leader to split it at `key`; the new shard and its
+    /// replicas take the given ids. `cb` gets the shard's new (left)
+    /// descriptor once the split applied on the leader.
+    pub fn split(
+        &self,
+        shard_id: ShardId,
+        key: bytes::Bytes,
+        new_shard_id: ShardId,
+        new_replica_ids: Vec<ReplicaId>,
+        cb: AdminCallback,
+    ) -> Result<()> {
+        self.raft
+            .force_send(
+                shard_id,
+                ReplicaMsg::Split {
+                    key,
+                    new_shard_id,
+                    new_replica_ids,
+                    cb,
+                },
+            )
+            .map_err(|e| routing_error(shard_id, e).0)
+    }
+
     /// Asks the leader of a shard to hand leadership to `to_replica`.
     pub fn transfer_leader(
         &self,
@@ -171,16 +195,20 @@ pub struct Store {
     ticker: Option<(JoinHandle<()>, Sender<()>)>,
     snap_worker: SnapWorker,
     gc_worker: GcWorker,
+    split_checker: Option<SplitCheckWorker>,
 }
 
 impl Store {
     /// Recovers every replica recorded in `engines` and starts the pollers
     /// and the ticker. The transport must be ready to queue messages.
+    /// `split_observer` is asked to split shards that outgrew the split
+    /// thresholds (with `cfg.split_check_ticks` > 0).
     pub fn start(
         node_id: NodeId,
         cfg: Config,
         engines: Engines,
         transport: Arc<dyn Transport>,
+        split_observer: Option<SplitObserver>,
     ) -> Result<Store> {
         let started = Instant::now();
         let meta = Arc::new(StoreMeta::default());
@@ -224,6 +252,9 @@ impl Store {
             raft_router.clone(),
             cfg.raft_engine_purge_interval,
         );
+        let split_checker = split_observer
+            .filter(|_| cfg.split_check_ticks > 0)
+            .map(SplitCheckWorker::start);
         let ctx = Arc::new(PollContext {
             node_id,
             cfg: cfg.clone(),
@@ -235,6 +266,7 @@ impl Store {
             meta: meta.clone(),
             snap_mgr: engines.snap_mgr.clone(),
             gc_tasks: gc_worker.sender(),
+            split_checks: split_checker.as_ref().map(|w| w.sender()),
         });
 
         let mut shards = engines.kv.load_shards()?;
@@ -332,6 +364,7 @@ impl Store {
             ticker: Some(ticker),
             snap_worker,
             gc_worker,
+            split_checker,
         })
     }
 
@@ -349,6 +382,9 @@ impl Store {
             self.apply_system.shutdown();
             self.snap_worker.stop();
             self.gc_worker.stop();
+            if let Some(w) = self.split_checker.as_mut() {
+                w.stop();
+            }
             tracing::info!(node_id = self.router.node_id, "raftstore stopped");
         }
     }

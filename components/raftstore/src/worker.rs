@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use flotilla_proto::local::ApplyState;
 use flotilla_proto::meta::ShardDescriptor;
 use flotilla_storage::replica_storage::{conf_state_of, GeneratedSnapshot};
-use flotilla_storage::snap::hash_range;
+use flotilla_storage::snap::hash_shard;
 use flotilla_storage::{KvEngine, KvSnapshot, RaftLogEngine, SnapManager};
 use raft_engine::LogBatch;
 
@@ -135,23 +135,21 @@ fn run_snap_job(job: SnapJob, mgr: &SnapManager, router: &RaftRouter, meta: &Sto
             };
             let _ = router.force_send(shard.id, ReplicaMsg::SnapshotGenerated(generated));
         }
-        SnapJob::Hash { shard, index, snap } => {
-            match hash_range(&snap, &shard.start_key, &shard.end_key) {
-                Ok((hash, keys)) => {
-                    tracing::info!(
-                        shard_id = shard.id,
-                        index,
-                        hash = format!("{hash:016x}"),
-                        keys,
-                        "shard hashed"
-                    );
-                    meta.set_hash(shard.id, index, hash, keys);
-                }
-                Err(e) => {
-                    tracing::error!(shard_id = shard.id, index, error = %e, "hashing a shard failed")
-                }
+        SnapJob::Hash { shard, index, snap } => match hash_shard(&snap, &shard) {
+            Ok((hash, keys)) => {
+                tracing::info!(
+                    shard_id = shard.id,
+                    index,
+                    hash = format!("{hash:016x}"),
+                    keys,
+                    "shard hashed"
+                );
+                meta.set_hash(shard.id, index, hash, keys);
             }
-        }
+            Err(e) => {
+                tracing::error!(shard_id = shard.id, index, error = %e, "hashing a shard failed")
+            }
+        },
     }
 }
 
@@ -267,4 +265,157 @@ fn purge(raft: &RaftLogEngine, router: &RaftRouter) {
         Err(e) => tracing::warn!(error = %e, "raft-engine purge failed"),
     }
     metrics::RAFT_ENGINE_PURGE_DURATION.observe(started.elapsed().as_secs_f64());
+}
+
+/// Asks for a split of a shard at a key (the shard's epoch when checked):
+/// the server allocates ids and proposes it (`StoreRouter::split`).
+pub type SplitObserver =
+    Arc<dyn Fn(ShardId, flotilla_proto::meta::Epoch, bytes::Bytes) + Send + Sync>;
+
+/// A leader's request to check its shard against the split thresholds.
+pub struct SplitCheckTask {
+    pub shard: ShardDescriptor,
+    pub snap: KvSnapshot,
+    pub size: u64,
+    pub keys: u64,
+}
+
+/// One thread that scans shards whose leaders saw enough writes since their
+/// last check, and asks for a split of those past a threshold. A scan stops
+/// as soon as the threshold is passed, so it reads at most one threshold's
+/// worth of data.
+pub struct SplitCheckWorker {
+    tx: Option<Sender<SplitCheckTask>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl SplitCheckWorker {
+    pub fn start(observer: SplitObserver) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded::<SplitCheckTask>();
+        let handle = std::thread::Builder::new()
+            .name("split-check".into())
+            .spawn(move || {
+                for task in rx {
+                    let started = Instant::now();
+                    let found = split_key(&task.snap, &task.shard, task.size, task.keys);
+                    drop(task.snap);
+                    metrics::SPLIT_CHECK_DURATION.observe(started.elapsed().as_secs_f64());
+                    match found {
+                        Ok(Some(key)) => {
+                            metrics::SPLIT_CHECKS.with_label_values(&["split"]).inc();
+                            tracing::info!(
+                                shard_id = task.shard.id,
+                                split_key = %crate::fmt_key(&key),
+                                "shard passed a split threshold; asking for a split"
+                            );
+                            observer(task.shard.id, task.shard.epoch(), key);
+                        }
+                        Ok(None) => metrics::SPLIT_CHECKS.with_label_values(&["below"]).inc(),
+                        Err(e) => {
+                            metrics::SPLIT_CHECKS.with_label_values(&["failed"]).inc();
+                            tracing::warn!(shard_id = task.shard.id, error = %e, "split check failed");
+                        }
+                    }
+                }
+            })
+            .expect("spawn split checker");
+        SplitCheckWorker {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub fn sender(&self) -> Sender<SplitCheckTask> {
+        self.tx.clone().expect("worker running")
+    }
+
+    pub fn stop(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+enum ScanStop {
+    Passed,
+    Storage(flotilla_storage::Error),
+}
+
+impl From<flotilla_storage::Error> for ScanStop {
+    fn from(e: flotilla_storage::Error) -> Self {
+        ScanStop::Storage(e)
+    }
+}
+
+/// The key to split `shard` at when its data passes `size` bytes or `keys`
+/// keys: the first key past half of either threshold (so the left half
+/// holds about half a threshold's worth), or None when the shard is below
+/// both or a split there would leave the left half empty.
+pub fn split_key(
+    snap: &KvSnapshot,
+    shard: &ShardDescriptor,
+    size: u64,
+    keys: u64,
+) -> flotilla_storage::Result<Option<bytes::Bytes>> {
+    let (mut bytes_seen, mut keys_seen) = (0u64, 0u64);
+    let mut middle: Option<Vec<u8>> = None;
+    let cf = flotilla_storage::data_cf(shard.id);
+    let r = snap.for_each::<ScanStop>(cf, &shard.start_key, &shard.end_key, |k, v| {
+        if middle.is_none()
+            && (bytes_seen >= size / 2 || keys_seen >= keys / 2)
+            && k > &shard.start_key[..]
+        {
+            middle = Some(k.to_vec());
+        }
+        bytes_seen += (k.len() + v.len()) as u64;
+        keys_seen += 1;
+        if bytes_seen > size || keys_seen > keys {
+            return Err(ScanStop::Passed);
+        }
+        Ok(())
+    });
+    match r {
+        Ok(()) => Ok(None),
+        Err(ScanStop::Passed) => Ok(middle.map(bytes::Bytes::from)),
+        Err(ScanStop::Storage(e)) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_storage::{KvConfig, CF_DEFAULT};
+
+    #[test]
+    fn split_key_is_the_middle_of_a_shard_past_a_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = KvEngine::open(dir.path(), &KvConfig::default()).unwrap();
+        let mut wb = rocksdb::WriteBatch::default();
+        for i in 0..100u32 {
+            wb.put_cf(kv.cf(CF_DEFAULT), format!("k{i:03}"), [0u8; 96]);
+        }
+        kv.write(wb, false).unwrap();
+        let shard = ShardDescriptor {
+            id: 1,
+            start_key: bytes::Bytes::from_static(b"k"),
+            ..Default::default()
+        };
+        let snap = kv.snapshot();
+        // 100 keys of 100 bytes: 10,000 bytes.
+        assert_eq!(split_key(&snap, &shard, 20_000, 1000).unwrap(), None);
+        assert_eq!(split_key(&snap, &shard, 10_000, 100).unwrap(), None);
+        let by_size = split_key(&snap, &shard, 5_000, 1000).unwrap().unwrap();
+        assert_eq!(&by_size[..], b"k025");
+        let by_keys = split_key(&snap, &shard, 1 << 30, 60).unwrap().unwrap();
+        assert_eq!(&by_keys[..], b"k030");
+        // One key past the threshold alone: no key to split at.
+        let single = ShardDescriptor {
+            id: 1,
+            start_key: bytes::Bytes::from_static(b"k000"),
+            end_key: bytes::Bytes::from_static(b"k001"),
+            ..Default::default()
+        };
+        assert_eq!(split_key(&snap, &single, 50, 1000).unwrap(), None);
+    }
 }

@@ -1,4 +1,7 @@
-//! The Admin gRPC service: routes and node status, answered by any node.
+//! The Admin gRPC service: routes and node status, answered by any node;
+//! operator calls (membership, leadership, split), answered by the shard's
+//! leader; and the meta shard's operations (ids, directory), answered by
+//! its leader (see `cluster_meta`).
 
 use std::sync::Arc;
 
@@ -7,15 +10,29 @@ use flotilla_proto::admin::*;
 use flotilla_proto::meta::{Node, ShardDescriptor};
 use tonic::{Request, Response, Status};
 
-use crate::service::NodeContext;
+use crate::cluster_meta::{MetaClient, MetaStore};
+use crate::service::{HandlerError, NodeContext};
 
 pub struct AdminService {
     ctx: Arc<NodeContext>,
+    meta_store: Arc<MetaStore>,
+    meta_client: MetaClient,
+}
+
+fn handler_status(e: HandlerError) -> Status {
+    match e {
+        HandlerError::Status(s) => s,
+        HandlerError::Store(e) => store_status(e),
+    }
 }
 
 impl AdminService {
-    pub fn new(ctx: Arc<NodeContext>) -> Self {
-        AdminService { ctx }
+    pub fn new(ctx: Arc<NodeContext>, meta_store: Arc<MetaStore>, meta_client: MetaClient) -> Self {
+        AdminService {
+            ctx,
+            meta_store,
+            meta_client,
+        }
     }
 
     fn route_of(&self, shard: ShardDescriptor) -> ShardRoute {
@@ -90,6 +107,61 @@ fn store_status(e: flotilla_raftstore::Error) -> Status {
     }
 }
 
+/// Splits a shard this node leads at `key`, if its version is still
+/// `version` when given (an automatic split checked an older state
+/// otherwise): ids from the meta shard, then the split command through the
+/// shard's log, then the new descriptors to the meta shard (the next
+/// heartbeat reports them again if this report is lost). Returns the
+/// shard's new descriptor and the new shard's.
+pub async fn split_shard(
+    ctx: &NodeContext,
+    meta_client: &MetaClient,
+    shard_id: u64,
+    version: Option<u64>,
+    key: bytes::Bytes,
+) -> Result<(ShardDescriptor, ShardDescriptor), Status> {
+    let meta = ctx
+        .router
+        .meta()
+        .get(shard_id)
+        .ok_or_else(|| store_status(flotilla_raftstore::Error::ShardNotFound(shard_id)))?;
+    if !meta.is_leader() {
+        return Err(store_status(flotilla_raftstore::Error::NotLeader {
+            shard_id,
+            leader: meta.leader().cloned(),
+        }));
+    }
+    if version.is_some_and(|v| v != meta.descriptor.epoch().version) {
+        return Err(Status::failed_precondition(format!(
+            "shard {shard_id} changed since the split was asked for"
+        )));
+    }
+    let replicas = meta.descriptor.replicas.len() as u64;
+    let first = meta_client.alloc_ids(1 + replicas).await?;
+    let new_replica_ids: Vec<u64> = (1..=replicas).map(|i| first + i).collect();
+    let router = &ctx.router;
+    let k = key.clone();
+    let left = admin_call(ctx, |cb| {
+        router.split(shard_id, k, first, new_replica_ids, cb)
+    })
+    .await?
+    .shard;
+    // The new shard's descriptor as the split made it.
+    let mut right = left.clone();
+    right.id = first;
+    right.start_key = key;
+    right.end_key = meta.descriptor.end_key.clone();
+    for (rep, i) in right.replicas.iter_mut().zip(1..) {
+        rep.id = first + i;
+    }
+    ctx.directory.update(left.clone());
+    ctx.directory.update(right.clone());
+    if let Err(e) = meta_client.report(vec![left.clone(), right.clone()]).await {
+        tracing::warn!(shard_id, new_shard_id = first, error = %e.message(), "reporting a split to the meta shard failed; the next heartbeat will");
+    }
+    Ok((left, right))
+}
+
 /// Operator calls, counted by their wrappers in the service.
 impl AdminService {
     async fn do_change_replicas(
@@ -115,13 +187,54 @@ impl AdminService {
         }
         let router = &self.ctx.router;
         let shard_id = r.shard_id;
+        let mut changes = r.changes;
+        // New replicas get ids from the meta shard, unique cluster-wide.
+        if let Some(local) = router.meta().get(shard_id) {
+            use flotilla_proto::admin::replica_change::Kind;
+            let new: Vec<usize> = (0..changes.len())
+                .filter(|&i| {
+                    let c = &changes[i];
+                    c.replica_id == 0
+                        && matches!(
+                            Kind::try_from(c.kind),
+                            Ok(Kind::AddLearner | Kind::AddVoter)
+                        )
+                        && local.descriptor.replica_on(c.node_id).is_none()
+                })
+                .collect();
+            if !new.is_empty() && local.is_leader() {
+                let first = self.meta_client.alloc_ids(new.len() as u64).await?;
+                for (i, id) in new.into_iter().zip(first..) {
+                    changes[i].replica_id = id;
+                }
+            }
+        }
         let shard = admin_call(&self.ctx, |cb| {
-            router.change_replicas(shard_id, r.changes, cb)
+            router.change_replicas(shard_id, changes, cb)
         })
         .await?
         .shard;
         self.ctx.directory.update(shard.clone());
         Ok(Response::new(ChangeReplicasResponse { shard: Some(shard) }))
+    }
+
+    /// Splits a shard this node leads: ids from the meta shard, then the
+    /// split command through the shard's log, then the new descriptors to
+    /// the meta shard (the next heartbeat reports them again if this
+    /// report is lost).
+    async fn do_split_shard(
+        &self,
+        req: Request<SplitShardRequest>,
+    ) -> Result<Response<SplitShardResponse>, Status> {
+        let r = req.into_inner();
+        let limits = &self.ctx.cfg.limits;
+        crate::limits::check_key(limits, "split_key", &r.split_key)?;
+        let (left, right) =
+            split_shard(&self.ctx, &self.meta_client, r.shard_id, None, r.split_key).await?;
+        Ok(Response::new(SplitShardResponse {
+            left: Some(left),
+            right: Some(right),
+        }))
     }
 
     async fn do_transfer_leader(
@@ -232,6 +345,55 @@ impl Admin for AdminService {
         let r = self.do_transfer_leader(req).await;
         crate::metrics::placement_operator("transfer_leader", &r);
         r
+    }
+
+    async fn split_shard(
+        &self,
+        req: Request<SplitShardRequest>,
+    ) -> Result<Response<SplitShardResponse>, Status> {
+        let r = self.do_split_shard(req).await;
+        crate::metrics::placement_operator("split", &r);
+        r
+    }
+
+    async fn alloc_ids(
+        &self,
+        req: Request<AllocIdsRequest>,
+    ) -> Result<Response<AllocIdsResponse>, Status> {
+        let count = req.into_inner().count;
+        if !(1..=1 << 20).contains(&count) {
+            return Err(Status::invalid_argument(format!(
+                "count must be in 1..={} (got {count})",
+                1 << 20
+            )));
+        }
+        let first = self
+            .meta_store
+            .alloc_ids(count)
+            .await
+            .map_err(handler_status)?;
+        Ok(Response::new(AllocIdsResponse { first }))
+    }
+
+    async fn get_directory(
+        &self,
+        _req: Request<GetDirectoryRequest>,
+    ) -> Result<Response<GetDirectoryResponse>, Status> {
+        let d = self.meta_store.directory().await.map_err(handler_status)?;
+        Ok(Response::new(d))
+    }
+
+    async fn report_shards(
+        &self,
+        req: Request<ReportShardsRequest>,
+    ) -> Result<Response<ReportShardsResponse>, Status> {
+        let r = req.into_inner();
+        let updated = self
+            .meta_store
+            .report(r.node_id, r.address, r.shards)
+            .await
+            .map_err(handler_status)?;
+        Ok(Response::new(ReportShardsResponse { updated }))
     }
 
     async fn compact_log(

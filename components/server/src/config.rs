@@ -18,6 +18,40 @@ pub struct Config {
     pub rocksdb: RocksdbSection,
     pub limits: Limits,
     pub log: LogSection,
+    pub placement: PlacementSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PlacementSection {
+    /// How often a node reports the shards it leads to the meta shard and
+    /// refreshes its routing directory from it.
+    pub heartbeat_interval_ms: u64,
+    /// How often each shard leader checks whether its shard outgrew the
+    /// split thresholds (0 turns size-based splitting off).
+    pub split_check_interval_ms: u64,
+    /// A shard whose data passes this many bytes (approximate) is split in
+    /// two at its middle key.
+    pub split_size_bytes: u64,
+    /// A shard holding more keys than this is split in two.
+    pub split_keys: u64,
+}
+
+impl Default for PlacementSection {
+    fn default() -> Self {
+        PlacementSection {
+            heartbeat_interval_ms: 2000,
+            split_check_interval_ms: 10_000,
+            split_size_bytes: 96 << 20,
+            split_keys: 960_000,
+        }
+    }
+}
+
+impl PlacementSection {
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -154,6 +188,10 @@ impl RaftstoreSection {
             raft_log_gc_size_limit: self.raft_log_gc_size_limit_bytes,
             raft_engine_purge_interval: Duration::from_millis(self.raft_engine_purge_interval_ms),
             snap_workers: self.snap_workers,
+            // From [placement], set by the node.
+            split_check_ticks: 0,
+            split_size: 0,
+            split_keys: 0,
         }
     }
 
@@ -330,6 +368,13 @@ impl Config {
         }
         if !(1..=65536).contains(&self.server.initial_shards) {
             bail!("server.initial-shards must be in 1..=65536");
+        }
+        let p = &self.placement;
+        if p.heartbeat_interval_ms == 0 {
+            bail!("placement.heartbeat-interval-ms must be at least 1");
+        }
+        if p.split_check_interval_ms > 0 && (p.split_size_bytes == 0 || p.split_keys < 2) {
+            bail!("placement.split-size-bytes must be > 0 and placement.split-keys >= 2 (or placement.split-check-interval-ms = 0 to turn splitting off)");
         }
         let l = &self.limits;
         if l.max_key_size_bytes == 0 || l.max_batch_keys == 0 || l.max_scan_limit == 0 {

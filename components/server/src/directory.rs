@@ -29,8 +29,9 @@ impl Directory {
     /// Installs `desc` unless a newer version of the same shard is known;
     /// shards it overlaps with an older version are removed.
     pub fn update(&self, desc: ShardDescriptor) {
-        // A replica waiting for its first snapshot knows no range yet.
-        if desc.replicas.is_empty() {
+        // A replica waiting for its first snapshot knows no range yet; the
+        // meta shard's range is in another key space.
+        if desc.replicas.is_empty() || desc.id == flotilla_storage::META_SHARD_ID {
             return;
         }
         let mut m = self.by_start.write();

@@ -15,6 +15,7 @@ use flotilla_proto::kv::kv_server::Kv;
 use flotilla_proto::kv::*;
 use flotilla_proto::raftcmd::{self, op, Op, WriteCommand};
 use flotilla_raftstore::KeySpan;
+use flotilla_storage::CF_DEFAULT;
 use tonic::{Request, Response, Status};
 
 use crate::limits;
@@ -52,7 +53,7 @@ impl Kv for KvService {
             let (snap, _) = c
                 .read_barrier(&ctx, vec![KeySpan::Point(r.key.clone())])
                 .await?;
-            let value = snap.get(&r.key).map_err(internal)?;
+            let value = snap.get(CF_DEFAULT, &r.key).map_err(internal)?;
             Ok(GetResponse {
                 error: None,
                 found: value.is_some(),
@@ -81,7 +82,7 @@ impl Kv for KvService {
             let pairs = tokio::task::spawn_blocking(move || {
                 let mut pairs = Vec::new();
                 for k in r.keys {
-                    if let Some(v) = snap.get(&k)? {
+                    if let Some(v) = snap.get(CF_DEFAULT, &k)? {
                         pairs.push(KvPair {
                             key: k,
                             value: v.into(),
@@ -206,7 +207,7 @@ impl Kv for KvService {
                 n => n.min(l.max_scan_limit),
             } as usize;
             let (pairs, more) = tokio::task::spawn_blocking(move || {
-                snap.scan(&r.start_key, &end, limit, r.reverse)
+                snap.scan(CF_DEFAULT, &r.start_key, &end, limit, r.reverse)
             })
             .await
             .map_err(internal)?

@@ -13,6 +13,7 @@
 //! stops.
 
 pub mod admin_service;
+pub mod cluster_meta;
 pub mod config;
 pub mod directory;
 pub mod kv_service;

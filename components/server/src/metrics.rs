@@ -5,9 +5,34 @@ use std::sync::LazyLock;
 
 use flotilla_storage::KvEngine;
 use prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, HistogramVec,
-    IntCounterVec, IntGaugeVec,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge_vec,
+    HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
 };
+
+pub static META_IDS_ALLOCATED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "flotilla_meta_ids_allocated_total",
+        "Shard and replica ids handed out by the meta shard while this node led it."
+    )
+    .unwrap()
+});
+
+pub static META_DIRECTORY_UPDATES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "flotilla_meta_directory_updates_total",
+        "Shard descriptors that replaced older ones in the meta shard's directory, written by this node."
+    )
+    .unwrap()
+});
+
+pub static META_HEARTBEATS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_meta_heartbeats_total",
+        "This node's heartbeats to the meta shard (report led shards, refresh the directory), by result (ok, failed).",
+        &["result"]
+    )
+    .unwrap()
+});
 
 pub static GRPC_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -32,7 +57,7 @@ pub static PLACEMENT_OPERATORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "flotilla_placement_operators_total",
         "Placement operations asked of this node's leaders, by type (change_replicas, \
-         transfer_leader) and outcome (ok, not_leader, rejected, error).",
+         transfer_leader, split, auto_split) and outcome (ok, not_leader, rejected, error).",
         &["type", "outcome"]
     )
     .unwrap()
@@ -128,7 +153,12 @@ pub fn register() {
     }
     LazyLock::force(&GRPC_DURATION);
     LazyLock::force(&STORAGE);
-    for kind in ["change_replicas", "transfer_leader"] {
+    LazyLock::force(&META_IDS_ALLOCATED);
+    LazyLock::force(&META_DIRECTORY_UPDATES);
+    for result in ["ok", "failed"] {
+        META_HEARTBEATS.with_label_values(&[result]);
+    }
+    for kind in ["change_replicas", "transfer_leader", "split", "auto_split"] {
         for outcome in ["ok", "not_leader", "rejected", "error"] {
             PLACEMENT_OPERATORS.with_label_values(&[kind, outcome]);
         }

@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::admin_service::AdminService;
+use crate::cluster_meta::{MetaClient, MetaStore};
 use crate::config::Config;
 use crate::directory::Directory;
 use crate::kv_service::KvService;
@@ -65,6 +66,47 @@ pub struct Server {
     status_stop: Option<oneshot::Sender<()>>,
     grpc_task: Option<JoinHandle<()>>,
     status_task: Option<JoinHandle<()>>,
+    /// Reports to and reads from the meta shard (cluster_meta).
+    heartbeat_task: JoinHandle<()>,
+    /// Splits shards the split checker found past a threshold.
+    splitter_task: JoinHandle<()>,
+}
+
+/// Splits the shards the raftstore's split checker asks for, one at a time.
+fn spawn_splitter(
+    ctx: Arc<NodeContext>,
+    meta_client: MetaClient,
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<(
+        u64,
+        flotilla_proto::meta::Epoch,
+        bytes::Bytes,
+    )>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some((shard_id, epoch, key)) = requests.recv().await {
+            let r = crate::admin_service::split_shard(
+                &ctx,
+                &meta_client,
+                shard_id,
+                Some(epoch.version),
+                key,
+            )
+            .await;
+            crate::metrics::placement_operator("auto_split", &r);
+            match r {
+                Ok((left, right)) => tracing::info!(
+                    shard_id,
+                    new_shard_id = right.id,
+                    split_key = %flotilla_raftstore::fmt_key(&right.start_key),
+                    version = left.epoch().version,
+                    "split a shard past a split threshold"
+                ),
+                Err(e) => {
+                    tracing::info!(shard_id, error = %e.message(), "automatic split not done")
+                }
+            }
+        }
+    })
 }
 
 fn open_engines(cfg: &Config) -> anyhow::Result<Engines> {
@@ -181,11 +223,28 @@ impl Server {
             engines.snap_mgr.clone(),
             tokio::runtime::Handle::current(),
         );
+        // Shards past a split threshold are split by a task started below,
+        // once the node's context exists.
+        let (split_tx, split_rx) = tokio::sync::mpsc::unbounded_channel();
+        let split_observer: flotilla_raftstore::worker::SplitObserver =
+            Arc::new(move |shard_id, epoch, key| {
+                let _ = split_tx.send((shard_id, epoch, key));
+            });
+        let mut store_cfg = cfg.raftstore.to_raftstore();
+        let p = &cfg.placement;
+        store_cfg.split_check_ticks = if p.split_check_interval_ms == 0 {
+            0
+        } else {
+            (p.split_check_interval_ms / cfg.raftstore.tick_interval_ms).max(1) as usize
+        };
+        store_cfg.split_size = p.split_size_bytes;
+        store_cfg.split_keys = p.split_keys;
         let store = Store::start(
             node_id,
-            cfg.raftstore.to_raftstore(),
+            store_cfg,
             engines.clone(),
             Arc::new(transport.clone()),
+            Some(split_observer),
         )?;
         let router: StoreRouter = store.router();
         transport.set_router(router.clone());
@@ -216,6 +275,14 @@ impl Server {
             .max(16 << 20);
         let (grpc_stop, grpc_stop_rx) = oneshot::channel::<()>();
         let (streams_stop, streams_stop_rx) = tokio::sync::watch::channel(false);
+        let meta_store = Arc::new(MetaStore::new(ctx.clone()));
+        let meta_client = MetaClient::new(ctx.clone());
+        let heartbeat_task = crate::cluster_meta::spawn_heartbeat(
+            meta_client.clone(),
+            cfg.placement.heartbeat_interval(),
+            streams_stop.subscribe(),
+        );
+        let splitter_task = spawn_splitter(ctx.clone(), meta_client.clone(), split_rx);
         listeners.grpc.set_nonblocking(true)?;
         let incoming = tonic::transport::server::TcpIncoming::from(
             tokio::net::TcpListener::from_std(listeners.grpc)?,
@@ -227,7 +294,11 @@ impl Server {
             .add_service(
                 KvServer::new(KvService::new(ctx.clone())).max_decoding_message_size(decode_cap),
             )
-            .add_service(AdminServer::new(AdminService::new(ctx.clone())))
+            .add_service(AdminServer::new(AdminService::new(
+                ctx.clone(),
+                meta_store,
+                meta_client.clone(),
+            )))
             .add_service(
                 RaftServer::new(RaftService::new(
                     node_id,
@@ -276,6 +347,8 @@ impl Server {
             status_stop: Some(status_stop),
             grpc_task: Some(grpc_task),
             status_task: Some(status_task),
+            heartbeat_task,
+            splitter_task,
         })
     }
 
@@ -311,6 +384,8 @@ impl Server {
 
     async fn stop(&mut self) {
         let _ = self.streams_stop.send(true);
+        self.heartbeat_task.abort();
+        self.splitter_task.abort();
         if let Some(tx) = self.grpc_stop.take() {
             let _ = tx.send(());
         }

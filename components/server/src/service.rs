@@ -195,13 +195,22 @@ impl NodeContext {
         ))
     }
 
-    /// Proposes a write and waits for it to apply.
+    /// Proposes a client's write and waits for it to apply.
     pub async fn propose(
         &self,
         ctx: Option<ShardContext>,
         command: WriteCommand,
     ) -> Result<WriteResult, HandlerError> {
-        let ctx = require_context(ctx)?;
+        self.propose_in(require_context(ctx)?, command).await
+    }
+
+    /// Proposes a write to any shard (the meta shard included) and waits
+    /// for it to apply.
+    pub async fn propose_in(
+        &self,
+        ctx: ShardContext,
+        command: WriteCommand,
+    ) -> Result<WriteResult, HandlerError> {
         if let Some(why) = self.disk.refusal() {
             return Err(Status::resource_exhausted(why).into());
         }
@@ -274,8 +283,17 @@ impl NodeContext {
     }
 }
 
+/// The context of a request for user data: present, and not naming the
+/// meta shard (id 0), whose data only the node's meta service touches.
 pub fn require_context(ctx: Option<ShardContext>) -> Result<ShardContext, Status> {
-    ctx.ok_or_else(|| Status::invalid_argument("context (shard id and epoch) is required"))
+    let ctx =
+        ctx.ok_or_else(|| Status::invalid_argument("context (shard id and epoch) is required"))?;
+    if ctx.shard_id == flotilla_storage::META_SHARD_ID {
+        return Err(Status::invalid_argument(
+            "context.shard_id: 0 is the cluster's meta shard, not a data shard",
+        ));
+    }
+    Ok(ctx)
 }
 
 fn status_label(s: &Status) -> &'static str {

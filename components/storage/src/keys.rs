@@ -15,6 +15,30 @@
 
 use crate::ShardId;
 
+/// Keys of the meta shard's data (column family `cluster`), the cluster's
+/// replicated metadata:
+///
+/// ```text
+/// "id"                 -> u64 BE: the next id never handed out (shards, replicas)
+/// "n" node_id:u64 BE   -> meta.Node        (node registry)
+/// "s" shard_id:u64 BE  -> meta.ShardDescriptor (shard directory, user shards)
+/// ```
+pub mod cluster {
+    pub const NEXT_ID: &[u8] = b"id";
+    pub const NODE_PREFIX: &[u8] = b"n";
+    pub const NODE_END: &[u8] = b"o";
+    pub const SHARD_PREFIX: &[u8] = b"s";
+    pub const SHARD_END: &[u8] = b"t";
+
+    pub fn node_key(node_id: u64) -> Vec<u8> {
+        [NODE_PREFIX, &node_id.to_be_bytes()].concat()
+    }
+
+    pub fn shard_key(shard_id: u64) -> Vec<u8> {
+        [SHARD_PREFIX, &shard_id.to_be_bytes()].concat()
+    }
+}
+
 pub const NODE_IDENT_KEY: &[u8] = b"\x01node";
 
 pub const SHARD_PREFIX: u8 = 0x02;

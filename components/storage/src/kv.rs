@@ -26,6 +26,24 @@ use crate::{Error, Result, ShardId};
 
 pub const CF_DEFAULT: &str = "default";
 pub const CF_META: &str = "meta";
+/// The meta shard's data (the cluster's node registry, shard directory and
+/// id allocator). A column family of its own, so the meta shard can cover
+/// the whole key space of it without overlapping any user shard.
+pub const CF_CLUSTER: &str = "cluster";
+
+/// The shard whose data is the cluster metadata (`CF_CLUSTER`). Id 0 is
+/// never a user shard's: bootstrap numbers those from 1 and the allocator
+/// continues from there.
+pub const META_SHARD_ID: ShardId = 0;
+
+/// The column family holding a shard's data.
+pub fn data_cf(shard_id: ShardId) -> &'static str {
+    if shard_id == META_SHARD_ID {
+        CF_CLUSTER
+    } else {
+        CF_DEFAULT
+    }
+}
 
 /// RocksDB options exposed in the node configuration.
 #[derive(Clone, Debug)]
@@ -81,7 +99,7 @@ impl KvEngine {
         db_opts.set_max_background_jobs(cfg.max_background_jobs);
         db_opts.set_max_open_files(cfg.max_open_files);
 
-        let cfs = [CF_DEFAULT, CF_META]
+        let cfs = [CF_DEFAULT, CF_META, CF_CLUSTER]
             .into_iter()
             .map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
         let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
@@ -130,13 +148,19 @@ impl KvEngine {
         }
     }
 
-    /// Stages the deletion of every user key in `[start, end)` (empty end =
-    /// +inf) into `wb`.
-    pub fn delete_range(&self, wb: &mut WriteBatch, start: &[u8], end: &[u8]) -> Result<()> {
-        let cf = self.cf(CF_DEFAULT);
+    /// Stages the deletion of every key of `cf_name` in `[start, end)`
+    /// (empty end = +inf) into `wb`.
+    pub fn delete_range(
+        &self,
+        wb: &mut WriteBatch,
+        cf_name: &str,
+        start: &[u8],
+        end: &[u8],
+    ) -> Result<()> {
+        let cf = self.cf(cf_name);
         if end.is_empty() {
             // RocksDB needs an upper bound: one past the greatest key present.
-            let (last, _) = self.scan(start, &[], 1, true)?;
+            let (last, _) = self.scan(cf_name, start, &[], 1, true)?;
             if let Some((mut upper, _)) = last.into_iter().next() {
                 upper.push(0);
                 wb.delete_range_cf(cf, start, &upper[..]);
@@ -147,35 +171,36 @@ impl KvEngine {
         Ok(())
     }
 
-    /// Ingests an SST file of user data. The file is hard-linked into the
+    /// Ingests an SST file into `cf_name`. The file is hard-linked into the
     /// database, so the caller's path stays valid until it deletes it.
-    pub fn ingest(&self, path: &Path) -> Result<()> {
+    pub fn ingest(&self, cf_name: &str, path: &Path) -> Result<()> {
         let link = path.with_extension("ingest");
         let _ = std::fs::remove_file(&link);
         std::fs::hard_link(path, &link)
             .map_err(|e| Error::Other(format!("linking {}: {e}", path.display())))?;
         let mut opts = IngestExternalFileOptions::default();
         opts.set_move_files(true);
-        let r =
-            self.db
-                .ingest_external_file_cf_opts(self.cf(CF_DEFAULT), &opts, vec![link.clone()]);
+        let r = self
+            .db
+            .ingest_external_file_cf_opts(self.cf(cf_name), &opts, vec![link.clone()]);
         let _ = std::fs::remove_file(&link);
         Ok(r?)
     }
 
-    /// Reads one user key.
-    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    /// Reads one key of `cf_name`.
+    pub fn get(&self, cf_name: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self
             .db
-            .get_pinned_cf(self.cf(CF_DEFAULT), key)?
+            .get_pinned_cf(self.cf(cf_name), key)?
             .map(|v| v.to_vec()))
     }
 
-    /// Reads up to `limit` user pairs of `[start, end)` (empty `end` = +inf),
-    /// ascending, or descending when `reverse`. Returns the pairs and whether
-    /// more pairs remain in the range.
+    /// Reads up to `limit` pairs of `cf_name` in `[start, end)` (empty `end`
+    /// = +inf), ascending, or descending when `reverse`. Returns the pairs
+    /// and whether more pairs remain in the range.
     pub fn scan(
         &self,
+        cf_name: &str,
         start: &[u8],
         end: &[u8],
         limit: usize,
@@ -183,7 +208,7 @@ impl KvEngine {
     ) -> Result<(Vec<KvPair>, bool)> {
         let it = self
             .db
-            .raw_iterator_cf_opt(self.cf(CF_DEFAULT), range_opts(start, end));
+            .raw_iterator_cf_opt(self.cf(cf_name), range_opts(start, end));
         collect_range(it, limit, reverse)
     }
 
@@ -375,20 +400,21 @@ pub struct KvSnapshot {
 }
 
 impl KvSnapshot {
-    fn cf(&self) -> &ColumnFamily {
+    fn cf(&self, name: &str) -> &ColumnFamily {
         self._db
-            .cf_handle(CF_DEFAULT)
-            .expect("default column family")
+            .cf_handle(name)
+            .unwrap_or_else(|| panic!("column family {name} exists"))
     }
 
-    /// Reads one user key as of the snapshot.
-    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.snap.get_cf(self.cf(), key)?)
+    /// Reads one key of `cf_name` as of the snapshot.
+    pub fn get(&self, cf_name: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.snap.get_cf(self.cf(cf_name), key)?)
     }
 
     /// `KvEngine::scan` as of the snapshot.
     pub fn scan(
         &self,
+        cf_name: &str,
         start: &[u8],
         end: &[u8],
         limit: usize,
@@ -396,21 +422,22 @@ impl KvSnapshot {
     ) -> Result<(Vec<KvPair>, bool)> {
         let it = self
             .snap
-            .raw_iterator_cf_opt(self.cf(), range_opts(start, end));
+            .raw_iterator_cf_opt(self.cf(cf_name), range_opts(start, end));
         collect_range(it, limit, reverse)
     }
 
-    /// Calls `f` with every user pair of `[start, end)` (empty end = +inf)
-    /// in key order; stops early if `f` returns an error.
+    /// Calls `f` with every pair of `cf_name` in `[start, end)` (empty end =
+    /// +inf) in key order; stops early if `f` returns an error.
     pub fn for_each<E: From<Error>>(
         &self,
+        cf_name: &str,
         start: &[u8],
         end: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
         let mut opts = range_opts(start, end);
         opts.fill_cache(false);
-        let mut it = self.snap.raw_iterator_cf_opt(self.cf(), opts);
+        let mut it = self.snap.raw_iterator_cf_opt(self.cf(cf_name), opts);
         it.seek_to_first();
         while it.valid() {
             f(it.key().unwrap(), it.value().unwrap())?;
@@ -440,13 +467,13 @@ mod tests {
         }
         e.write(wb, false).unwrap();
         let keys = |v: Vec<KvPair>| v.into_iter().map(|(k, _)| k[0]).collect::<Vec<_>>();
-        let (v, more) = e.scan(b"b", b"e", 10, false).unwrap();
+        let (v, more) = e.scan(CF_DEFAULT, b"b", b"e", 10, false).unwrap();
         assert_eq!((keys(v), more), (b"bcd".to_vec(), false));
-        let (v, more) = e.scan(b"b", b"e", 2, false).unwrap();
+        let (v, more) = e.scan(CF_DEFAULT, b"b", b"e", 2, false).unwrap();
         assert_eq!((keys(v), more), (b"bc".to_vec(), true));
-        let (v, more) = e.scan(b"b", b"", 10, true).unwrap();
+        let (v, more) = e.scan(CF_DEFAULT, b"b", b"", 10, true).unwrap();
         assert_eq!((keys(v), more), (b"edcb".to_vec(), false));
-        let (v, more) = e.scan(b"a", b"d", 2, true).unwrap();
+        let (v, more) = e.scan(CF_DEFAULT, b"a", b"d", 2, true).unwrap();
         assert_eq!((keys(v), more), (b"cb".to_vec(), true));
     }
 

@@ -6,7 +6,10 @@
 //!   last index).
 //! - [`KvEngine`]: one RocksDB at `<data>/kv`. Column family `default` holds
 //!   user data keyed by the raw user key (so a split moves no data); column
-//!   family `meta` holds node and per-shard records (see [`keys`]).
+//!   family `meta` holds node and per-shard records (see [`keys`]); column
+//!   family `cluster` holds the data of the meta shard (shard 0: node
+//!   registry, shard directory, id allocator), which thereby never overlaps
+//!   a user shard's range.
 //! - [`ReplicaStorage`]: a shard replica's view of its log, implementing
 //!   `raft::Storage` from the raft-engine log, its in-memory raft state and its
 //!   apply state (which fixes where the log starts).
@@ -38,7 +41,9 @@ pub mod snap;
 
 pub use disk::{DiskLevel, DiskMonitor, DiskStatus};
 pub use error::{Error, Result};
-pub use kv::{KvConfig, KvEngine, KvSnapshot, CF_DEFAULT, CF_META};
+pub use kv::{
+    data_cf, KvConfig, KvEngine, KvSnapshot, CF_CLUSTER, CF_DEFAULT, CF_META, META_SHARD_ID,
+};
 pub use raft_log::{RaftLocalState, RaftLogConfig, RaftLogEngine};
 pub use replica_storage::{ReplicaStorage, RAFT_INIT_INDEX, RAFT_INIT_TERM};
 pub use snap::SnapManager;

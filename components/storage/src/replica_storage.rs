@@ -100,6 +100,17 @@ pub fn initial_apply_state() -> ApplyState {
     }
 }
 
+/// The first raft state of a replica created by a split: the initial one,
+/// with the term and vote of what it replaces when that is newer.
+pub fn split_raft_state(previous: Option<&RaftLocalState>) -> RaftLocalState {
+    let mut s = initial_raft_state();
+    if let Some(p) = previous.filter(|p| p.hard_state.term > RAFT_INIT_TERM) {
+        s.hard_state.term = p.hard_state.term;
+        s.hard_state.vote = p.hard_state.vote;
+    }
+    s
+}
+
 /// The raft state of a freshly bootstrapped shard.
 pub fn initial_raft_state() -> RaftLocalState {
     RaftLocalState {
@@ -160,12 +171,22 @@ impl ReplicaStorage {
         apply_state: ApplyState,
         conf_state: ConfState,
     ) -> Result<Self> {
-        let mut raft_state = engine
-            .raft_state(shard_id)?
-            .ok_or_else(|| Error::Corruption {
+        let stored = engine.raft_state(shard_id)?;
+        let mut raft_state = if apply_state == initial_apply_state()
+            && stored
+                .as_ref()
+                .is_none_or(|s| s.last_index < RAFT_INIT_INDEX)
+        {
+            // A shard created by a split, whose first raft state a crash
+            // kept from raft-engine (or an uninitialized replica's state it
+            // replaces).
+            split_raft_state(stored.as_ref())
+        } else {
+            stored.ok_or_else(|| Error::Corruption {
                 what: format!("shard {shard_id}"),
                 detail: "no raft state in raft-engine".into(),
-            })?;
+            })?
+        };
         if raft_state.last_index < apply_state.applied_index {
             return Err(Error::Corruption {
                 what: format!("shard {shard_id}"),
@@ -186,6 +207,35 @@ impl ReplicaStorage {
             engine,
             raft_state,
             apply_state,
+            conf_state,
+            cache: EntryCache::new(ENTRY_CACHE_BYTES),
+            snap_state: RefCell::new(SnapState::Idle),
+            log_bytes: 0,
+        })
+    }
+
+    /// The replica of a shard a split just created on this node: the log
+    /// starts at the initial index, the term and vote of an uninitialized
+    /// replica it replaces (`previous`) are kept so it never votes twice in
+    /// a term. The raft state is written (synced) before this returns.
+    pub fn for_split(
+        shard_id: ShardId,
+        replica_id: ReplicaId,
+        engine: Arc<RaftLogEngine>,
+        previous: Option<&RaftLocalState>,
+        conf_state: ConfState,
+    ) -> Result<Self> {
+        let raft_state = split_raft_state(previous);
+        let mut lb = LogBatch::default();
+        lb.add_command(shard_id, raft_engine::Command::Clean);
+        RaftLogEngine::put_raft_state(&mut lb, shard_id, &raft_state);
+        engine.write(&mut lb, true)?;
+        Ok(ReplicaStorage {
+            shard_id,
+            replica_id,
+            engine,
+            raft_state,
+            apply_state: initial_apply_state(),
             conf_state,
             cache: EntryCache::new(ENTRY_CACHE_BYTES),
             snap_state: RefCell::new(SnapState::Idle),

@@ -95,10 +95,11 @@ impl RangeHasher {
     }
 }
 
-/// Hashes `[start, end)` of a snapshot.
-pub fn hash_range(snap: &KvSnapshot, start: &[u8], end: &[u8]) -> Result<(u64, u64)> {
+/// Hashes a shard's data in a snapshot.
+pub fn hash_shard(snap: &KvSnapshot, shard: &ShardDescriptor) -> Result<(u64, u64)> {
     let mut h = RangeHasher::default();
-    snap.for_each::<Error>(start, end, |k, v| {
+    let cf = crate::kv::data_cf(shard.id);
+    snap.for_each::<Error>(cf, &shard.start_key, &shard.end_key, |k, v| {
         h.add(k, v);
         Ok(())
     })?;
@@ -159,7 +160,8 @@ impl SnapManager {
         let mut writer = SstFileWriter::create(&opts);
         writer.open(&tmp)?;
         let mut keys = 0u64;
-        snap.for_each::<Error>(&shard.start_key, &shard.end_key, |k, v| {
+        let cf = crate::kv::data_cf(shard.id);
+        snap.for_each::<Error>(cf, &shard.start_key, &shard.end_key, |k, v| {
             keys += 1;
             Ok(writer.put(k, v)?)
         })?;
@@ -270,12 +272,12 @@ mod tests {
         let path = mgr.gen_path(7, 6, 42);
         mgr.verify(&path, &data).unwrap();
 
-        b.ingest(&path).unwrap();
+        b.ingest(CF_DEFAULT, &path).unwrap();
         assert!(path.exists(), "ingest leaves the caller's file");
-        let (pairs, more) = b.scan(b"", b"", 1000, false).unwrap();
+        let (pairs, more) = b.scan(CF_DEFAULT, b"", b"", 1000, false).unwrap();
         assert_eq!((pairs.len(), more), (100, false));
-        let (h1, n1) = hash_range(&b.snapshot(), &shard.start_key, &shard.end_key).unwrap();
-        let (h2, n2) = hash_range(&snap, &shard.start_key, &shard.end_key).unwrap();
+        let (h1, n1) = hash_shard(&b.snapshot(), &shard).unwrap();
+        let (h2, n2) = hash_shard(&snap, &shard).unwrap();
         assert_eq!((h1, n1), (h2, n2));
 
         let mut bad = data.clone();

@@ -26,7 +26,7 @@ use flotilla_proto::raftcmd::{
     admin_command, op, Cas, ConfChangeContext, RaftCommand, WriteCommand,
 };
 use flotilla_proto::Message as _;
-use flotilla_storage::CF_DEFAULT;
+use flotilla_storage::{data_cf, CF_CLUSTER};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChangeType, ConfChangeV2, Entry, EntryType};
 
@@ -56,6 +56,11 @@ pub struct ApplyFsm {
     /// applied (the raft side destroys the replica once it hears of it).
     removed: bool,
     stash: Option<Stash>,
+    /// The shard the last split applied here created.
+    split_off: Option<ShardDescriptor>,
+    /// Written this round (reported with the round's result).
+    written_bytes: u64,
+    written_keys: u64,
     // What this round did, for `finish_round`.
     applied_in_round: bool,
     exec: Vec<ExecResult>,
@@ -97,6 +102,9 @@ impl ApplyFsm {
             stopped: false,
             removed: false,
             stash: None,
+            split_off: None,
+            written_bytes: 0,
+            written_keys: 0,
             applied_in_round: false,
             exec: Vec::new(),
             gen_snapshot: false,
@@ -266,16 +274,12 @@ impl ApplyFsm {
                 self.shard_id, entry.index
             )
         });
+        let epoch = cmd.header.and_then(|h| h.epoch).unwrap_or_default();
         if let Some(admin) = cmd.admin.and_then(|a| a.cmd) {
-            self.exec_admin(admin, entry.index);
-            return EntryOutcome::Admin;
+            return self.exec_admin(admin, epoch, entry.index, ctx);
         }
-        let version = cmd.header.and_then(|h| h.epoch).unwrap_or_default().version;
-        if version != self.descriptor.epoch().version {
-            let err = Error::EpochNotMatch {
-                shard_id: self.shard_id,
-                current: vec![self.descriptor.clone()],
-            };
+        if epoch.version != self.descriptor.epoch().version {
+            let err = self.epoch_not_match();
             return EntryOutcome::Writes(cmd.writes.iter().map(|_| Err(err.clone())).collect());
         }
         EntryOutcome::Writes(
@@ -286,7 +290,25 @@ impl ApplyFsm {
         )
     }
 
-    fn exec_admin(&mut self, admin: admin_command::Cmd, index: Index) {
+    /// The error for a command proposed under an older version: names this
+    /// shard's descriptor and the shard its last split created, so a client
+    /// learns both halves of its old range.
+    fn epoch_not_match(&self) -> Error {
+        let mut current = vec![self.descriptor.clone()];
+        current.extend(self.split_off.iter().cloned());
+        Error::EpochNotMatch {
+            shard_id: self.shard_id,
+            current,
+        }
+    }
+
+    fn exec_admin(
+        &mut self,
+        admin: admin_command::Cmd,
+        epoch: flotilla_proto::meta::Epoch,
+        index: Index,
+        ctx: &mut ApplyCtx,
+    ) -> EntryOutcome {
         match admin {
             admin_command::Cmd::CompactLog(c) => {
                 // A compaction proposed before a snapshot install or an
@@ -298,7 +320,149 @@ impl ApplyFsm {
                 }
             }
             admin_command::Cmd::ComputeHash(_) => self.hash_at = Some(index),
+            admin_command::Cmd::Split(s) => {
+                let outcome = self.exec_split(s, epoch, index, ctx);
+                let result = match outcome {
+                    EntryOutcome::Rejected(_) => "rejected",
+                    _ => "applied",
+                };
+                metrics::SPLITS.with_label_values(&[result]).inc();
+                return outcome;
+            }
         }
+        EntryOutcome::Admin
+    }
+
+    /// Cuts the shard in two (see `raftcmd.Split`). Refusals are
+    /// deterministic. The new shard's states go in the same write batch as
+    /// the shrunk descriptor, so a crash leaves both or neither; the raft
+    /// side creates the new replica once it hears of the result.
+    fn exec_split(
+        &mut self,
+        s: flotilla_proto::raftcmd::Split,
+        epoch: flotilla_proto::meta::Epoch,
+        index: Index,
+        ctx: &mut ApplyCtx,
+    ) -> EntryOutcome {
+        let d = &self.descriptor;
+        if epoch != d.epoch() {
+            return EntryOutcome::Rejected(format!(
+                "split proposed at epoch {}/{} but the shard is at {}/{}",
+                epoch.conf_ver,
+                epoch.version,
+                d.epoch().conf_ver,
+                d.epoch().version
+            ));
+        }
+        let key = s.split_key;
+        if key <= d.start_key || (!d.end_key.is_empty() && key >= d.end_key) {
+            return EntryOutcome::Rejected(format!(
+                "split key {} is not strictly inside the shard's range",
+                crate::fmt_key(&key)
+            ));
+        }
+        if s.new_replica_ids.len() != d.replicas.len()
+            || d.replicas.iter().any(|r| {
+                r.role == ReplicaRole::IncomingVoter as i32
+                    || r.role == ReplicaRole::DemotingVoter as i32
+            })
+        {
+            return EntryOutcome::Rejected(
+                "split needs one new replica id per replica and no membership change in progress"
+                    .into(),
+            );
+        }
+        let mut version = d.epoch();
+        version.version += 1;
+        let right = ShardDescriptor {
+            id: s.new_shard_id,
+            start_key: key.clone(),
+            end_key: d.end_key.clone(),
+            epoch: Some(version),
+            replicas: d
+                .replicas
+                .iter()
+                .zip(&s.new_replica_ids)
+                .map(|(r, id)| Replica {
+                    id: *id,
+                    node_id: r.node_id,
+                    role: r.role,
+                })
+                .collect(),
+        };
+        let mut left = d.clone();
+        left.end_key = key;
+        left.epoch = Some(version);
+        let mine = d
+            .replicas
+            .iter()
+            .position(|r| r.id == self.replica_id)
+            .map(|i| s.new_replica_ids[i]);
+        let existing = ctx
+            .kv
+            .shard_state(right.id)
+            .unwrap_or_else(|e| panic!("apply: reading RocksDB failed: {e}"));
+        let right_replica = match (&existing, mine) {
+            (None, Some(id)) => {
+                ctx.kv.put_shard_state(
+                    &mut ctx.wb,
+                    right.id,
+                    &ShardLocalState {
+                        shard: Some(right.clone()),
+                        state: ShardState::Normal as i32,
+                        replica_id: id,
+                    },
+                );
+                ctx.kv.put_apply_state(
+                    &mut ctx.wb,
+                    right.id,
+                    &flotilla_storage::replica_storage::initial_apply_state(),
+                );
+                Some(id)
+            }
+            _ => {
+                // The new shard's replica here was already removed (a
+                // tombstone) while this replica lagged behind the split:
+                // nobody here owns the right half's data any more.
+                tracing::info!(
+                    shard_id = self.shard_id,
+                    new_shard_id = right.id,
+                    state = ?existing.map(|s| s.state),
+                    "split: the new shard's replica on this node is gone; dropping its data"
+                );
+                let cf = data_cf(self.shard_id);
+                ctx.kv
+                    .delete_range(&mut ctx.wb, cf, &right.start_key, &right.end_key)
+                    .unwrap_or_else(|e| panic!("apply: reading RocksDB failed: {e}"));
+                None
+            }
+        };
+        ctx.kv.put_shard_state(
+            &mut ctx.wb,
+            self.shard_id,
+            &ShardLocalState {
+                shard: Some(left.clone()),
+                state: ShardState::Normal as i32,
+                replica_id: self.replica_id,
+            },
+        );
+        tracing::info!(
+            shard_id = self.shard_id,
+            replica_id = self.replica_id,
+            index,
+            new_shard_id = right.id,
+            split_key = %crate::fmt_key(&right.start_key),
+            version = version.version,
+            "shard split"
+        );
+        self.descriptor = left.clone();
+        self.split_off = Some(right.clone());
+        self.exec.push(ExecResult::Split {
+            left,
+            right,
+            right_replica,
+        });
+        EntryOutcome::Admin
     }
 
     /// Applies a membership change to the descriptor (the raft side applies
@@ -379,20 +543,31 @@ impl ApplyFsm {
             }
         }
         let mut result = WriteResult::default();
+        let cf = data_cf(self.shard_id);
         for o in w.ops {
             match o.op {
                 None => {}
-                Some(op::Op::Put(p)) => put(ctx, p.key, Some(p.value)),
-                Some(op::Op::Delete(d)) => put(ctx, d.key, None),
+                Some(op::Op::Put(p)) => {
+                    self.written_bytes += (p.key.len() + p.value.len()) as u64;
+                    self.written_keys += 1;
+                    put(ctx, cf, p.key, Some(p.value))
+                }
+                Some(op::Op::Delete(d)) => {
+                    self.written_bytes += d.key.len() as u64;
+                    put(ctx, cf, d.key, None)
+                }
                 Some(op::Op::DeleteRange(r)) => {
                     let end = if r.end_key.is_empty() {
                         self.descriptor.end_key.clone()
                     } else {
                         r.end_key
                     };
-                    delete_range(ctx, r.start_key, end);
+                    delete_range(ctx, cf, r.start_key, end);
                 }
-                Some(op::Op::Cas(c)) => result.cas.push(cas(ctx, c)),
+                Some(op::Op::Cas(c)) => {
+                    self.written_bytes += (c.key.len() + c.new_value.len()) as u64;
+                    result.cas.push(cas(ctx, cf, c))
+                }
             }
         }
         Ok(result)
@@ -424,6 +599,8 @@ impl ApplyFsm {
                 ApplyResult {
                     apply_state: self.apply_state,
                     exec: std::mem::take(&mut self.exec),
+                    written_bytes: std::mem::take(&mut self.written_bytes),
+                    written_keys: std::mem::take(&mut self.written_keys),
                 },
             ));
         }
@@ -578,39 +755,50 @@ fn answer_stale(p: Proposal, ctx: &mut ApplyCtx) {
     }
 }
 
-fn put(ctx: &mut ApplyCtx, key: Bytes, value: Option<Bytes>) {
-    let cf = ctx.kv.cf(CF_DEFAULT);
+impl ApplyCtx {
+    /// The round's staged writes to column family `cf`.
+    fn overlay(&mut self, cf: &str) -> &mut super::overlay::Overlay {
+        if cf == CF_CLUSTER {
+            &mut self.cluster_overlay
+        } else {
+            &mut self.overlay
+        }
+    }
+}
+
+fn put(ctx: &mut ApplyCtx, cf_name: &str, key: Bytes, value: Option<Bytes>) {
+    let cf = ctx.kv.cf(cf_name);
     match &value {
         Some(v) => ctx.wb.put_cf(cf, &key, v),
         None => ctx.wb.delete_cf(cf, &key),
     }
-    ctx.overlay.put(key, value);
+    ctx.overlay(cf_name).put(key, value);
 }
 
 /// Deletes `[start, end)`; an empty `end` means +inf (the last shard).
-fn delete_range(ctx: &mut ApplyCtx, start: Bytes, end: Bytes) {
+fn delete_range(ctx: &mut ApplyCtx, cf_name: &str, start: Bytes, end: Bytes) {
     if end.is_empty() {
         // Keys written earlier in this round are only in the batch: cover
         // them too.
-        let cf = ctx.kv.cf(CF_DEFAULT);
-        if let Some(last) = ctx.overlay.last_key_from(&start) {
+        if let Some(last) = ctx.overlay(cf_name).last_key_from(&start) {
             let mut upper = last.to_vec();
             upper.push(0);
+            let cf = ctx.kv.cf(cf_name);
             ctx.wb.delete_range_cf(cf, &start[..], &upper[..]);
         }
     }
     ctx.kv
-        .delete_range(&mut ctx.wb, &start, &end)
+        .delete_range(&mut ctx.wb, cf_name, &start, &end)
         .unwrap_or_else(|e| panic!("apply: reading RocksDB failed: {e}"));
-    ctx.overlay.delete_range(start, end);
+    ctx.overlay(cf_name).delete_range(start, end);
 }
 
-fn cas(ctx: &mut ApplyCtx, c: Cas) -> CasOutcome {
-    let current = match ctx.overlay.get(&c.key) {
+fn cas(ctx: &mut ApplyCtx, cf_name: &str, c: Cas) -> CasOutcome {
+    let current = match ctx.overlay(cf_name).get(&c.key) {
         Lookup::Known(v) => v,
         Lookup::Unknown => ctx
             .kv
-            .get(&c.key)
+            .get(cf_name, &c.key)
             .unwrap_or_else(|e| panic!("apply: reading RocksDB failed: {e}"))
             .map(Bytes::from),
     };
@@ -621,7 +809,7 @@ fn cas(ctx: &mut ApplyCtx, c: Cas) -> CasOutcome {
     };
     if matches {
         let new = (!c.delete).then_some(c.new_value);
-        put(ctx, c.key, new);
+        put(ctx, cf_name, c.key, new);
     }
     CasOutcome {
         succeeded: matches,

@@ -49,7 +49,10 @@ pub struct ApplyCtx {
     pub snap_mgr: Arc<SnapManager>,
     pub snap_jobs: Sender<SnapJob>,
     pub wb: WriteBatch,
+    /// Writes of this round to user data (`default`).
     pub overlay: Overlay,
+    /// Writes of this round to the meta shard's data (`cluster`).
+    pub cluster_overlay: Overlay,
     pub answers: Vec<Answer>,
     pub results: Vec<(ShardId, ApplyResult)>,
     pub entries: u64,
@@ -90,6 +93,7 @@ impl PollHandler<ApplyFsm, ApplyControlFsm> for ApplyPoller {
             }
         }
         ctx.overlay.clear();
+        ctx.cluster_overlay.clear();
         for fsm in normals.iter_mut() {
             fsm.finish_round(ctx);
         }
@@ -137,6 +141,7 @@ impl HandlerBuilder<ApplyFsm, ApplyControlFsm> for ApplyPollerBuilder {
                 snap_jobs: self.snap_jobs.clone(),
                 wb: WriteBatch::default(),
                 overlay: Overlay::default(),
+                cluster_overlay: Overlay::default(),
                 answers: Vec::new(),
                 results: Vec::new(),
                 entries: 0,

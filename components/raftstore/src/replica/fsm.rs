@@ -60,8 +60,8 @@ use raft::{RawNode, Ready, SnapshotStatus, StateRole, Storage as _};
 use raft_engine::LogBatch;
 
 use crate::msg::{
-    AdminCallback, AdminResult, ApplyMsg, ApplyResult, ApplyTask, ExecResult, KeySpan, Proposal,
-    ProposalCallbacks, ReadMode, ReadRequest, ReplicaMsg, ReplicaStatus, SnapshotInstall,
+    AdminCallback, AdminResult, ApplyMsg, ApplyResult, ApplyTask, ControlMsg, ExecResult, KeySpan,
+    Proposal, ProposalCallbacks, ReadMode, ReadRequest, ReplicaMsg, ReplicaStatus, SnapshotInstall,
     WriteCallback, WriteRequest,
 };
 use crate::replica::lease::Lease;
@@ -121,6 +121,14 @@ pub struct ReplicaFsm {
     last_heard: HashMap<ReplicaId, u64>,
     /// The down count last published to the node's meta.
     reported_down: u32,
+    /// The shard the last split of this shard created (named in
+    /// EpochNotMatch errors, with this shard).
+    split_off: Option<ShardDescriptor>,
+    /// Bytes and keys written since the last split check: a check scans
+    /// only after 1/16 of a threshold was written. They start full, so a
+    /// replica's first check as leader scans.
+    split_hint_bytes: u64,
+    split_hint_keys: u64,
 }
 
 impl Fsm for ReplicaFsm {
@@ -167,6 +175,30 @@ impl ReplicaFsm {
             ..Default::default()
         };
         Self::build(ctx, descriptor, replica_id, 0, storage, receiver)
+    }
+
+    /// This node's replica of a shard a split created: its states are on
+    /// disk; its raft state is written now.
+    pub fn create_by_split(
+        ctx: &PollContext,
+        shard: ShardDescriptor,
+        replica_id: ReplicaId,
+        receiver: Receiver<ReplicaMsg>,
+    ) -> Result<Self> {
+        let previous = ctx.raft_engine.raft_state(shard.id)?;
+        let storage = ReplicaStorage::for_split(
+            shard.id,
+            replica_id,
+            ctx.raft_engine.clone(),
+            previous.as_ref(),
+            conf_state_of(&shard),
+        )?;
+        Self::build(ctx, shard, replica_id, RAFT_INIT_INDEX, storage, receiver)
+    }
+
+    /// Starts an election now.
+    pub fn campaign(&mut self) {
+        let _ = self.raw_node.campaign();
     }
 
     fn build(
@@ -226,6 +258,9 @@ impl ReplicaFsm {
             peer_nodes: HashMap::new(),
             last_heard: HashMap::new(),
             reported_down: 0,
+            split_off: None,
+            split_hint_bytes: cfg.split_size,
+            split_hint_keys: cfg.split_keys,
         };
         // Nobody ever led a pristine shard, and an empty new replica (term 0)
         // acknowledged nothing, so neither has a lease to respect.
@@ -321,6 +356,15 @@ impl ReplicaFsm {
         self.check_epoch_and_range(epoch, spans)
     }
 
+    fn epoch_not_match(&self) -> Error {
+        let mut current = vec![self.descriptor.clone()];
+        current.extend(self.split_off.iter().cloned());
+        Error::EpochNotMatch {
+            shard_id: self.shard_id,
+            current,
+        }
+    }
+
     fn check_epoch_and_range(
         &self,
         epoch: &flotilla_proto::meta::Epoch,
@@ -328,10 +372,7 @@ impl ReplicaFsm {
     ) -> Result<()> {
         let current = self.descriptor.epoch();
         if epoch.version != current.version {
-            return Err(Error::EpochNotMatch {
-                shard_id: self.shard_id,
-                current: vec![self.descriptor.clone()],
-            });
+            return Err(self.epoch_not_match());
         }
         for span in spans {
             if let Some(key) = span.outside(&self.descriptor) {
@@ -375,7 +416,7 @@ impl ReplicaFsm {
 
     fn on_message(&mut self, msg: ReplicaMsg, ctx: &PollContext) {
         match msg {
-            ReplicaMsg::Raft(m) => self.on_raft_message(*m),
+            ReplicaMsg::Raft(m) => self.on_raft_message(*m, ctx),
             ReplicaMsg::ChangeReplicas { changes, cb } => self.change_replicas(changes, cb),
             ReplicaMsg::Write(req) => self.on_write(req, ctx),
             ReplicaMsg::Read(req) => self.on_read(req),
@@ -402,8 +443,115 @@ impl ReplicaFsm {
                 let cmd = admin_command::Cmd::ComputeHash(ComputeHash {});
                 self.propose_admin(cmd, Some(cb));
             }
+            ReplicaMsg::Split {
+                key,
+                new_shard_id,
+                new_replica_ids,
+                cb,
+            } => self.propose_split(key, new_shard_id, new_replica_ids, cb),
+            ReplicaMsg::InitBySplit(shard) => self.init_by_split(shard, ctx),
             ReplicaMsg::Wake => {}
         }
+    }
+
+    /// Proposes a split; checks here give clear errors, apply re-checks.
+    fn propose_split(
+        &mut self,
+        key: bytes::Bytes,
+        new_shard_id: ShardId,
+        new_replica_ids: Vec<ReplicaId>,
+        cb: AdminCallback,
+    ) {
+        if !self.is_leader() {
+            cb(Err(self.not_leader()));
+            return;
+        }
+        let d = &self.descriptor;
+        if self.shard_id == flotilla_storage::META_SHARD_ID {
+            cb(Err(Error::Rejected("the meta shard does not split".into())));
+            return;
+        }
+        if key <= d.start_key || (!d.end_key.is_empty() && key >= d.end_key) {
+            cb(Err(Error::Rejected(format!(
+                "split key {} is not strictly inside shard {}'s range [{}, {})",
+                crate::fmt_key(&key),
+                self.shard_id,
+                crate::fmt_key(&d.start_key),
+                crate::fmt_key(&d.end_key)
+            ))));
+            return;
+        }
+        if new_replica_ids.len() != d.replicas.len() {
+            cb(Err(Error::Rejected(format!(
+                "{} new replica ids for {} replicas",
+                new_replica_ids.len(),
+                d.replicas.len()
+            ))));
+            return;
+        }
+        let cmd = admin_command::Cmd::Split(flotilla_proto::raftcmd::Split {
+            split_key: key,
+            new_shard_id,
+            new_replica_ids,
+        });
+        self.propose_admin(cmd, Some(cb));
+    }
+
+    /// An uninitialized replica (created by a message from the new shard's
+    /// leader before this node applied the split) becomes the replica the
+    /// split created: log at the initial index, keeping its term and vote.
+    fn init_by_split(&mut self, shard: ShardDescriptor, ctx: &PollContext) {
+        if self.raw_node.store().is_initialized() {
+            tracing::warn!(
+                shard_id = self.shard_id,
+                replica_id = self.replica_id,
+                "already initialized; ignoring the split's state"
+            );
+            return;
+        }
+        // An uninitialized replica persists every change of its hard state
+        // before it speaks: this is what raft-engine holds.
+        let previous = flotilla_storage::RaftLocalState {
+            hard_state: self.raw_node.raft.hard_state(),
+            ..Default::default()
+        };
+        let storage = match ReplicaStorage::for_split(
+            self.shard_id,
+            self.replica_id,
+            ctx.raft_engine.clone(),
+            Some(&previous),
+            conf_state_of(&shard),
+        ) {
+            Ok(s) => s,
+            Err(e) => panic!(
+                "shard {}: writing the raft state of a split replica failed: {e}",
+                self.shard_id
+            ),
+        };
+        let (_, receiver) = crossbeam_channel::unbounded();
+        let receiver = std::mem::replace(&mut self.receiver, receiver);
+        let replica_id = self.replica_id;
+        let mut fresh = Self::build(
+            ctx,
+            shard.clone(),
+            replica_id,
+            flotilla_storage::RAFT_INIT_INDEX,
+            storage,
+            receiver,
+        )
+        .unwrap_or_else(|e| panic!("shard {}: rebuilding a split replica: {e}", self.shard_id));
+        // (A term kept from the uninitialized replica makes `build` hold
+        // off votes for an election timeout: what it acknowledged may have
+        // counted toward a leader's lease.)
+        fresh.peer_nodes = std::mem::take(&mut self.peer_nodes);
+        *self = fresh;
+        ctx.meta.set_descriptor(shard);
+        tracing::info!(
+            shard_id = self.shard_id,
+            replica_id,
+            term = self.term(),
+            "uninitialized replica initialized by a split"
+        );
     }
 
     /// Hands a snapshot request from raft to the apply FSM, which builds it
@@ -505,12 +653,28 @@ impl ReplicaFsm {
         self.propose_admin(cmd, cb);
     }
 
-    fn on_raft_message(&mut self, m: RaftMessage) {
+    fn on_raft_message(&mut self, m: RaftMessage, ctx: &PollContext) {
         if m.to_replica != self.replica_id {
             metrics::RAFT_MESSAGES_RECEIVED
                 .with_label_values(&["wrong_replica"])
                 .inc();
             return;
+        }
+        if m.msg.get_msg_type() == MessageType::MsgSnapshot
+            && !self.raw_node.store().is_initialized()
+        {
+            if let Some(why) = self.snapshot_refusal(&m.msg, ctx) {
+                metrics::RAFT_MESSAGES_RECEIVED
+                    .with_label_values(&["snapshot_refused"])
+                    .inc();
+                tracing::debug!(
+                    shard_id = self.shard_id,
+                    replica_id = self.replica_id,
+                    why,
+                    "refusing a snapshot; the leader will send it again"
+                );
+                return;
+            }
         }
         if self.ticks < self.vote_guard_ticks && self.holds_off_vote(&m.msg) {
             metrics::RAFT_MESSAGES_RECEIVED
@@ -562,6 +726,29 @@ impl ReplicaFsm {
                     .inc();
                 tracing::debug!(shard_id = self.shard_id, replica_id = self.replica_id, from = m.from_replica, error = %e, "raft message rejected");
             }
+        }
+    }
+
+    /// Why an uninitialized replica must not take a snapshot now: its range
+    /// still belongs to another local shard (a split of which will create
+    /// this replica, or a replica being removed), or a split here already
+    /// wrote this shard's state (and `InitBySplit` is on its way). Installing
+    /// would clear data the other shard still serves.
+    fn snapshot_refusal(&self, msg: &Message, ctx: &PollContext) -> Option<String> {
+        let data = SnapshotData::decode(msg.get_snapshot().get_data()).ok()?;
+        let shard = data.shard?;
+        if let Some(other) = ctx
+            .meta
+            .overlapping(self.shard_id, &shard.start_key, &shard.end_key)
+        {
+            return Some(format!("its range overlaps shard {other} hosted here"));
+        }
+        match ctx.kv.shard_state(self.shard_id) {
+            Ok(Some(s)) if s.state == flotilla_proto::local::ShardState::Normal as i32 => {
+                Some("a split on this node is creating the replica".into())
+            }
+            Ok(_) => None,
+            Err(e) => Some(format!("reading its shard state failed: {e}")),
         }
     }
 
@@ -845,6 +1032,35 @@ impl ReplicaFsm {
         {
             self.check_down_replicas(timeout, ctx);
         }
+        if ctx.cfg.split_check_ticks > 0
+            && self.ticks.is_multiple_of(ctx.cfg.split_check_ticks as u64)
+        {
+            self.maybe_check_split(ctx);
+        }
+    }
+
+    /// On a leader that saw enough writes since its last check: has the
+    /// split checker scan the shard (a RocksDB snapshot taken now).
+    fn maybe_check_split(&mut self, ctx: &PollContext) {
+        let cfg = &ctx.cfg;
+        let Some(checks) = &ctx.split_checks else {
+            return;
+        };
+        if !self.is_leader()
+            || self.shard_id == flotilla_storage::META_SHARD_ID
+            || (self.split_hint_bytes < cfg.split_size / 16
+                && self.split_hint_keys < cfg.split_keys / 16)
+        {
+            return;
+        }
+        self.split_hint_bytes = 0;
+        self.split_hint_keys = 0;
+        let _ = checks.send(crate::worker::SplitCheckTask {
+            shard: self.descriptor.clone(),
+            snap: ctx.kv.snapshot(),
+            size: cfg.split_size,
+            keys: cfg.split_keys,
+        });
     }
 
     /// On a leader, counts the other replicas not heard from within
@@ -904,6 +1120,8 @@ impl ReplicaFsm {
 
     fn on_applied(&mut self, res: ApplyResult, ctx: &PollContext) {
         let applied = res.apply_state.applied_index;
+        self.split_hint_bytes = self.split_hint_bytes.saturating_add(res.written_bytes);
+        self.split_hint_keys = self.split_hint_keys.saturating_add(res.written_keys);
         // The log's new start is known before the GC worker deletes entries.
         self.raw_node.mut_store().set_apply_state(res.apply_state);
         // Membership changes reach raft before it learns they are applied:
@@ -931,6 +1149,11 @@ impl ReplicaFsm {
                     ctx.meta.set_descriptor(shard);
                 }
                 ExecResult::ConfChange { cc, shard } => self.on_conf_change(cc, shard, ctx),
+                ExecResult::Split {
+                    left,
+                    right,
+                    right_replica,
+                } => self.on_split(left, right, right_replica, ctx),
             }
         }
         if self.stopped {
@@ -974,7 +1197,9 @@ impl ReplicaFsm {
     /// leader allocates `(conf_ver + 1) << 32 | node_id`, which is unique in
     /// the shard and larger than any id the shard ever had on that node (so
     /// a tombstone left by an earlier removal does not swallow it); for any
-    /// other change it names the member on `node_id`.
+    /// other change it names the member on `node_id`. (The server's Admin
+    /// service fills in ids from the meta shard's allocator first, which are
+    /// unique cluster-wide; this fallback serves direct callers.)
     fn change_replicas(&mut self, mut changes: Vec<ReplicaChange>, cb: AdminCallback) {
         use flotilla_proto::admin::replica_change::Kind;
         if !self.is_leader() {
@@ -1090,6 +1315,40 @@ impl ReplicaFsm {
 
     /// A membership change applied: raft follows, and a replica that is no
     /// longer a member destroys itself.
+    /// The split applied: this shard shrank to `left`. Reads waiting here
+    /// may be for keys `right` now owns, whose newest writes this node may
+    /// not have (the new shard may already take writes elsewhere): they
+    /// fail with EpochNotMatch and the client retries on the right shard.
+    /// Writes proposed before the split fail at apply (version check).
+    fn on_split(
+        &mut self,
+        left: ShardDescriptor,
+        right: ShardDescriptor,
+        right_replica: Option<ReplicaId>,
+        ctx: &PollContext,
+    ) {
+        self.descriptor = left.clone();
+        self.split_off = Some(right.clone());
+        ctx.meta.set_descriptor(left);
+        // The left half may still be past a threshold: check it again.
+        self.split_hint_bytes = ctx.cfg.split_size;
+        self.split_hint_keys = ctx.cfg.split_keys;
+        let err = self.epoch_not_match();
+        let failed = self.reads.fail_all(|| err.clone());
+        if failed > 0 {
+            metrics::READS
+                .with_label_values(&["refused"])
+                .inc_by(failed as u64);
+        }
+        if let Some(replica_id) = right_replica {
+            let _ = ctx.raft_router.send_control(ControlMsg::SplitCreated {
+                shard: right,
+                replica_id,
+                campaign: self.is_leader(),
+            });
+        }
+    }
+
     fn on_conf_change(&mut self, cc: ConfChangeV2, shard: ShardDescriptor, ctx: &PollContext) {
         // The quorum changed: only rounds that start now may renew the lease.
         self.lease.restart_at(Instant::now());

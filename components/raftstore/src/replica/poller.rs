@@ -13,8 +13,9 @@
 //! fsync so followers write in parallel with the leader (Raft thesis
 //! 10.2.1); acknowledgements and votes leave only after it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use flotilla_batch_system::{BasicMailbox, Fsm, HandleResult, HandlerBuilder, PollHandler, Router};
@@ -27,7 +28,9 @@ use crate::msg::{ControlMsg, ReplicaMsg};
 use crate::replica::fsm::{ReplicaFsm, RoundCtx};
 use crate::transport::RaftMessage;
 use crate::transport::Transport;
-use crate::{metrics, NodeId};
+use flotilla_proto::meta::ShardDescriptor;
+
+use crate::{metrics, NodeId, ReplicaId, ShardId};
 
 pub type RaftRouter = Router<ReplicaFsm, NodeFsm>;
 pub type ApplyRouter = Router<ApplyFsm, ApplyControlFsm>;
@@ -44,33 +47,147 @@ pub struct PollContext {
     pub meta: Arc<StoreMeta>,
     pub snap_mgr: Arc<SnapManager>,
     pub gc_tasks: crossbeam_channel::Sender<crate::worker::GcTask>,
+    /// None when size-based splitting is off.
+    pub split_checks: Option<crossbeam_channel::Sender<crate::worker::SplitCheckTask>>,
 }
 
+/// How long vote requests for a shard not hosted here are kept, in case a
+/// split applied here is about to create it.
+const PARK_FOR: Duration = Duration::from_secs(2);
+const PARKED_PER_SHARD: usize = 8;
+const PARKED_SHARDS: usize = 1024;
+
 /// The node's control FSM on the raft pollers: messages for shards the node
-/// does not host, and node-wide periodic work.
+/// does not host, replicas created by splits, and node-wide periodic work.
+/// It is the only place replicas are created after start-up, so creation
+/// by a message and creation by a split never race.
 pub struct NodeFsm {
     receiver: Receiver<ControlMsg>,
     meta: Arc<StoreMeta>,
+    /// Messages for unknown shards that may not create a replica (vote
+    /// requests): the new shard of a split that the leader's node applied
+    /// first campaigns at once, and its votes arrive here before this node
+    /// applied the split. Delivered if a split creates the shard soon.
+    parked: HashMap<ShardId, Vec<(Instant, RaftMessage)>>,
 }
 
 impl NodeFsm {
     pub fn new(receiver: Receiver<ControlMsg>, meta: Arc<StoreMeta>) -> Self {
-        NodeFsm { receiver, meta }
+        NodeFsm {
+            receiver,
+            meta,
+            parked: HashMap::new(),
+        }
     }
 
     fn handle(&mut self, ctx: &PollContext) {
         while let Ok(msg) = self.receiver.try_recv() {
             match msg {
-                ControlMsg::UnknownShard(m) => maybe_create_replica(*m, ctx),
+                ControlMsg::UnknownShard(m) => {
+                    if let Some(m) = maybe_create_replica(*m, ctx) {
+                        self.park(m);
+                    }
+                }
+                ControlMsg::SplitCreated {
+                    shard,
+                    replica_id,
+                    campaign,
+                } => {
+                    let id = shard.id;
+                    create_split_replica(shard, replica_id, campaign, ctx);
+                    for (_, m) in self.parked.remove(&id).unwrap_or_default() {
+                        let _ = ctx.raft_router.send(id, ReplicaMsg::Raft(Box::new(m)));
+                    }
+                }
                 ControlMsg::Tick => {
                     let c = self.meta.counts();
                     metrics::SHARDS.set(c.replicas as i64);
                     metrics::SHARDS_WITHOUT_LEADER.set(c.without_leader as i64);
                     metrics::REPLICAS_DOWN.set(c.down_replicas as i64);
+                    self.parked.retain(|_, msgs| {
+                        msgs.retain(|(at, _)| at.elapsed() < PARK_FOR);
+                        !msgs.is_empty()
+                    });
                 }
             }
         }
     }
+
+    fn park(&mut self, m: RaftMessage) {
+        use raft::eraftpb::MessageType::*;
+        if !matches!(m.msg.get_msg_type(), MsgRequestVote | MsgRequestPreVote) {
+            return;
+        }
+        if self.parked.len() >= PARKED_SHARDS && !self.parked.contains_key(&m.shard_id) {
+            return;
+        }
+        let msgs = self.parked.entry(m.shard_id).or_default();
+        if msgs.len() < PARKED_PER_SHARD {
+            msgs.push((Instant::now(), m));
+        }
+    }
+}
+
+/// Starts this node's replica of a shard a split just created (its shard
+/// and apply states are on disk). An uninitialized replica a message
+/// created first becomes it; otherwise a new one starts, and campaigns at
+/// once if the split shard's replica here led (its peers then follow
+/// without waiting out an election timeout).
+fn create_split_replica(
+    shard: ShardDescriptor,
+    replica_id: ReplicaId,
+    campaign: bool,
+    ctx: &PollContext,
+) {
+    let shard_id = shard.id;
+    let (atx, arx) = crossbeam_channel::unbounded();
+    let apply = ApplyFsm::new(
+        shard.clone(),
+        replica_id,
+        flotilla_storage::replica_storage::initial_apply_state(),
+        arx,
+    );
+    if ctx.raft_router.mailbox(shard_id).is_some() {
+        ctx.apply_router
+            .register(shard_id, BasicMailbox::new(atx, Box::new(apply)));
+        let _ = ctx
+            .raft_router
+            .force_send(shard_id, ReplicaMsg::InitBySplit(shard));
+        return;
+    }
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut replica = match ReplicaFsm::create_by_split(ctx, shard.clone(), replica_id, rx) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(shard_id, error = %e, "creating a replica of a split shard failed; stopping the node");
+            panic!("creating replica {replica_id} of split shard {shard_id} failed: {e}");
+        }
+    };
+    if campaign {
+        replica.campaign();
+    }
+    ctx.apply_router
+        .register(shard_id, BasicMailbox::new(atx, Box::new(apply)));
+    ctx.meta.insert(crate::meta::ShardMeta {
+        descriptor: shard,
+        replica_id,
+        leader_id: 0,
+        term: replica.term(),
+        down_replicas: 0,
+    });
+    ctx.raft_router
+        .register(shard_id, BasicMailbox::new(tx, Box::new(replica)));
+    let _ = ctx.raft_router.force_send(shard_id, ReplicaMsg::Wake);
+    metrics::SHARDS.inc();
+    metrics::REPLICA_LIFECYCLE
+        .with_label_values(&["created"])
+        .inc();
+    tracing::info!(
+        shard_id,
+        replica_id,
+        campaign,
+        "created a replica of a split shard"
+    );
 }
 
 impl Fsm for NodeFsm {
@@ -84,8 +201,9 @@ impl Fsm for NodeFsm {
 /// shard. Create it uninitialized (it catches up by snapshot), unless it is
 /// a replica this node already removed (a tombstone with that id or a newer
 /// one) or the message cannot come from a leader. A replica created by an
-/// earlier message of the same batch simply gets the message.
-fn maybe_create_replica(m: RaftMessage, ctx: &PollContext) {
+/// earlier message of the same batch simply gets the message. Returns a
+/// message that created nothing.
+fn maybe_create_replica(m: RaftMessage, ctx: &PollContext) -> Option<RaftMessage> {
     let shard_id = m.shard_id;
     if ctx.raft_router.mailbox(shard_id).is_none() {
         if let Some(why) = creation_refusal(&m, ctx) {
@@ -99,16 +217,17 @@ fn maybe_create_replica(m: RaftMessage, ctx: &PollContext) {
                 why,
                 "dropping a raft message for a shard not hosted here"
             );
-            return;
+            return Some(m);
         }
         if let Err(e) = create_replica(&m, ctx) {
             tracing::error!(shard_id, error = %e, "creating a replica failed");
-            return;
+            return None;
         }
     }
     let _ = ctx
         .raft_router
         .send(shard_id, ReplicaMsg::Raft(Box::new(m)));
+    None
 }
 
 /// Why a message for an unknown shard must not create a replica.

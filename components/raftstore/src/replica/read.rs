@@ -227,6 +227,18 @@ impl ReadQueue {
     pub fn fail_unconfirmed(&mut self, err: impl Fn() -> Error) -> usize {
         self.fail_older_than(u64::MAX, 0, err)
     }
+
+    /// Fails every read, confirmed or not.
+    pub fn fail_all(&mut self, err: impl Fn() -> Error) -> usize {
+        let mut n = self.fail_unconfirmed(&err);
+        for (_, reads) in self.ready.drain(..) {
+            for cb in reads {
+                n += 1;
+                cb(Err(err()));
+            }
+        }
+        n
+    }
 }
 
 #[cfg(test)]

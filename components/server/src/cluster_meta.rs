@@ -1,0 +1,439 @@
+//! The cluster's replicated metadata, kept by the meta shard (shard 0, a
+//! Raft group on up to 5 nodes whose data lives in RocksDB column family
+//! `cluster`; see `flotilla_storage::keys::cluster` for its keys):
+//!
+//! - the id allocator: one sequence for shard and replica ids;
+//! - the shard directory: every user shard's newest known descriptor;
+//! - the node registry.
+//!
+//! Three parts:
+//! - [`MetaStore`], on the node leading the meta shard: the operations, as
+//!   linearizable reads and CompareAndSwap writes of the meta shard through
+//!   the node's own raftstore. Every update is a CAS on the value just
+//!   read, so two concurrent updates never lose one another (the loser
+//!   reads again). A node that does not lead the meta shard answers
+//!   NotLeader with the leader's node, like any shard's replica.
+//! - [`MetaClient`], on every node: sends those operations to the meta
+//!   shard's leader over the Admin service, following NotLeader answers.
+//! - [`spawn_heartbeat`], on every node: every `placement.heartbeat-
+//!   interval-ms` it reports the descriptors of the shards this node leads
+//!   (so splits and membership changes reach the directory even when the
+//!   report right after them was lost), then refreshes the node's routing
+//!   directory and address book from the meta shard. Any node therefore
+//!   answers routes for shards it does not host, at most one interval
+//!   behind.
+//!
+//! Not done yet: the placement driver (operators, balance, re-replication),
+//! node join/decommission and node heartbeats with stats; the directory is
+//! read whole each interval (fine for thousands of shards, not for 100k).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_proto::admin::admin_client::AdminClient;
+use flotilla_proto::admin::{
+    AllocIdsRequest, GetDirectoryRequest, GetDirectoryResponse, ReportShardsRequest,
+};
+use flotilla_proto::kv::{ReadMode, ShardContext};
+use flotilla_proto::meta::{Epoch, Node, ShardDescriptor};
+use flotilla_proto::raftcmd::{op, Cas, Op, WriteCommand};
+use flotilla_proto::Message as _;
+use flotilla_storage::keys::cluster;
+use flotilla_storage::{CF_CLUSTER, META_SHARD_ID};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::service::{HandlerError, NodeContext};
+
+/// The meta shard never splits, so its version stays at the bootstrap's.
+fn meta_context() -> ShardContext {
+    ShardContext {
+        shard_id: META_SHARD_ID,
+        epoch: Some(Epoch {
+            conf_ver: 0,
+            version: 1,
+        }),
+        replica_id: 0,
+        read_mode: ReadMode::Leader as i32,
+    }
+}
+
+/// CAS attempts before an update gives up (each failure means another
+/// update of the same key got in first).
+const CAS_ATTEMPTS: usize = 8;
+
+/// Meta operations served by the node leading the meta shard.
+pub struct MetaStore {
+    ctx: Arc<NodeContext>,
+    /// Allocations on this node go one at a time (they CAS one key).
+    alloc: tokio::sync::Mutex<()>,
+}
+
+impl MetaStore {
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        MetaStore {
+            ctx,
+            alloc: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// A linearizable view of the meta shard's data (NotLeader elsewhere).
+    async fn read(&self) -> Result<flotilla_storage::KvSnapshot, HandlerError> {
+        let (snap, _) = self
+            .ctx
+            .read_barrier(
+                &meta_context(),
+                vec![flotilla_raftstore::KeySpan::Range {
+                    start: Bytes::new(),
+                    end: Bytes::new(),
+                }],
+            )
+            .await?;
+        Ok(snap)
+    }
+
+    fn get(snap: &flotilla_storage::KvSnapshot, key: &[u8]) -> Result<Option<Bytes>, Status> {
+        snap.get(CF_CLUSTER, key)
+            .map(|v| v.map(Bytes::from))
+            .map_err(|e| Status::internal(format!("reading the meta shard: {e}")))
+    }
+
+    /// Sets `key` to `new` if it still holds `expected`.
+    async fn cas(
+        &self,
+        key: Vec<u8>,
+        expected: Option<Bytes>,
+        new: Bytes,
+    ) -> Result<bool, HandlerError> {
+        let cmd = WriteCommand {
+            ops: vec![Op {
+                op: Some(op::Op::Cas(Cas {
+                    key: key.into(),
+                    expected_exists: expected.is_some(),
+                    expected_value: expected.unwrap_or_default(),
+                    new_value: new,
+                    delete: false,
+                })),
+            }],
+        };
+        let r = self.ctx.propose_in(meta_context(), cmd).await?;
+        Ok(r.cas.first().is_some_and(|c| c.succeeded))
+    }
+
+    /// Hands out `count` fresh ids; returns the first.
+    pub async fn alloc_ids(&self, count: u64) -> Result<u64, HandlerError> {
+        let _one_at_a_time = self.alloc.lock().await;
+        for _ in 0..CAS_ATTEMPTS {
+            let snap = self.read().await?;
+            let current = Self::get(&snap, cluster::NEXT_ID)?;
+            let next = match &current {
+                Some(v) if v.len() == 8 => u64::from_be_bytes(v[..].try_into().unwrap()),
+                _ => {
+                    return Err(Status::internal(
+                        "the meta shard holds no id allocator (was the cluster bootstrapped by this version?)",
+                    )
+                    .into())
+                }
+            };
+            let end = next
+                .checked_add(count)
+                .ok_or_else(|| Status::out_of_range("ids exhausted"))?;
+            if self
+                .cas(
+                    cluster::NEXT_ID.to_vec(),
+                    current,
+                    Bytes::copy_from_slice(&end.to_be_bytes()),
+                )
+                .await?
+            {
+                crate::metrics::META_IDS_ALLOCATED.inc_by(count);
+                return Ok(next);
+            }
+        }
+        Err(Status::aborted("the id allocator was contended; retry").into())
+    }
+
+    /// The directory and registry as the meta shard holds them.
+    pub async fn directory(&self) -> Result<GetDirectoryResponse, HandlerError> {
+        let snap = self.read().await?;
+        let scan = |start: &[u8], end: &[u8]| {
+            snap.scan(CF_CLUSTER, start, end, usize::MAX, false)
+                .map(|(pairs, _)| pairs)
+                .map_err(|e| Status::internal(format!("reading the meta shard: {e}")))
+        };
+        let decode_err =
+            |e: prost::DecodeError| Status::internal(format!("meta shard record: {e}"));
+        let shards = scan(cluster::SHARD_PREFIX, cluster::SHARD_END)?
+            .into_iter()
+            .map(|(_, v)| ShardDescriptor::decode(&v[..]).map_err(decode_err))
+            .collect::<Result<Vec<_>, _>>()?;
+        let nodes = scan(cluster::NODE_PREFIX, cluster::NODE_END)?
+            .into_iter()
+            .map(|(_, v)| Node::decode(&v[..]).map_err(decode_err))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(GetDirectoryResponse { shards, nodes })
+    }
+
+    /// Records a node's address unless the registry already holds it.
+    async fn register(&self, node_id: u64, address: String) -> Result<(), HandlerError> {
+        let key = cluster::node_key(node_id);
+        let want = Node {
+            id: node_id,
+            address,
+        };
+        for _ in 0..CAS_ATTEMPTS {
+            let snap = self.read().await?;
+            let held = Self::get(&snap, &key)?;
+            if held.as_deref() == Some(&want.encode_to_vec()[..]) {
+                return Ok(());
+            }
+            if self
+                .cas(key.clone(), held, want.encode_to_vec().into())
+                .await?
+            {
+                tracing::info!(node_id, address = %want.address, "node registered its address");
+                return Ok(());
+            }
+        }
+        Err(Status::aborted("the node registry was contended; retry").into())
+    }
+
+    /// Records the reporting node's address, and keeps each descriptor that
+    /// is newer than the directory's; returns how many replaced what it held.
+    pub async fn report(
+        &self,
+        node_id: u64,
+        address: String,
+        shards: Vec<ShardDescriptor>,
+    ) -> Result<u64, HandlerError> {
+        if node_id != 0 && !address.is_empty() {
+            self.register(node_id, address).await?;
+        }
+        let mut updated = 0;
+        for d in shards {
+            if d.id == META_SHARD_ID || d.replicas.is_empty() {
+                continue;
+            }
+            let key = cluster::shard_key(d.id);
+            for attempt in 0.. {
+                let snap = self.read().await?;
+                let held = Self::get(&snap, &key)?;
+                if let Some(h) = &held {
+                    let h = ShardDescriptor::decode(&h[..])
+                        .map_err(|e| Status::internal(format!("meta shard record: {e}")))?;
+                    if !d.is_newer_than(&h) {
+                        break;
+                    }
+                }
+                if self
+                    .cas(key.clone(), held, d.encode_to_vec().into())
+                    .await?
+                {
+                    updated += 1;
+                    break;
+                }
+                if attempt + 1 == CAS_ATTEMPTS {
+                    return Err(Status::aborted("the directory was contended; retry").into());
+                }
+            }
+        }
+        crate::metrics::META_DIRECTORY_UPDATES.inc_by(updated);
+        Ok(updated)
+    }
+}
+
+/// Reaches the meta shard's leader from any node.
+#[derive(Clone)]
+pub struct MetaClient {
+    ctx: Arc<NodeContext>,
+    /// The node that led the meta shard last time (0 = unknown).
+    leader: Arc<parking_lot::Mutex<u64>>,
+    /// One lazily connected channel per address.
+    channels: Arc<parking_lot::Mutex<std::collections::HashMap<String, Channel>>>,
+}
+
+impl MetaClient {
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        MetaClient {
+            ctx,
+            leader: Arc::new(parking_lot::Mutex::new(0)),
+            channels: Default::default(),
+        }
+    }
+
+    fn channel(&self, node_id: u64) -> Option<AdminClient<Channel>> {
+        let addr = self.ctx.addresses.get(node_id)?;
+        let mut channels = self.channels.lock();
+        let ch = match channels.get(&addr) {
+            Some(ch) => ch.clone(),
+            None => {
+                let ch = Channel::from_shared(format!("http://{addr}"))
+                    .ok()?
+                    .connect_timeout(Duration::from_secs(1))
+                    .timeout(self.ctx.request_timeout())
+                    .connect_lazy();
+                channels.insert(addr, ch.clone());
+                ch
+            }
+        };
+        Some(AdminClient::new(ch).max_decoding_message_size(64 << 20))
+    }
+
+    /// Runs `call` on the meta shard's leader: the one last seen, else each
+    /// node in turn, following NotLeader answers, until `deadline`.
+    async fn on_leader<T, F, Fut>(&self, what: &str, call: F) -> Result<T, Status>
+    where
+        F: Fn(AdminClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.ctx.request_timeout();
+        let mut last = Status::unavailable(format!("{what}: no node to ask"));
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let nodes: Vec<u64> = self
+                .ctx
+                .addresses
+                .all()
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            let mut queue: std::collections::VecDeque<u64> = nodes.iter().copied().collect();
+            let known = *self.leader.lock();
+            if known != 0 {
+                queue.push_front(known);
+            }
+            // Each node once, plus the leaders named on the way.
+            let mut budget = 2 * nodes.len() + 1;
+            while let (Some(id), true) = (queue.pop_front(), budget > 0) {
+                budget -= 1;
+                let Some(client) = self.channel(id) else {
+                    continue;
+                };
+                match call(client).await {
+                    Ok(v) => {
+                        *self.leader.lock() = id;
+                        return Ok(v);
+                    }
+                    Err(s) => {
+                        if let Some(l) = s.metadata().get(flotilla_proto::NOT_LEADER_METADATA) {
+                            let hint: u64 =
+                                l.to_str().ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+                            if hint != 0 && hint != id {
+                                queue.push_front(hint);
+                            }
+                        } else if matches!(s.code(), Code::InvalidArgument | Code::OutOfRange) {
+                            return Err(s);
+                        }
+                        last = s;
+                    }
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(last);
+                }
+            }
+            *self.leader.lock() = 0;
+            if tokio::time::Instant::now() + backoff >= deadline {
+                return Err(last);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    pub async fn alloc_ids(&self, count: u64) -> Result<u64, Status> {
+        self.on_leader("allocating ids", |mut c| async move {
+            Ok(c.alloc_ids(AllocIdsRequest { count })
+                .await?
+                .into_inner()
+                .first)
+        })
+        .await
+    }
+
+    pub async fn directory(&self) -> Result<GetDirectoryResponse, Status> {
+        self.on_leader("reading the directory", |mut c| async move {
+            Ok(c.get_directory(GetDirectoryRequest {}).await?.into_inner())
+        })
+        .await
+    }
+
+    pub async fn report(&self, shards: Vec<ShardDescriptor>) -> Result<u64, Status> {
+        let node_id = self.ctx.node_id;
+        let address = self.ctx.addr.clone();
+        self.on_leader("reporting shards", |mut c| {
+            let shards = shards.clone();
+            let address = address.clone();
+            async move {
+                Ok(c.report_shards(ReportShardsRequest {
+                    node_id,
+                    shards,
+                    address,
+                })
+                .await?
+                .into_inner()
+                .updated)
+            }
+        })
+        .await
+    }
+}
+
+/// One heartbeat: report the shards led here, then refresh the directory
+/// and address book.
+async fn heartbeat(client: &MetaClient) -> Result<(), Status> {
+    let ctx = &client.ctx;
+    let led: Vec<ShardDescriptor> = ctx
+        .router
+        .meta()
+        .all()
+        .into_iter()
+        .filter(|m| m.is_leader() && m.descriptor.id != META_SHARD_ID)
+        .map(|m| m.descriptor)
+        .collect();
+    client.report(led).await?;
+    let dir = client.directory().await?;
+    // Addresses this node already has stay: nodes may reach one another
+    // through different addresses than the ones they listen on.
+    for n in dir.nodes {
+        if !n.address.is_empty() && ctx.addresses.get(n.id).is_none() {
+            ctx.addresses.set(n.id, n.address);
+        }
+    }
+    for d in dir.shards {
+        ctx.directory.update(d);
+    }
+    Ok(())
+}
+
+/// Runs [`heartbeat`] every `interval` until the node stops.
+pub fn spawn_heartbeat(
+    client: MetaClient,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+            match heartbeat(&client).await {
+                Ok(()) => crate::metrics::META_HEARTBEATS
+                    .with_label_values(&["ok"])
+                    .inc(),
+                Err(e) => {
+                    crate::metrics::META_HEARTBEATS
+                        .with_label_values(&["failed"])
+                        .inc();
+                    tracing::debug!(node_id = client.ctx.node_id, error = %e.message(), "meta heartbeat failed");
+                }
+            }
+        }
+    })
+}
