@@ -16,8 +16,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in &paths {
         println!("cargo:rerun-if-changed={p}");
     }
+    // BTreeMap: maps encode in key order, so equal records encode to equal
+    // bytes (the meta shard compares and swaps encoded records).
     tonic_prost_build::configure()
         .bytes(".")
+        .btree_map(".")
         .compile_protos(&paths, &["../../proto".to_string()])?;
     Ok(())
 }

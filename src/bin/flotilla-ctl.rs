@@ -107,11 +107,36 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
-    /// Shard views.
+    /// Shard views and operations.
     Shard {
         #[command(subcommand)]
         cmd: ShardCmd,
     },
+    /// The node registry.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// The placement driver's operators.
+    Operator {
+        #[command(subcommand)]
+        cmd: OperatorCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// Every node: address, labels, state, liveness, replicas and leaders.
+    List,
+    /// Move every replica off a node, then mark it removed (its id can
+    /// never serve again). Returns at once; watch `node list`.
+    Decommission { id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+enum OperatorCmd {
+    /// Operators running, then recently finished.
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -559,6 +584,114 @@ async fn run() -> anyhow::Result<()> {
                 println!("{}", json!({"id": id, "leader_node": node}));
             } else {
                 println!("shard {id} is led by node {node}");
+            }
+        }
+        Cmd::Node { cmd: NodeCmd::List } => {
+            let nodes = client.list_nodes().await?;
+            let state = |n: &flotilla_proto::meta::Node| format!("{:?}", n.state()).to_lowercase();
+            let labels = |n: &flotilla_proto::meta::Node| {
+                n.labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            if json {
+                let v: Vec<_> = nodes
+                    .iter()
+                    .map(|i| {
+                        let n = i.node.clone().unwrap_or_default();
+                        let s = i.stats.unwrap_or_default();
+                        json!({
+                            "id": n.id, "address": n.address, "labels": labels(&n),
+                            "state": state(&n), "liveness": i.liveness,
+                            "last_heartbeat_ms": i.last_heartbeat_ms,
+                            "replicas": s.replicas, "leaders": s.leaders,
+                            "disk_available_bytes": s.disk_available_bytes,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                let rows = nodes
+                    .iter()
+                    .map(|i| {
+                        let n = i.node.clone().unwrap_or_default();
+                        let s = i.stats.unwrap_or_default();
+                        vec![
+                            n.id.to_string(),
+                            n.address.clone(),
+                            labels(&n),
+                            state(&n),
+                            i.liveness.clone(),
+                            s.replicas.to_string(),
+                            s.leaders.to_string(),
+                            mib(s.disk_available_bytes),
+                        ]
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    table(
+                        &["NODE", "ADDRESS", "LABELS", "STATE", "LIVENESS", "REPLICAS", "LEADERS", "DISK FREE"],
+                        rows
+                    )
+                );
+            }
+        }
+        Cmd::Node {
+            cmd: NodeCmd::Decommission { id },
+        } => {
+            let n = client.decommission_node(id).await?;
+            let state = format!("{:?}", n.state()).to_lowercase();
+            if json {
+                println!("{}", json!({"id": n.id, "state": state}));
+            } else {
+                println!("node {} is {state}; its replicas move away (watch `node list`)", n.id);
+            }
+        }
+        Cmd::Operator {
+            cmd: OperatorCmd::List,
+        } => {
+            let ops = client.list_operators().await?;
+            if json {
+                let v: Vec<_> = ops
+                    .iter()
+                    .map(|o| {
+                        json!({
+                            "id": o.id, "shard_id": o.shard_id, "kind": o.kind,
+                            "from_node": o.from_node, "to_node": o.to_node,
+                            "reason": o.reason, "status": o.status,
+                            "age_ms": o.age_ms, "error": o.error,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                let node = |n: u64| if n == 0 { "-".to_string() } else { n.to_string() };
+                let rows = ops
+                    .iter()
+                    .map(|o| {
+                        vec![
+                            o.id.to_string(),
+                            o.shard_id.to_string(),
+                            o.kind.clone(),
+                            node(o.from_node),
+                            node(o.to_node),
+                            o.reason.clone(),
+                            o.status.clone(),
+                            format!("{:.1}s", o.age_ms as f64 / 1000.0),
+                            o.error.clone(),
+                        ]
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    table(
+                        &["ID", "SHARD", "KIND", "FROM", "TO", "REASON", "STATUS", "AGE", "ERROR"],
+                        rows
+                    )
+                );
             }
         }
         Cmd::Cluster {

@@ -32,6 +32,13 @@ struct Args {
     /// Shards of a new cluster. Ignored when already bootstrapped.
     #[arg(long)]
     initial_shards: Option<usize>,
+    /// Members of a running cluster (host:port,...): a new data directory
+    /// joins it instead of bootstrapping a new cluster.
+    #[arg(long)]
+    join: Option<String>,
+    /// Placement labels, key=value,... (e.g. zone=a).
+    #[arg(long)]
+    labels: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +65,12 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.initial_shards {
         s.initial_shards = v;
+    }
+    if let Some(v) = args.join {
+        s.join = v;
+    }
+    if let Some(v) = args.labels {
+        s.labels = v;
     }
     flotilla_server::logging::init(&cfg.log)?;
     // FAILPOINTS=name=action;... arms fail points (tests only).

@@ -103,6 +103,9 @@ impl Client {
                     return Err(Error::Server(status.message().to_string()))
                 }
                 Code::NotFound => self.inner.cache.write().invalidate(shard_id),
+                // Refused before anything was proposed (another change in
+                // progress, a full mailbox): try again.
+                Code::ResourceExhausted => {}
                 _ if !idempotent && !never_sent(&status) => {
                     return Err(Error::Indeterminate(format!(
                         "{addr} failed after the request was sent: {}",
@@ -249,6 +252,74 @@ impl Client {
         self.change_replicas(shard_id, vec![change]).await
     }
 
+    /// Moves the replica of `shard_id` on `from` to `to`: a learner on `to`
+    /// catches up, then one joint-consensus change makes it a voter and
+    /// demotes the old replica (leadership leaves `from` first), then the
+    /// old replica (now a learner) is removed. The shard keeps its voter
+    /// count throughout, and never counts on a replica that cannot vote in
+    /// time.
+    pub async fn move_replica(&self, shard_id: u64, from: u64, to: u64) -> Result<ShardDescriptor> {
+        let change = |kind: Kind, replica_id: u64, node_id: u64| ReplicaChange {
+            kind: kind as i32,
+            replica_id,
+            node_id,
+        };
+        let mut retry = self.new_retry();
+        let shard = self.shard_with_leader(shard_id, &mut retry).await?;
+        // The leader's descriptor: the route cache may lag behind changes.
+        let leader_addr = self.inner.cache.read().nodes.get(&shard.leader_node).cloned();
+        let start = match leader_addr {
+            Some(addr) => match self.replica_status(&addr, shard_id).await {
+                Ok(s) if s.role == "leader" => s.shard.unwrap_or(shard.desc.clone()),
+                _ => shard.desc.clone(),
+            },
+            None => shard.desc.clone(),
+        };
+        let old = start.replica_on(from).cloned().ok_or_else(|| {
+            Error::InvalidArgument(format!("node {from} holds no replica of shard {shard_id}"))
+        })?;
+        let desc = match start.replica_on(to) {
+            Some(_) => start.clone(),
+            None => {
+                self.change_replicas(shard_id, vec![change(Kind::AddLearner, 0, to)])
+                    .await?
+            }
+        };
+        let new = desc
+            .replica_on(to)
+            .ok_or_else(|| Error::Server(format!("node {to} missing after the change")))?
+            .clone();
+        self.wait_caught_up(shard_id, to).await?;
+        let shard = self.shard_with_leader(shard_id, &mut retry).await?;
+        if shard.leader_node == from {
+            let target = shard
+                .desc
+                .replicas
+                .iter()
+                .find(|r| r.node_id != from && r.role == ReplicaRole::Voter as i32)
+                .map(|r| r.node_id)
+                .unwrap_or(to);
+            self.transfer_leader(shard_id, target).await?;
+        }
+        let is_voter = |r: &flotilla_proto::meta::Replica| r.role == ReplicaRole::Voter as i32;
+        // The leader's answer, not the route cache (which may lag).
+        let current = desc;
+        let new_is_voter = current.replica(new.id).is_some_and(is_voter);
+        let old_is_voter = current.replica(old.id).is_some_and(is_voter);
+        if !new_is_voter || old_is_voter {
+            let mut changes = Vec::new();
+            if !new_is_voter {
+                changes.push(change(Kind::AddVoter, new.id, to));
+            }
+            if old_is_voter {
+                changes.push(change(Kind::DemoteToLearner, old.id, from));
+            }
+            self.change_replicas(shard_id, changes).await?;
+        }
+        self.change_replicas(shard_id, vec![change(Kind::Remove, old.id, from)])
+            .await
+    }
+
     /// Splits `shard_id` at `key` (strictly inside its range) through its
     /// leader; returns the shard's new descriptor (ending at `key`) and the
     /// new shard's (from `key`). Not retried once sent: an unknown outcome
@@ -315,5 +386,104 @@ impl Client {
                     .await?;
             }
         }
+    }
+}
+
+/// The cluster's node registry and placement driver, served by the node
+/// leading the meta shard.
+impl Client {
+    /// Runs `call` on the meta shard's leader: each known node in turn,
+    /// following `flotilla-not-leader` answers, within the deadline.
+    async fn on_meta_leader<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: Fn(AdminClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<T, Status>>,
+    {
+        let mut retry = self.new_retry();
+        let mut hint: Option<String> = None;
+        loop {
+            if self.inner.cache.read().nodes.is_empty() {
+                if let Err(e) = self.refresh_all().await {
+                    retry.backoff(e.to_string()).await?;
+                    continue;
+                }
+            }
+            let mut addrs: Vec<String> = self.candidates();
+            if let Some(h) = hint.take() {
+                addrs.insert(0, h);
+            }
+            for addr in addrs {
+                let admin = self.admin(&addr)?;
+                let status = match tokio::time::timeout(retry.remaining(), call(admin)).await {
+                    Ok(Ok(v)) => return Ok(v),
+                    Ok(Err(s)) => s,
+                    Err(_) => {
+                        return Err(Error::DeadlineExceeded {
+                            attempts: retry.attempts + 1,
+                            last: format!("no answer from {addr}"),
+                        })
+                    }
+                };
+                if let Some(leader) = status.metadata().get(flotilla_proto::NOT_LEADER_METADATA) {
+                    let leader: u64 = leader.to_str().ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+                    hint = self.inner.cache.read().nodes.get(&leader).cloned();
+                    retry.last = format!("{addr}: {}", status.message());
+                    if hint.is_some() {
+                        break;
+                    }
+                    continue;
+                }
+                match status.code() {
+                    Code::InvalidArgument | Code::NotFound => {
+                        return Err(Error::InvalidArgument(status.message().to_string()))
+                    }
+                    Code::FailedPrecondition => {
+                        return Err(Error::Server(status.message().to_string()))
+                    }
+                    _ => retry.last = format!("{addr}: {} {}", status.code(), status.message()),
+                }
+            }
+            let why = std::mem::take(&mut retry.last);
+            retry.backoff(why).await?;
+        }
+    }
+
+    /// The node registry: each node's address, labels, state, liveness and
+    /// load, as the meta shard's leader knows them.
+    pub async fn list_nodes(&self) -> Result<Vec<flotilla_proto::admin::NodeInfo>> {
+        self.on_meta_leader(|mut admin| async move {
+            Ok(admin
+                .list_nodes(flotilla_proto::admin::ListNodesRequest {})
+                .await?
+                .into_inner()
+                .nodes)
+        })
+        .await
+    }
+
+    /// Starts emptying a node: the placement driver moves its replicas
+    /// away, then marks it removed. Returns its registry record.
+    pub async fn decommission_node(&self, node_id: u64) -> Result<flotilla_proto::meta::Node> {
+        self.on_meta_leader(|mut admin| async move {
+            admin
+                .decommission_node(flotilla_proto::admin::DecommissionNodeRequest { node_id })
+                .await?
+                .into_inner()
+                .node
+                .ok_or_else(|| Status::internal("answer without a node"))
+        })
+        .await
+    }
+
+    /// The placement driver's operators: running, then recently finished.
+    pub async fn list_operators(&self) -> Result<Vec<flotilla_proto::admin::Operator>> {
+        self.on_meta_leader(|mut admin| async move {
+            Ok(admin
+                .list_operators(flotilla_proto::admin::ListOperatorsRequest {})
+                .await?
+                .into_inner()
+                .operators)
+        })
+        .await
     }
 }

@@ -229,7 +229,7 @@ impl Client {
     }
 
     /// Endpoints and known nodes, starting from a rotating position.
-    fn candidates(&self) -> Vec<String> {
+    pub(crate) fn candidates(&self) -> Vec<String> {
         let mut v = self.inner.cfg.endpoints.clone();
         for a in self.inner.cache.read().nodes.values() {
             if !v.contains(a) {

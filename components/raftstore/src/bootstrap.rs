@@ -173,7 +173,7 @@ pub fn bootstrap_node(
         for n in nodes {
             let n = Node {
                 id: n.id,
-                address: String::new(),
+                ..Default::default()
             };
             wb.put_cf(cf, cluster::node_key(n.id), n.encode_to_vec());
         }

@@ -278,6 +278,9 @@ pub enum ReplicaMsg {
         new_replica_ids: Vec<ReplicaId>,
         cb: AdminCallback,
     },
+    /// The shard's directory entry (from the meta shard) is newer than this
+    /// replica's descriptor and leaves it out: it was removed while away.
+    Tombstone(ShardDescriptor),
     /// To an uninitialized replica: a split on this node created the shard
     /// (its state is on disk); become that replica.
     InitBySplit(ShardDescriptor),

@@ -151,6 +151,12 @@ impl StoreRouter {
             .map_err(|e| routing_error(shard_id, e).0)
     }
 
+    /// Tells a replica the directory's newer descriptor of its shard, which
+    /// leaves it out: it destroys itself if it is initialized and older.
+    pub fn tombstone_if_removed(&self, shard: flotilla_proto::meta::ShardDescriptor) {
+        let _ = self.raft.force_send(shard.id, ReplicaMsg::Tombstone(shard));
+    }
+
     /// Asks a shard's leader to split it at `key`; the new shard and its
     /// replicas take the given ids. `cb` gets the shard's new (left)
     /// descriptor once the split applied on the leader.

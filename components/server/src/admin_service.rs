@@ -17,6 +17,7 @@ pub struct AdminService {
     ctx: Arc<NodeContext>,
     meta_store: Arc<MetaStore>,
     meta_client: MetaClient,
+    placement: Arc<crate::placement::Placement>,
 }
 
 fn handler_status(e: HandlerError) -> Status {
@@ -27,11 +28,17 @@ fn handler_status(e: HandlerError) -> Status {
 }
 
 impl AdminService {
-    pub fn new(ctx: Arc<NodeContext>, meta_store: Arc<MetaStore>, meta_client: MetaClient) -> Self {
+    pub fn new(
+        ctx: Arc<NodeContext>,
+        meta_store: Arc<MetaStore>,
+        meta_client: MetaClient,
+        placement: Arc<crate::placement::Placement>,
+    ) -> Self {
         AdminService {
             ctx,
             meta_store,
             meta_client,
+            placement,
         }
     }
 
@@ -55,7 +62,11 @@ impl AdminService {
             .addresses
             .all()
             .into_iter()
-            .map(|(id, address)| Node { id, address })
+            .map(|(id, address)| Node {
+                id,
+                address,
+                ..Default::default()
+            })
             .collect()
     }
 }
@@ -68,7 +79,7 @@ fn refresh_directory(ctx: &NodeContext) {
 }
 
 /// Waits for an admin callback of the raftstore.
-async fn admin_call<T: Send + 'static>(
+pub(crate) async fn admin_call<T: Send + 'static>(
     ctx: &NodeContext,
     send: impl FnOnce(
         flotilla_raftstore::msg::Callback<flotilla_raftstore::Result<T>>,
@@ -102,6 +113,8 @@ fn store_status(e: flotilla_raftstore::Error) -> Status {
         }
         E::Rejected(why) => Status::failed_precondition(why),
         E::ShardNotFound(_) => Status::not_found(e.to_string()),
+        // Refused before anything was proposed: retry after a backoff.
+        E::ServerIsBusy(_) => Status::resource_exhausted(e.to_string()),
         E::Shutdown => Status::unavailable(e.to_string()),
         _ => Status::unavailable(e.to_string()),
     }
@@ -156,7 +169,9 @@ pub async fn split_shard(
     }
     ctx.directory.update(left.clone());
     ctx.directory.update(right.clone());
-    if let Err(e) = meta_client.report(vec![left.clone(), right.clone()]).await {
+    if let Err(e) =
+        crate::cluster_meta::report_split(ctx, meta_client, vec![left.clone(), right.clone()]).await
+    {
         tracing::warn!(shard_id, new_shard_id = first, error = %e.message(), "reporting a split to the meta shard failed; the next heartbeat will");
     }
     Ok((left, right))
@@ -383,17 +398,66 @@ impl Admin for AdminService {
         Ok(Response::new(d))
     }
 
-    async fn report_shards(
+    async fn node_heartbeat(
         &self,
-        req: Request<ReportShardsRequest>,
-    ) -> Result<Response<ReportShardsResponse>, Status> {
-        let r = req.into_inner();
-        let updated = self
+        req: Request<NodeHeartbeatRequest>,
+    ) -> Result<Response<NodeHeartbeatResponse>, Status> {
+        let r = self
             .meta_store
-            .report(r.node_id, r.address, r.shards)
+            .heartbeat(req.into_inner())
             .await
             .map_err(handler_status)?;
-        Ok(Response::new(ReportShardsResponse { updated }))
+        Ok(Response::new(r))
+    }
+
+    async fn list_nodes(
+        &self,
+        _req: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let nodes = self
+            .placement
+            .list_nodes()
+            .await
+            .map_err(handler_status)?;
+        Ok(Response::new(ListNodesResponse { nodes }))
+    }
+
+    async fn decommission_node(
+        &self,
+        req: Request<DecommissionNodeRequest>,
+    ) -> Result<Response<DecommissionNodeResponse>, Status> {
+        use flotilla_proto::meta::NodeState;
+        let node_id = req.into_inner().node_id;
+        let node = self
+            .meta_store
+            .set_node_state(
+                node_id,
+                &[NodeState::Up, NodeState::Decommissioning],
+                NodeState::Decommissioning,
+            )
+            .await
+            .map_err(handler_status)?;
+        Ok(Response::new(DecommissionNodeResponse { node: Some(node) }))
+    }
+
+    async fn list_operators(
+        &self,
+        _req: Request<ListOperatorsRequest>,
+    ) -> Result<Response<ListOperatorsResponse>, Status> {
+        if !self.meta_store.is_leader() {
+            return Err(store_status(flotilla_raftstore::Error::NotLeader {
+                shard_id: flotilla_storage::META_SHARD_ID,
+                leader: self
+                    .ctx
+                    .router
+                    .meta()
+                    .get(flotilla_storage::META_SHARD_ID)
+                    .and_then(|m| m.leader().cloned()),
+            }));
+        }
+        Ok(Response::new(ListOperatorsResponse {
+            operators: self.placement.operators(),
+        }))
     }
 
     async fn compact_log(

@@ -33,16 +33,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use flotilla_proto::admin::admin_client::AdminClient;
 use flotilla_proto::admin::{
-    AllocIdsRequest, GetDirectoryRequest, GetDirectoryResponse, ReportShardsRequest,
+    AllocIdsRequest, GetDirectoryRequest, GetDirectoryResponse, NodeHeartbeatRequest,
+    NodeHeartbeatResponse, NodeStats,
 };
 use flotilla_proto::kv::{ReadMode, ShardContext};
-use flotilla_proto::meta::{Epoch, Node, ShardDescriptor};
+use flotilla_proto::meta::{Epoch, Node, NodeState, ShardDescriptor};
 use flotilla_proto::raftcmd::{op, Cas, Op, WriteCommand};
 use flotilla_proto::Message as _;
 use flotilla_storage::keys::cluster;
 use flotilla_storage::{CF_CLUSTER, META_SHARD_ID};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
+
+use flotilla_transport::AddressBook;
 
 use crate::service::{HandlerError, NodeContext};
 
@@ -63,11 +66,23 @@ fn meta_context() -> ShardContext {
 /// update of the same key got in first).
 const CAS_ATTEMPTS: usize = 8;
 
+/// The last heartbeat a node sent to this meta leader.
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    pub at: std::time::Instant,
+    pub stats: NodeStats,
+    /// Shards the node led.
+    pub led: Vec<u64>,
+}
+
 /// Meta operations served by the node leading the meta shard.
 pub struct MetaStore {
     ctx: Arc<NodeContext>,
     /// Allocations on this node go one at a time (they CAS one key).
     alloc: tokio::sync::Mutex<()>,
+    /// Heartbeats heard while leading (not replicated: a new leader starts
+    /// empty and gives every node a grace period).
+    live: parking_lot::Mutex<std::collections::HashMap<u64, Liveness>>,
 }
 
 impl MetaStore {
@@ -75,7 +90,23 @@ impl MetaStore {
         MetaStore {
             ctx,
             alloc: tokio::sync::Mutex::new(()),
+            live: Default::default(),
         }
+    }
+
+    /// Whether this node's meta replica leads (what it says may be stale
+    /// by an election; every write it makes is a CAS anyway).
+    pub fn is_leader(&self) -> bool {
+        self.ctx
+            .router
+            .meta()
+            .get(META_SHARD_ID)
+            .is_some_and(|m| m.is_leader())
+    }
+
+    /// The meta shard's descriptor as this node's replica knows it.
+    pub fn meta_descriptor(&self) -> Option<ShardDescriptor> {
+        self.ctx.router.meta().get(META_SHARD_ID).map(|m| m.descriptor)
     }
 
     /// A linearizable view of the meta shard's data (NotLeader elsewhere).
@@ -175,41 +206,112 @@ impl MetaStore {
         Ok(GetDirectoryResponse { shards, nodes })
     }
 
-    /// Records a node's address unless the registry already holds it.
-    async fn register(&self, node_id: u64, address: String) -> Result<(), HandlerError> {
-        let key = cluster::node_key(node_id);
-        let want = Node {
-            id: node_id,
-            address,
-        };
+    /// Records a node's address and labels; its state stays what the
+    /// registry holds (UP for a node new to it). Returns that state.
+    async fn register(&self, node: Node) -> Result<NodeState, HandlerError> {
+        let key = cluster::node_key(node.id);
         for _ in 0..CAS_ATTEMPTS {
             let snap = self.read().await?;
             let held = Self::get(&snap, &key)?;
-            if held.as_deref() == Some(&want.encode_to_vec()[..]) {
-                return Ok(());
+            let state = match &held {
+                Some(h) => Node::decode(&h[..])
+                    .map_err(|e| Status::internal(format!("meta shard record: {e}")))?
+                    .state(),
+                None => NodeState::Up,
+            };
+            let mut want = node.clone();
+            want.set_state(state);
+            let bytes = want.encode_to_vec();
+            if held.as_deref() == Some(&bytes[..]) {
+                return Ok(state);
             }
-            if self
-                .cas(key.clone(), held, want.encode_to_vec().into())
-                .await?
-            {
-                tracing::info!(node_id, address = %want.address, "node registered its address");
-                return Ok(());
+            if self.cas(key.clone(), held, bytes.into()).await? {
+                tracing::info!(node_id = node.id, address = %node.address, labels = ?node.labels, "node registered");
+                return Ok(state);
             }
         }
         Err(Status::aborted("the node registry was contended; retry").into())
     }
 
-    /// Records the reporting node's address, and keeps each descriptor that
-    /// is newer than the directory's; returns how many replaced what it held.
-    pub async fn report(
+    /// Moves a node from one of `from` to `to`; returns the record.
+    pub async fn set_node_state(
         &self,
         node_id: u64,
-        address: String,
-        shards: Vec<ShardDescriptor>,
-    ) -> Result<u64, HandlerError> {
-        if node_id != 0 && !address.is_empty() {
-            self.register(node_id, address).await?;
+        from: &[NodeState],
+        to: NodeState,
+    ) -> Result<Node, HandlerError> {
+        let key = cluster::node_key(node_id);
+        for _ in 0..CAS_ATTEMPTS {
+            let snap = self.read().await?;
+            let held = Self::get(&snap, &key)?
+                .ok_or_else(|| Status::not_found(format!("no node {node_id} in the registry")))?;
+            let mut node = Node::decode(&held[..])
+                .map_err(|e| Status::internal(format!("meta shard record: {e}")))?;
+            if node.state() == to {
+                return Ok(node);
+            }
+            if !from.contains(&node.state()) {
+                return Err(Status::failed_precondition(format!(
+                    "node {node_id} is {:?}, not {:?}",
+                    node.state(),
+                    from
+                ))
+                .into());
+            }
+            node.set_state(to);
+            if self
+                .cas(key.clone(), Some(held), node.encode_to_vec().into())
+                .await?
+            {
+                tracing::info!(node_id, state = ?to, "node state changed");
+                return Ok(node);
+            }
         }
+        Err(Status::aborted("the node registry was contended; retry").into())
+    }
+
+    /// A node's heartbeat: registry, liveness, directory. Returns what
+    /// the directory took and the node's state.
+    pub async fn heartbeat(
+        &self,
+        req: NodeHeartbeatRequest,
+    ) -> Result<NodeHeartbeatResponse, HandlerError> {
+        let node = req
+            .node
+            .ok_or_else(|| Status::invalid_argument("node is required"))?;
+        if node.id == 0 {
+            return Err(Status::invalid_argument("node.id must not be 0").into());
+        }
+        let state = self.register(node.clone()).await?;
+        self.live.lock().insert(
+            node.id,
+            Liveness {
+                at: std::time::Instant::now(),
+                stats: req.stats.unwrap_or_default(),
+                led: req.shards.iter().map(|d| d.id).collect(),
+            },
+        );
+        let updated = self.report(req.shards).await?;
+        Ok(NodeHeartbeatResponse {
+            updated,
+            state: state as i32,
+        })
+    }
+
+    /// What this node heard from each node since it took the lead.
+    pub fn liveness(&self) -> std::collections::HashMap<u64, Liveness> {
+        self.live.lock().clone()
+    }
+
+    /// Forgets heartbeats (the meta leadership moved away: what the next
+    /// leader term hears is all that counts).
+    pub fn forget_liveness(&self) {
+        self.live.lock().clear();
+    }
+
+    /// Keeps each descriptor that is newer than the directory's; returns
+    /// how many replaced what it held.
+    pub async fn report(&self, shards: Vec<ShardDescriptor>) -> Result<u64, HandlerError> {
         let mut updated = 0;
         for d in shards {
             if d.id == META_SHARD_ID || d.replicas.is_empty() {
@@ -246,7 +348,8 @@ impl MetaStore {
 /// Reaches the meta shard's leader from any node.
 #[derive(Clone)]
 pub struct MetaClient {
-    ctx: Arc<NodeContext>,
+    addresses: AddressBook,
+    timeout: Duration,
     /// The node that led the meta shard last time (0 = unknown).
     leader: Arc<parking_lot::Mutex<u64>>,
     /// One lazily connected channel per address.
@@ -254,16 +357,19 @@ pub struct MetaClient {
 }
 
 impl MetaClient {
-    pub fn new(ctx: Arc<NodeContext>) -> Self {
+    /// `addresses`: the nodes to try (the node's own address book, kept
+    /// current by the heartbeat); `timeout`: budget of one call.
+    pub fn new(addresses: AddressBook, timeout: Duration) -> Self {
         MetaClient {
-            ctx,
+            addresses,
+            timeout,
             leader: Arc::new(parking_lot::Mutex::new(0)),
             channels: Default::default(),
         }
     }
 
     fn channel(&self, node_id: u64) -> Option<AdminClient<Channel>> {
-        let addr = self.ctx.addresses.get(node_id)?;
+        let addr = self.addresses.get(node_id)?;
         let mut channels = self.channels.lock();
         let ch = match channels.get(&addr) {
             Some(ch) => ch.clone(),
@@ -271,7 +377,7 @@ impl MetaClient {
                 let ch = Channel::from_shared(format!("http://{addr}"))
                     .ok()?
                     .connect_timeout(Duration::from_secs(1))
-                    .timeout(self.ctx.request_timeout())
+                    .timeout(self.timeout)
                     .connect_lazy();
                 channels.insert(addr, ch.clone());
                 ch
@@ -281,23 +387,17 @@ impl MetaClient {
     }
 
     /// Runs `call` on the meta shard's leader: the one last seen, else each
-    /// node in turn, following NotLeader answers, until `deadline`.
+    /// node in turn, following NotLeader answers, within the timeout.
     async fn on_leader<T, F, Fut>(&self, what: &str, call: F) -> Result<T, Status>
     where
         F: Fn(AdminClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let deadline = tokio::time::Instant::now() + self.ctx.request_timeout();
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let mut last = Status::unavailable(format!("{what}: no node to ask"));
         let mut backoff = Duration::from_millis(20);
         loop {
-            let nodes: Vec<u64> = self
-                .ctx
-                .addresses
-                .all()
-                .into_iter()
-                .map(|(id, _)| id)
-                .collect();
+            let nodes: Vec<u64> = self.addresses.all().into_iter().map(|(id, _)| id).collect();
             let mut queue: std::collections::VecDeque<u64> = nodes.iter().copied().collect();
             let known = *self.leader.lock();
             if known != 0 {
@@ -322,7 +422,11 @@ impl MetaClient {
                             if hint != 0 && hint != id {
                                 queue.push_front(hint);
                             }
-                        } else if matches!(s.code(), Code::InvalidArgument | Code::OutOfRange) {
+                        } else if matches!(
+                            s.code(),
+                            Code::InvalidArgument | Code::OutOfRange | Code::NotFound
+                        ) || (s.code() == Code::FailedPrecondition)
+                        {
                             return Err(s);
                         }
                         last = s;
@@ -343,10 +447,7 @@ impl MetaClient {
 
     pub async fn alloc_ids(&self, count: u64) -> Result<u64, Status> {
         self.on_leader("allocating ids", |mut c| async move {
-            Ok(c.alloc_ids(AllocIdsRequest { count })
-                .await?
-                .into_inner()
-                .first)
+            Ok(c.alloc_ids(AllocIdsRequest { count }).await?.into_inner().first)
         })
         .await
     }
@@ -358,31 +459,60 @@ impl MetaClient {
         .await
     }
 
-    pub async fn report(&self, shards: Vec<ShardDescriptor>) -> Result<u64, Status> {
-        let node_id = self.ctx.node_id;
-        let address = self.ctx.addr.clone();
-        self.on_leader("reporting shards", |mut c| {
-            let shards = shards.clone();
-            let address = address.clone();
-            async move {
-                Ok(c.report_shards(ReportShardsRequest {
-                    node_id,
-                    shards,
-                    address,
-                })
+    pub async fn heartbeat(&self, req: NodeHeartbeatRequest) -> Result<NodeHeartbeatResponse, Status> {
+        self.on_leader("sending a heartbeat", |mut c| {
+            let req = req.clone();
+            async move { Ok(c.node_heartbeat(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn list_nodes(&self) -> Result<Vec<flotilla_proto::admin::NodeInfo>, Status> {
+        self.on_leader("listing nodes", |mut c| async move {
+            Ok(c.list_nodes(flotilla_proto::admin::ListNodesRequest {})
                 .await?
                 .into_inner()
-                .updated)
-            }
+                .nodes)
         })
         .await
     }
 }
 
-/// One heartbeat: report the shards led here, then refresh the directory
-/// and address book.
-async fn heartbeat(client: &MetaClient) -> Result<(), Status> {
-    let ctx = &client.ctx;
+/// This node as the registry should know it, and its load.
+fn heartbeat_request(ctx: &NodeContext, shards: Vec<ShardDescriptor>) -> NodeHeartbeatRequest {
+    let counts = ctx.router.meta().counts();
+    let status = crate::status::NodeStatus::of(ctx);
+    NodeHeartbeatRequest {
+        node: Some(Node {
+            id: ctx.node_id,
+            address: ctx.addr.clone(),
+            labels: ctx.cfg.labels().unwrap_or_default(),
+            state: NodeState::Up as i32,
+        }),
+        shards,
+        stats: Some(NodeStats {
+            replicas: counts.replicas as u64,
+            leaders: counts.leaders as u64,
+            disk_available_bytes: status.disk_available_bytes,
+            used_bytes: status.raft_engine_bytes + status.rocksdb_bytes,
+        }),
+    }
+}
+
+/// Reports a split's two halves at once (the next heartbeat would).
+pub async fn report_split(
+    ctx: &NodeContext,
+    client: &MetaClient,
+    halves: Vec<ShardDescriptor>,
+) -> Result<(), Status> {
+    client.heartbeat(heartbeat_request(ctx, halves)).await?;
+    Ok(())
+}
+
+/// One heartbeat: report this node and the shards it leads, then refresh
+/// the directory and address book, and let go of replicas the directory
+/// says were removed from this node while it was away.
+async fn heartbeat(ctx: &NodeContext, client: &MetaClient) -> Result<(), Status> {
     let led: Vec<ShardDescriptor> = ctx
         .router
         .meta()
@@ -391,7 +521,14 @@ async fn heartbeat(client: &MetaClient) -> Result<(), Status> {
         .filter(|m| m.is_leader() && m.descriptor.id != META_SHARD_ID)
         .map(|m| m.descriptor)
         .collect();
-    client.report(led).await?;
+    let r = client.heartbeat(heartbeat_request(ctx, led)).await?;
+    let removed = r.state == NodeState::Removed as i32;
+    if removed != ctx.removed.swap(removed, std::sync::atomic::Ordering::Relaxed) && removed {
+        tracing::error!(
+            node_id = ctx.node_id,
+            "this node was removed from the cluster; it no longer serves requests"
+        );
+    }
     let dir = client.directory().await?;
     // Addresses this node already has stay: nodes may reach one another
     // through different addresses than the ones they listen on.
@@ -400,7 +537,15 @@ async fn heartbeat(client: &MetaClient) -> Result<(), Status> {
             ctx.addresses.set(n.id, n.address);
         }
     }
+    let local = ctx.router.meta();
     for d in dir.shards {
+        if let Some(m) = local.get(d.id) {
+            let mine = m.descriptor.epoch();
+            let gone = d.replica(m.replica_id).is_none();
+            if gone && d.epoch().conf_ver > mine.conf_ver {
+                ctx.router.tombstone_if_removed(d.clone());
+            }
+        }
         ctx.directory.update(d);
     }
     Ok(())
@@ -408,6 +553,7 @@ async fn heartbeat(client: &MetaClient) -> Result<(), Status> {
 
 /// Runs [`heartbeat`] every `interval` until the node stops.
 pub fn spawn_heartbeat(
+    ctx: Arc<NodeContext>,
     client: MetaClient,
     interval: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -423,15 +569,13 @@ pub fn spawn_heartbeat(
             if *stop.borrow() {
                 return;
             }
-            match heartbeat(&client).await {
-                Ok(()) => crate::metrics::META_HEARTBEATS
-                    .with_label_values(&["ok"])
-                    .inc(),
+            match heartbeat(&ctx, &client).await {
+                Ok(()) => crate::metrics::META_HEARTBEATS.with_label_values(&["ok"]).inc(),
                 Err(e) => {
                     crate::metrics::META_HEARTBEATS
                         .with_label_values(&["failed"])
                         .inc();
-                    tracing::debug!(node_id = client.ctx.node_id, error = %e.message(), "meta heartbeat failed");
+                    tracing::debug!(node_id = ctx.node_id, error = %e.message(), "meta heartbeat failed");
                 }
             }
         }

@@ -35,6 +35,20 @@ pub struct PlacementSection {
     pub split_size_bytes: u64,
     /// A shard holding more keys than this is split in two.
     pub split_keys: u64,
+    /// How often the placement driver (on the meta shard's leader) looks
+    /// at the cluster and starts operators.
+    pub schedule_interval_ms: u64,
+    /// A node silent this long is down: its replicas are re-created on
+    /// other nodes.
+    pub max_down_time_ms: u64,
+    /// Replicas per shard (fewer while there are fewer healthy nodes). The
+    /// meta shard has 5 once there are 5 nodes, else 3.
+    pub max_replicas: usize,
+    /// Operators running at once.
+    pub max_operators: usize,
+    /// An operator running longer than this is given up (and its shard
+    /// looked at again).
+    pub operator_timeout_ms: u64,
 }
 
 impl Default for PlacementSection {
@@ -44,6 +58,11 @@ impl Default for PlacementSection {
             split_check_interval_ms: 10_000,
             split_size_bytes: 96 << 20,
             split_keys: 960_000,
+            schedule_interval_ms: 1000,
+            max_down_time_ms: 30 * 60 * 1000,
+            max_replicas: 3,
+            max_operators: 8,
+            operator_timeout_ms: 10 * 60 * 1000,
         }
     }
 }
@@ -77,6 +96,12 @@ pub struct ServerSection {
     pub reserve_space_bytes: u64,
     /// How often free space is checked.
     pub disk_check_interval_ms: u64,
+    /// Any members of a running cluster (`host:port,...`): a new data dir
+    /// joins that cluster instead of bootstrapping one.
+    pub join: String,
+    /// Placement labels, `key=value,...` (e.g. `zone=a`): replicas of a
+    /// shard go to distinct zones first.
+    pub labels: String,
     /// Record the per-request and per-round histograms (latencies, batch
     /// sizes). Off saves their cost on the hot path; counters and gauges
     /// stay.
@@ -92,6 +117,8 @@ impl Default for ServerSection {
             data_dir: PathBuf::from("data"),
             initial_cluster: String::new(),
             initial_shards: 8,
+            join: String::new(),
+            labels: String::new(),
             request_timeout_ms: 10_000,
             reserve_space_bytes: 512 << 20,
             disk_check_interval_ms: 500,
@@ -336,6 +363,33 @@ impl Config {
     }
 
     /// Checks values that would make the node misbehave.
+    /// `server.labels` as a map.
+    pub fn labels(&self) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        let mut m = std::collections::BTreeMap::new();
+        for part in self.server.labels.split(',').filter(|p| !p.trim().is_empty()) {
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                anyhow::anyhow!("server.labels: {part:?} is not key=value")
+            })?;
+            let (k, v) = (k.trim(), v.trim());
+            if k.is_empty() || v.is_empty() {
+                anyhow::bail!("server.labels: {part:?} needs a key and a value");
+            }
+            m.insert(k.to_string(), v.to_string());
+        }
+        Ok(m)
+    }
+
+    /// `server.join` as addresses.
+    pub fn join(&self) -> Vec<String> {
+        self.server
+            .join
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         use anyhow::bail;
         if self.server.node_id == 0 {
@@ -370,9 +424,20 @@ impl Config {
             bail!("server.initial-shards must be in 1..=65536");
         }
         let p = &self.placement;
-        if p.heartbeat_interval_ms == 0 {
-            bail!("placement.heartbeat-interval-ms must be at least 1");
+        if p.heartbeat_interval_ms == 0 || p.schedule_interval_ms == 0 {
+            bail!("placement.heartbeat-interval-ms and placement.schedule-interval-ms must be at least 1");
         }
+        if p.max_replicas == 0 || p.max_operators == 0 || p.operator_timeout_ms == 0 {
+            bail!("placement.max-replicas, placement.max-operators and placement.operator-timeout-ms must be at least 1");
+        }
+        if p.max_down_time_ms < 2 * p.heartbeat_interval_ms {
+            bail!(
+                "placement.max-down-time-ms ({}) must be at least two heartbeat intervals ({})",
+                p.max_down_time_ms,
+                2 * p.heartbeat_interval_ms
+            );
+        }
+        self.labels()?;
         if p.split_check_interval_ms > 0 && (p.split_size_bytes == 0 || p.split_keys < 2) {
             bail!("placement.split-size-bytes must be > 0 and placement.split-keys >= 2 (or placement.split-check-interval-ms = 0 to turn splitting off)");
         }

@@ -21,6 +21,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+pub mod placement;
 pub mod service;
 pub mod status;
 

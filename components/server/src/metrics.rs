@@ -25,6 +25,17 @@ pub static META_DIRECTORY_UPDATES: LazyLock<IntCounter> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static PD_OPERATORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_pd_operators_total",
+        "Operators of the placement driver run while this node led the meta shard, by kind \
+         (add-replica, remove-replica, move-replica, transfer-leader) and event (started, done, \
+         failed, timed-out).",
+        &["kind", "event"]
+    )
+    .unwrap()
+});
+
 pub static META_HEARTBEATS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "flotilla_meta_heartbeats_total",
@@ -154,6 +165,11 @@ pub fn register() {
     LazyLock::force(&GRPC_DURATION);
     LazyLock::force(&STORAGE);
     LazyLock::force(&META_IDS_ALLOCATED);
+    for kind in ["add-replica", "remove-replica", "move-replica", "transfer-leader"] {
+        for event in ["started", "done", "failed", "timed-out"] {
+            PD_OPERATORS.with_label_values(&[kind, event]);
+        }
+    }
     LazyLock::force(&META_DIRECTORY_UPDATES);
     for result in ["ok", "failed"] {
         META_HEARTBEATS.with_label_values(&[result]);

@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin_service::AdminService;
 use crate::cluster_meta::{MetaClient, MetaStore};
+use crate::placement::Placement;
 use crate::config::Config;
 use crate::directory::Directory;
 use crate::kv_service::KvService;
@@ -70,6 +71,8 @@ pub struct Server {
     heartbeat_task: JoinHandle<()>,
     /// Splits shards the split checker found past a threshold.
     splitter_task: JoinHandle<()>,
+    /// The placement driver (acts while this node leads the meta shard).
+    placement_task: JoinHandle<()>,
 }
 
 /// Splits the shards the raftstore's split checker asks for, one at a time.
@@ -132,7 +135,7 @@ fn open_engines(cfg: &Config) -> anyhow::Result<Engines> {
 
 /// Bootstraps a new data dir, or checks an existing one; returns the nodes
 /// of the cluster.
-fn ensure_bootstrapped(cfg: &Config, engines: &Engines) -> anyhow::Result<Vec<Node>> {
+async fn ensure_bootstrapped(cfg: &Config, engines: &Engines) -> anyhow::Result<Vec<Node>> {
     let node_id = cfg.server.node_id;
     if let Some(ident) = engines.kv.node_ident()? {
         if ident.node_id != node_id {
@@ -146,6 +149,10 @@ fn ensure_bootstrapped(cfg: &Config, engines: &Engines) -> anyhow::Result<Vec<No
             tracing::info!(node_id, "data dir already holds a cluster; --initial-cluster and --initial-shards are ignored");
         }
         return Ok(ident.nodes);
+    }
+    let join = cfg.join();
+    if !join.is_empty() {
+        return join_cluster(cfg, engines, &join).await;
     }
     let initial = cfg.initial_cluster()?;
     if initial.is_empty() {
@@ -162,6 +169,7 @@ fn ensure_bootstrapped(cfg: &Config, engines: &Engines) -> anyhow::Result<Vec<No
         .map(|n| Node {
             id: n.id,
             address: n.addr.clone(),
+            ..Default::default()
         })
         .collect();
     let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
@@ -173,6 +181,79 @@ fn ensure_bootstrapped(cfg: &Config, engines: &Engines) -> anyhow::Result<Vec<No
         shards = layout.len(),
         "bootstrapped a new cluster member"
     );
+    Ok(nodes)
+}
+
+/// A new data dir joins a running cluster: learn its nodes from a member,
+/// make sure this node's id is new to the registry (a removed node never
+/// comes back under its old id), and record the membership. The node then
+/// starts empty; its heartbeats register it and the placement driver gives
+/// it replicas.
+async fn join_cluster(
+    cfg: &Config,
+    engines: &Engines,
+    seeds: &[String],
+) -> anyhow::Result<Vec<Node>> {
+    use flotilla_proto::admin::admin_client::AdminClient;
+    let node_id = cfg.server.node_id;
+    if !cfg.server.initial_cluster.is_empty() {
+        bail!("set either --join (to join a running cluster) or --initial-cluster (to bootstrap a new one), not both");
+    }
+    let mut known = None;
+    let mut errors = Vec::new();
+    for seed in seeds {
+        let r = async {
+            let mut c = AdminClient::connect(format!("http://{seed}")).await?;
+            let r = c
+                .list_shards(flotilla_proto::admin::ListShardsRequest {})
+                .await?;
+            anyhow::Ok(r.into_inner().nodes)
+        };
+        match tokio::time::timeout(cfg.request_timeout(), r).await {
+            Ok(Ok(nodes)) => {
+                known = Some(nodes);
+                break;
+            }
+            Ok(Err(e)) => errors.push(format!("{seed}: {e}")),
+            Err(_) => errors.push(format!("{seed}: no answer")),
+        }
+    }
+    let Some(mut nodes) = known else {
+        bail!("--join: no member answered ({})", errors.join("; "));
+    };
+    let book = AddressBook::default();
+    for n in &nodes {
+        book.set(n.id, n.address.clone());
+    }
+    let registry = MetaClient::new(book, cfg.request_timeout())
+        .list_nodes()
+        .await
+        .map_err(|s| anyhow::anyhow!("--join: reading the node registry: {}", s.message()))?;
+    if let Some(n) = registry
+        .iter()
+        .filter_map(|i| i.node.as_ref())
+        .find(|n| n.id == node_id)
+    {
+        bail!(
+            "node id {node_id} is already taken in this cluster (state {:?}, address {:?}); a removed node never comes back under its old id: start with a new --node-id and an empty data dir",
+            n.state(),
+            n.address
+        );
+    }
+    nodes.retain(|n| n.id != node_id);
+    nodes.push(Node {
+        id: node_id,
+        address: cfg.server.addr.clone(),
+        ..Default::default()
+    });
+    engines
+        .kv
+        .write_node_ident(&flotilla_proto::local::NodeIdent {
+            node_id,
+            nodes: nodes.clone(),
+            initial_shards: 0,
+        })?;
+    tracing::info!(node_id, members = nodes.len(), "joined a running cluster");
     Ok(nodes)
 }
 
@@ -196,7 +277,7 @@ impl Server {
             None => Listeners::bind(&cfg.server.addr, &cfg.server.status_addr)?,
         };
         let engines = open_engines(&cfg)?;
-        let nodes = ensure_bootstrapped(&cfg, &engines)?;
+        let nodes = ensure_bootstrapped(&cfg, &engines).await?;
         let disk = Arc::new(DiskStatus::default());
         let disk_monitor = DiskMonitor::start(
             cfg.server.data_dir.clone(),
@@ -264,6 +345,7 @@ impl Server {
             addresses,
             started,
             disk: disk.clone(),
+            removed: Default::default(),
         });
 
         // Requests past the limit are refused by the handlers with a clear
@@ -276,12 +358,15 @@ impl Server {
         let (grpc_stop, grpc_stop_rx) = oneshot::channel::<()>();
         let (streams_stop, streams_stop_rx) = tokio::sync::watch::channel(false);
         let meta_store = Arc::new(MetaStore::new(ctx.clone()));
-        let meta_client = MetaClient::new(ctx.clone());
+        let meta_client = MetaClient::new(ctx.addresses.clone(), ctx.request_timeout());
         let heartbeat_task = crate::cluster_meta::spawn_heartbeat(
+            ctx.clone(),
             meta_client.clone(),
             cfg.placement.heartbeat_interval(),
             streams_stop.subscribe(),
         );
+        let placement = Arc::new(Placement::new(ctx.clone(), meta_store.clone()));
+        let placement_task = placement.clone().spawn(streams_stop.subscribe());
         let splitter_task = spawn_splitter(ctx.clone(), meta_client.clone(), split_rx);
         listeners.grpc.set_nonblocking(true)?;
         let incoming = tonic::transport::server::TcpIncoming::from(
@@ -298,6 +383,7 @@ impl Server {
                 ctx.clone(),
                 meta_store,
                 meta_client.clone(),
+                placement,
             )))
             .add_service(
                 RaftServer::new(RaftService::new(
@@ -349,6 +435,7 @@ impl Server {
             status_task: Some(status_task),
             heartbeat_task,
             splitter_task,
+            placement_task,
         })
     }
 
@@ -386,6 +473,7 @@ impl Server {
         let _ = self.streams_stop.send(true);
         self.heartbeat_task.abort();
         self.splitter_task.abort();
+        self.placement_task.abort();
         if let Some(tx) = self.grpc_stop.take() {
             let _ = tx.send(());
         }

@@ -38,6 +38,9 @@ pub struct NodeContext {
     pub addresses: AddressBook,
     pub started: Instant,
     pub disk: Arc<DiskStatus>,
+    /// The node registry says this node was removed from the cluster: it
+    /// serves no more requests.
+    pub removed: std::sync::atomic::AtomicBool,
 }
 
 pub enum HandlerError {
@@ -96,6 +99,12 @@ impl NodeContext {
         body: impl Future<Output = Result<R, HandlerError>>,
     ) -> Result<Response<R>, Status> {
         let started = Instant::now();
+        if self.removed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Status::failed_precondition(format!(
+                "node {} was removed from the cluster",
+                self.node_id
+            )));
+        }
         let (code, out) = match body.await {
             Ok(r) => ("ok", Ok(Response::new(r))),
             Err(HandlerError::Status(s)) => (status_label(&s), Err(s)),

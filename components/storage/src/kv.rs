@@ -239,6 +239,13 @@ impl KvEngine {
         );
     }
 
+    /// Records (synced) that this data dir belongs to a node of a cluster.
+    pub fn write_node_ident(&self, ident: &NodeIdent) -> Result<()> {
+        let mut wb = WriteBatch::default();
+        self.put_node_ident(&mut wb, ident);
+        self.write(wb, true)
+    }
+
     pub fn put_shard_state(&self, wb: &mut WriteBatch, shard_id: ShardId, s: &ShardLocalState) {
         wb.put_cf(
             self.cf(CF_META),

@@ -100,6 +100,15 @@ pub fn initial_apply_state() -> ApplyState {
     }
 }
 
+/// Whether a configuration holds `id` (as voter, learner, or either side
+/// of a joint configuration).
+fn conf_names(cs: &ConfState, id: u64) -> bool {
+    cs.voters.contains(&id)
+        || cs.learners.contains(&id)
+        || cs.voters_outgoing.contains(&id)
+        || cs.learners_next.contains(&id)
+}
+
 /// The first raft state of a replica created by a split: the initial one,
 /// with the term and vote of what it replaces when that is newer.
 pub fn split_raft_state(previous: Option<&RaftLocalState>) -> RaftLocalState {
@@ -529,13 +538,17 @@ impl raft::Storage for ReplicaStorage {
         Ok(self.raft_state.last_index)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let mut st = self.snap_state.borrow_mut();
         match &*st {
+            // A snapshot built before `to` joined the shard does not name
+            // it in its configuration, and raft on `to` refuses it: such a
+            // snapshot is never reused for it.
             SnapState::Ready(s)
                 if s.index >= request_index
                     && s.index >= self.apply_state.truncated_index
-                    && s.generated_at.elapsed() < SNAPSHOT_MAX_AGE =>
+                    && s.generated_at.elapsed() < SNAPSHOT_MAX_AGE
+                    && conf_names(&s.conf_state, to) =>
             {
                 return Ok(s.to_raft());
             }

@@ -204,6 +204,34 @@ impl TestCluster {
         self.servers.insert(id, s);
     }
 
+    /// Starts a new node `id` (configured like node 1, with `labels`) that
+    /// joins the running cluster through its members; returns once it
+    /// serves. Fails like `flotilla-server --join` would.
+    pub async fn join_node(&mut self, id: NodeId, labels: &str) -> anyhow::Result<()> {
+        let l = Listeners::bind("127.0.0.1:0", "127.0.0.1:0")?;
+        let template = self.configs.values().next().expect("a node").clone();
+        let mut cfg = template.clone();
+        cfg.server.node_id = id;
+        cfg.server.addr = l.grpc.local_addr()?.to_string();
+        cfg.server.status_addr = l.status.local_addr()?.to_string();
+        cfg.server.data_dir = self._dir.path().join(format!("node{id}-{}", rand_suffix()));
+        cfg.server.initial_cluster = String::new();
+        cfg.server.labels = labels.to_string();
+        cfg.server.join = self
+            .running()
+            .iter()
+            .map(|n| self.grpc_addr(*n))
+            .collect::<Vec<_>>()
+            .join(",");
+        let s = Server::start(cfg.clone(), Some(l)).await?;
+        for f in &self.filters {
+            s.transport().add_filter(f.clone());
+        }
+        self.configs.insert(id, cfg);
+        self.servers.insert(id, s);
+        Ok(())
+    }
+
     /// Installs a filter on every running node (and on nodes restarted
     /// later), until `heal`.
     pub fn add_filter(&mut self, f: Arc<dyn Filter>) {
@@ -406,6 +434,13 @@ impl TestCluster {
             self.stop_node(id).await;
         }
     }
+}
+
+/// A per-call suffix, so a node id joining twice gets a fresh data dir.
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Polls `f` every 50 ms until it holds; panics naming `what` after 30 s.

@@ -700,6 +700,9 @@ fn change_replicas(
             ConfChangeType::AddNode => {
                 let new_role = if joint { IncomingVoter } else { Voter };
                 match pos {
+                    // Already a voter: it stays one in both configurations
+                    // (raft-rs treats this as no change).
+                    Some(i) if role(&desc.replicas[i]) == Voter => {}
                     Some(i) => desc.replicas[i].role = new_role as i32,
                     None => desc.replicas.push(new_replica(id, new_role)?),
                 }

@@ -450,6 +450,22 @@ impl ReplicaFsm {
                 cb,
             } => self.propose_split(key, new_shard_id, new_replica_ids, cb),
             ReplicaMsg::InitBySplit(shard) => self.init_by_split(shard, ctx),
+            ReplicaMsg::Tombstone(shard) => {
+                // Uninitialized replicas are left alone: the directory may
+                // not show yet the change that is adding them.
+                if self.raw_node.store().is_initialized()
+                    && shard.epoch().conf_ver > self.descriptor.epoch().conf_ver
+                    && shard.replica(self.replica_id).is_none()
+                {
+                    tracing::info!(
+                        shard_id = self.shard_id,
+                        replica_id = self.replica_id,
+                        conf_ver = shard.epoch().conf_ver,
+                        "the directory says this replica was removed while it was away"
+                    );
+                    self.destroy(ctx);
+                }
+            }
             ReplicaMsg::Wake => {}
         }
     }
@@ -737,6 +753,10 @@ impl ReplicaFsm {
     fn snapshot_refusal(&self, msg: &Message, ctx: &PollContext) -> Option<String> {
         let data = SnapshotData::decode(msg.get_snapshot().get_data()).ok()?;
         let shard = data.shard?;
+        // The meta shard's data lives in a column family of its own.
+        if shard.id == flotilla_storage::META_SHARD_ID {
+            return None;
+        }
         if let Some(other) = ctx
             .meta
             .overlapping(self.shard_id, &shard.start_key, &shard.end_key)
@@ -1270,6 +1290,16 @@ impl ReplicaFsm {
                     }
                 }
                 Kind::AddLearner => Some(format!("replica {} is already a member", ch.replica_id)),
+                // No-op changes would still enter a joint configuration in
+                // raft that the descriptor's roles cannot express.
+                Kind::AddVoter if member.is_some_and(|r| r.role == ReplicaRole::Voter as i32) => {
+                    Some(format!("replica {} is already a voter", ch.replica_id))
+                }
+                Kind::DemoteToLearner
+                    if member.is_some_and(|r| r.role == ReplicaRole::Learner as i32) =>
+                {
+                    Some(format!("replica {} is already a learner", ch.replica_id))
+                }
                 Kind::Remove if ch.replica_id == self.replica_id => {
                     Some("the leader cannot remove itself; transfer leadership first".into())
                 }
