@@ -11,7 +11,7 @@ PROFILE_FLAGS := --release
 BIN_DIR := bin
 BINARIES := flotilla-server flotilla-ctl flotilla-bench
 
-.PHONY: deps test-deps build run stop status clean-data test crash-test chaos fmt-check clippy bench clean monitor monitor-stop
+.PHONY: deps test-deps build run cluster-up node-add node-remove stop status clean-data test crash-test chaos fmt-check clippy bench clean monitor monitor-stop
 
 deps:
 	@scripts/install-deps.sh
@@ -28,6 +28,21 @@ build: deps
 
 run: build
 	@scripts/local-cluster.sh start
+
+# A local cluster of NODES nodes (first start only; later starts restart
+# every node that has a data dir).
+NODES ?= 3
+cluster-up: build
+	@NODES=$(NODES) scripts/local-cluster.sh start
+
+# One more node joins the local cluster; the placement driver moves
+# replicas to it.
+node-add: build
+	@scripts/local-cluster.sh add
+
+# Decommission node ID: its replicas move away, then it stops.
+node-remove: build
+	@scripts/local-cluster.sh remove $(ID)
 
 stop: monitor-stop
 	@scripts/local-cluster.sh stop

@@ -167,7 +167,9 @@ async fn two_joining_nodes_get_an_even_share_while_writes_go_on() {
         assert!(got.contains_key(k), "acknowledged write {k:?} lost");
     }
     let ops = client.list_operators().await.unwrap();
-    assert!(ops.iter().any(|o| o.kind == "move-replica" && o.status == "done"));
+    assert!(ops
+        .iter()
+        .any(|o| o.kind == "move-replica" && o.status == "done"));
     c.shutdown().await;
 }
 
@@ -247,14 +249,17 @@ async fn placement_goes_on_after_the_meta_leader_dies() {
         fully_replicated(&c, 3)
     })
     .await;
-    wait_until("the meta shard lives on the three running nodes", || async {
-        c.leader_of(META_SHARD_ID).is_some_and(|l| {
-            c.router(l).meta().get(META_SHARD_ID).is_some_and(|m| {
-                m.descriptor.replicas.len() == 3
-                    && m.descriptor.replica_on(meta_leader).is_none()
+    wait_until(
+        "the meta shard lives on the three running nodes",
+        || async {
+            c.leader_of(META_SHARD_ID).is_some_and(|l| {
+                c.router(l).meta().get(META_SHARD_ID).is_some_and(|m| {
+                    m.descriptor.replicas.len() == 3
+                        && m.descriptor.replica_on(meta_leader).is_none()
+                })
             })
-        })
-    })
+        },
+    )
     .await;
     c.shutdown().await;
 }
@@ -266,12 +271,25 @@ async fn a_replica_removed_while_cut_off_cleans_itself_up() {
     for i in 0..50u32 {
         client.put(b(format!("k{i:04}")), b("v")).await.unwrap();
     }
-    let holders: Vec<u64> = c.router(1).meta().get(1).unwrap().descriptor.replicas.iter().map(|r| r.node_id).collect();
+    let holders: Vec<u64> = c
+        .router(1)
+        .meta()
+        .get(1)
+        .unwrap()
+        .descriptor
+        .replicas
+        .iter()
+        .map(|r| r.node_id)
+        .collect();
     let leader = c.wait_leader(1, &[], WAIT).await;
     let cut = *holders.iter().find(|n| **n != leader).unwrap();
     let spare = *c.node_ids().iter().find(|n| !holders.contains(n)).unwrap();
     wait_until("the cut node applied the writes", || async {
-        c.server(cut).kv_engine().get(flotilla_storage::CF_DEFAULT, b"k0049").unwrap().is_some()
+        c.server(cut)
+            .kv_engine()
+            .get(flotilla_storage::CF_DEFAULT, b"k0049")
+            .unwrap()
+            .is_some()
     })
     .await;
     // Raft cannot reach the cut node; its heartbeats to the meta shard
@@ -282,7 +300,13 @@ async fn a_replica_removed_while_cut_off_cleans_itself_up() {
         c.router(cut).meta().get(1).is_none()
     })
     .await;
-    assert_eq!(c.server(cut).kv_engine().get(flotilla_storage::CF_DEFAULT, b"k0001").unwrap(), None);
+    assert_eq!(
+        c.server(cut)
+            .kv_engine()
+            .get(flotilla_storage::CF_DEFAULT, b"k0001")
+            .unwrap(),
+        None
+    );
     c.heal();
     c.shutdown().await;
 }

@@ -633,7 +633,16 @@ async fn run() -> anyhow::Result<()> {
                 println!(
                     "{}",
                     table(
-                        &["NODE", "ADDRESS", "LABELS", "STATE", "LIVENESS", "REPLICAS", "LEADERS", "DISK FREE"],
+                        &[
+                            "NODE",
+                            "ADDRESS",
+                            "LABELS",
+                            "STATE",
+                            "LIVENESS",
+                            "REPLICAS",
+                            "LEADERS",
+                            "DISK FREE"
+                        ],
                         rows
                     )
                 );
@@ -647,7 +656,10 @@ async fn run() -> anyhow::Result<()> {
             if json {
                 println!("{}", json!({"id": n.id, "state": state}));
             } else {
-                println!("node {} is {state}; its replicas move away (watch `node list`)", n.id);
+                println!(
+                    "node {} is {state}; its replicas move away (watch `node list`)",
+                    n.id
+                );
             }
         }
         Cmd::Operator {
@@ -668,7 +680,13 @@ async fn run() -> anyhow::Result<()> {
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
-                let node = |n: u64| if n == 0 { "-".to_string() } else { n.to_string() };
+                let node = |n: u64| {
+                    if n == 0 {
+                        "-".to_string()
+                    } else {
+                        n.to_string()
+                    }
+                };
                 let rows = ops
                     .iter()
                     .map(|o| {

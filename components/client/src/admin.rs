@@ -267,7 +267,13 @@ impl Client {
         let mut retry = self.new_retry();
         let shard = self.shard_with_leader(shard_id, &mut retry).await?;
         // The leader's descriptor: the route cache may lag behind changes.
-        let leader_addr = self.inner.cache.read().nodes.get(&shard.leader_node).cloned();
+        let leader_addr = self
+            .inner
+            .cache
+            .read()
+            .nodes
+            .get(&shard.leader_node)
+            .cloned();
         let start = match leader_addr {
             Some(addr) => match self.replica_status(&addr, shard_id).await {
                 Ok(s) if s.role == "leader" => s.shard.unwrap_or(shard.desc.clone()),
@@ -425,7 +431,11 @@ impl Client {
                     }
                 };
                 if let Some(leader) = status.metadata().get(flotilla_proto::NOT_LEADER_METADATA) {
-                    let leader: u64 = leader.to_str().ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+                    let leader: u64 = leader
+                        .to_str()
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
                     hint = self.inner.cache.read().nodes.get(&leader).cloned();
                     retry.last = format!("{addr}: {}", status.message());
                     if hint.is_some() {

@@ -414,11 +414,7 @@ impl Admin for AdminService {
         &self,
         _req: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        let nodes = self
-            .placement
-            .list_nodes()
-            .await
-            .map_err(handler_status)?;
+        let nodes = self.placement.list_nodes().await.map_err(handler_status)?;
         Ok(Response::new(ListNodesResponse { nodes }))
     }
 

@@ -106,7 +106,11 @@ impl MetaStore {
 
     /// The meta shard's descriptor as this node's replica knows it.
     pub fn meta_descriptor(&self) -> Option<ShardDescriptor> {
-        self.ctx.router.meta().get(META_SHARD_ID).map(|m| m.descriptor)
+        self.ctx
+            .router
+            .meta()
+            .get(META_SHARD_ID)
+            .map(|m| m.descriptor)
     }
 
     /// A linearizable view of the meta shard's data (NotLeader elsewhere).
@@ -447,7 +451,10 @@ impl MetaClient {
 
     pub async fn alloc_ids(&self, count: u64) -> Result<u64, Status> {
         self.on_leader("allocating ids", |mut c| async move {
-            Ok(c.alloc_ids(AllocIdsRequest { count }).await?.into_inner().first)
+            Ok(c.alloc_ids(AllocIdsRequest { count })
+                .await?
+                .into_inner()
+                .first)
         })
         .await
     }
@@ -459,7 +466,10 @@ impl MetaClient {
         .await
     }
 
-    pub async fn heartbeat(&self, req: NodeHeartbeatRequest) -> Result<NodeHeartbeatResponse, Status> {
+    pub async fn heartbeat(
+        &self,
+        req: NodeHeartbeatRequest,
+    ) -> Result<NodeHeartbeatResponse, Status> {
         self.on_leader("sending a heartbeat", |mut c| {
             let req = req.clone();
             async move { Ok(c.node_heartbeat(req).await?.into_inner()) }
@@ -523,7 +533,12 @@ async fn heartbeat(ctx: &NodeContext, client: &MetaClient) -> Result<(), Status>
         .collect();
     let r = client.heartbeat(heartbeat_request(ctx, led)).await?;
     let removed = r.state == NodeState::Removed as i32;
-    if removed != ctx.removed.swap(removed, std::sync::atomic::Ordering::Relaxed) && removed {
+    if removed
+        != ctx
+            .removed
+            .swap(removed, std::sync::atomic::Ordering::Relaxed)
+        && removed
+    {
         tracing::error!(
             node_id = ctx.node_id,
             "this node was removed from the cluster; it no longer serves requests"
@@ -570,7 +585,9 @@ pub fn spawn_heartbeat(
                 return;
             }
             match heartbeat(&ctx, &client).await {
-                Ok(()) => crate::metrics::META_HEARTBEATS.with_label_values(&["ok"]).inc(),
+                Ok(()) => crate::metrics::META_HEARTBEATS
+                    .with_label_values(&["ok"])
+                    .inc(),
                 Err(e) => {
                     crate::metrics::META_HEARTBEATS
                         .with_label_values(&["failed"])

@@ -366,10 +366,15 @@ impl Config {
     /// `server.labels` as a map.
     pub fn labels(&self) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
         let mut m = std::collections::BTreeMap::new();
-        for part in self.server.labels.split(',').filter(|p| !p.trim().is_empty()) {
-            let (k, v) = part.split_once('=').ok_or_else(|| {
-                anyhow::anyhow!("server.labels: {part:?} is not key=value")
-            })?;
+        for part in self
+            .server
+            .labels
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+        {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("server.labels: {part:?} is not key=value"))?;
             let (k, v) = (k.trim(), v.trim());
             if k.is_empty() || v.is_empty() {
                 anyhow::bail!("server.labels: {part:?} needs a key and a value");

@@ -165,7 +165,12 @@ pub fn register() {
     LazyLock::force(&GRPC_DURATION);
     LazyLock::force(&STORAGE);
     LazyLock::force(&META_IDS_ALLOCATED);
-    for kind in ["add-replica", "remove-replica", "move-replica", "transfer-leader"] {
+    for kind in [
+        "add-replica",
+        "remove-replica",
+        "move-replica",
+        "transfer-leader",
+    ] {
         for event in ["started", "done", "failed", "timed-out"] {
             PD_OPERATORS.with_label_values(&[kind, event]);
         }

@@ -33,10 +33,10 @@ use tokio::task::JoinHandle;
 
 use crate::admin_service::AdminService;
 use crate::cluster_meta::{MetaClient, MetaStore};
-use crate::placement::Placement;
 use crate::config::Config;
 use crate::directory::Directory;
 use crate::kv_service::KvService;
+use crate::placement::Placement;
 use crate::service::NodeContext;
 use crate::status;
 

@@ -269,7 +269,9 @@ impl Placement {
             .nodes
             .into_iter()
             .map(|node| {
-                let silent = live.get(&node.id).map_or(since.elapsed(), |l| l.at.elapsed());
+                let silent = live
+                    .get(&node.id)
+                    .map_or(since.elapsed(), |l| l.at.elapsed());
                 let alive = live.contains_key(&node.id) && silent <= alive_within;
                 let view = NodeView {
                     alive,
@@ -358,7 +360,10 @@ impl Placement {
                 self.store
                     .set_node_state(n.node.id, &[NodeState::Decommissioning], NodeState::Removed)
                     .await?;
-                tracing::info!(node_id = n.node.id, "decommissioned node emptied; it is removed");
+                tracing::info!(
+                    node_id = n.node.id,
+                    "decommissioned node emptied; it is removed"
+                );
             }
         }
         Ok(())
@@ -394,12 +399,12 @@ impl Placement {
         let this = self.clone();
         tokio::spawn(async move {
             let timeout = Duration::from_millis(this.cfg.operator_timeout_ms);
-            let (status, error) = match tokio::time::timeout(timeout, this.run(shard_id, kind)).await
-            {
-                Ok(Ok(())) => ("done", String::new()),
-                Ok(Err(e)) => ("failed", e),
-                Err(_) => ("timed-out", format!("still running after {timeout:?}")),
-            };
+            let (status, error) =
+                match tokio::time::timeout(timeout, this.run(shard_id, kind)).await {
+                    Ok(Ok(())) => ("done", String::new()),
+                    Ok(Err(e)) => ("failed", e),
+                    Err(_) => ("timed-out", format!("still running after {timeout:?}")),
+                };
             crate::metrics::PD_OPERATORS
                 .with_label_values(&[kind.name(), status])
                 .inc();
@@ -428,7 +433,10 @@ impl Placement {
 
     async fn run(&self, shard_id: u64, kind: Kind) -> Result<(), String> {
         if shard_id == META_SHARD_ID {
-            return self.run_on_meta(kind).await.map_err(|s| s.message().to_string());
+            return self
+                .run_on_meta(kind)
+                .await
+                .map_err(|s| s.message().to_string());
         }
         let c = self.client().await.map_err(|s| s.message().to_string())?;
         let r = match kind {
@@ -678,7 +686,13 @@ impl<'a> Plan<'a> {
         let choice = if healthy.len() < want {
             let to = self.target(d)?;
             match bad.first() {
-                Some(b) => Some((Kind::Move { from: b.node_id, to }, reason_of(b.node_id))),
+                Some(b) => Some((
+                    Kind::Move {
+                        from: b.node_id,
+                        to,
+                    },
+                    reason_of(b.node_id),
+                )),
                 None => Some((Kind::Add { to }, "under-replicated")),
             }
         } else if let Some(b) = bad.first() {
