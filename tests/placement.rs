@@ -59,12 +59,15 @@ fn within(counts: &BTreeMap<u64, usize>, total: usize, pct: f64) -> bool {
     counts.values().all(|&c| (c as f64 - even).abs() <= slack)
 }
 
+/// What a writer saw: acknowledged writes and errors.
+type Written = (BTreeMap<Bytes, Bytes>, Vec<String>);
+
 /// Writers putting unique keys until stopped; every error is a failure.
 fn spawn_writers(
     client: &Client,
     n: usize,
     stop: Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<(BTreeMap<Bytes, Bytes>, Vec<String>)>> {
+) -> Vec<tokio::task::JoinHandle<Written>> {
     (0..n)
         .map(|w| {
             let client = client.clone();

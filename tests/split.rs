@@ -259,3 +259,58 @@ async fn shards_past_the_size_or_key_threshold_split_by_themselves() {
     assert_eq!(got, expected);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hot_shard_splits_at_the_middle_of_its_load() {
+    let c = TestCluster::builder(3)
+        .shards(1)
+        .configure(|cfg| {
+            cfg.placement.heartbeat_interval_ms = 200;
+            cfg.placement.split_check_interval_ms = 500;
+            cfg.placement.split_qps = 200;
+        })
+        .start()
+        .await;
+    c.wait_all_leaders(WAIT).await;
+    let client = c.client().await;
+    for i in 0..100u32 {
+        client.put(b(format!("hot{i:03}")), b("v")).await.unwrap();
+    }
+    // Reads spread over hot000..hot099 from 8 clients: far past 200/s,
+    // with no data worth a size split.
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..8u32)
+        .map(|r| {
+            let client = client.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut i = r;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = b(format!("hot{:03}", i % 100));
+                    assert_eq!(client.get(key).await.unwrap(), Some(b("v")));
+                    i += 7;
+                }
+            })
+        })
+        .collect();
+    wait_until("the hot shard splits", || async {
+        client.list_shards().await.unwrap().len() >= 2
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    let shards = client.list_shards().await.unwrap();
+    // The split key lies among the hot keys, not at an end of the range.
+    let cut = &shards[1].descriptor.start_key;
+    assert!(
+        cut > &b("hot010") && cut < &b("hot090"),
+        "split at {cut:?}, away from the middle of the load"
+    );
+    assert_eq!(
+        client.scan(b(""), b(""), 1000, false).await.unwrap().len(),
+        100
+    );
+    c.shutdown().await;
+}

@@ -281,7 +281,7 @@ impl Client {
             },
             None => shard.desc.clone(),
         };
-        let old = start.replica_on(from).cloned().ok_or_else(|| {
+        let old = start.replica_on(from).copied().ok_or_else(|| {
             Error::InvalidArgument(format!("node {from} holds no replica of shard {shard_id}"))
         })?;
         let desc = match start.replica_on(to) {
@@ -291,10 +291,9 @@ impl Client {
                     .await?
             }
         };
-        let new = desc
+        let new = *desc
             .replica_on(to)
-            .ok_or_else(|| Error::Server(format!("node {to} missing after the change")))?
-            .clone();
+            .ok_or_else(|| Error::Server(format!("node {to} missing after the change")))?;
         self.wait_caught_up(shard_id, to).await?;
         let shard = self.shard_with_leader(shard_id, &mut retry).await?;
         if shard.leader_node == from {

@@ -60,6 +60,9 @@ pub struct Config {
     pub split_size: u64,
     /// Keys past which a shard splits at its middle.
     pub split_keys: u64,
+    /// Requests per second (over a check interval) past which a leader
+    /// splits its shard at the median key of its requests (0 = off).
+    pub split_qps: u64,
 }
 
 impl Default for Config {
@@ -89,6 +92,7 @@ impl Default for Config {
             split_check_ticks: 0,
             split_size: 96 << 20,
             split_keys: 960_000,
+            split_qps: 0,
         }
     }
 }

@@ -258,7 +258,7 @@ pub static LEADER_TRANSFERS: LazyLock<IntCounter> = LazyLock::new(|| {
 pub static SPLIT_CHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "flotilla_split_checks_total",
-        "Scans of led shards against the split thresholds, by result (split: a split was asked for, below, failed).",
+        "Split checks of led shards, by result (split: past a size or key threshold, split_load: past the QPS threshold, below, failed).",
         &["result"]
     )
     .unwrap()
@@ -344,7 +344,7 @@ pub fn register() {
     }
     init_labels(&MEMBERSHIP_CHANGES, &["applied", "rejected"]);
     init_labels(&SPLITS, &["applied", "rejected"]);
-    init_labels(&SPLIT_CHECKS, &["split", "below", "failed"]);
+    init_labels(&SPLIT_CHECKS, &["split", "split_load", "below", "failed"]);
     LazyLock::force(&SPLIT_CHECK_DURATION);
     init_labels(&REPLICA_LIFECYCLE, &["created", "destroyed"]);
     LazyLock::force(&PROPOSALS);

@@ -62,6 +62,14 @@ pub enum KeySpan {
 }
 
 impl KeySpan {
+    /// The first key the span touches.
+    pub fn first_key(&self) -> &Bytes {
+        match self {
+            KeySpan::Point(k) => k,
+            KeySpan::Range { start, .. } => start,
+        }
+    }
+
     /// The key that lies outside `shard`, if any.
     pub fn outside<'a>(&'a self, shard: &ShardDescriptor) -> Option<&'a [u8]> {
         match self {

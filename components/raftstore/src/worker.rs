@@ -272,12 +272,21 @@ fn purge(raft: &RaftLogEngine, router: &RaftRouter) {
 pub type SplitObserver =
     Arc<dyn Fn(ShardId, flotilla_proto::meta::Epoch, bytes::Bytes) + Send + Sync>;
 
-/// A leader's request to check its shard against the split thresholds.
-pub struct SplitCheckTask {
-    pub shard: ShardDescriptor,
-    pub snap: KvSnapshot,
-    pub size: u64,
-    pub keys: u64,
+/// A leader's request about splitting its shard.
+pub enum SplitCheckTask {
+    /// Scan the shard against the size and key thresholds.
+    Size {
+        shard: ShardDescriptor,
+        snap: KvSnapshot,
+        size: u64,
+        keys: u64,
+    },
+    /// The shard is hot: split it at `key` (the median of its load).
+    Load {
+        shard: ShardDescriptor,
+        key: bytes::Bytes,
+        qps: u64,
+    },
 }
 
 /// One thread that scans shards whose leaders saw enough writes since their
@@ -296,24 +305,45 @@ impl SplitCheckWorker {
             .name("split-check".into())
             .spawn(move || {
                 for task in rx {
+                    let (shard, snap, size, keys) = match task {
+                        SplitCheckTask::Load { shard, key, qps } => {
+                            metrics::SPLIT_CHECKS
+                                .with_label_values(&["split_load"])
+                                .inc();
+                            tracing::info!(
+                                shard_id = shard.id,
+                                qps,
+                                split_key = %crate::fmt_key(&key),
+                                "shard passed the load threshold; asking for a split"
+                            );
+                            observer(shard.id, shard.epoch(), key);
+                            continue;
+                        }
+                        SplitCheckTask::Size {
+                            shard,
+                            snap,
+                            size,
+                            keys,
+                        } => (shard, snap, size, keys),
+                    };
                     let started = Instant::now();
-                    let found = split_key(&task.snap, &task.shard, task.size, task.keys);
-                    drop(task.snap);
+                    let found = split_key(&snap, &shard, size, keys);
+                    drop(snap);
                     metrics::SPLIT_CHECK_DURATION.observe(started.elapsed().as_secs_f64());
                     match found {
                         Ok(Some(key)) => {
                             metrics::SPLIT_CHECKS.with_label_values(&["split"]).inc();
                             tracing::info!(
-                                shard_id = task.shard.id,
+                                shard_id = shard.id,
                                 split_key = %crate::fmt_key(&key),
                                 "shard passed a split threshold; asking for a split"
                             );
-                            observer(task.shard.id, task.shard.epoch(), key);
+                            observer(shard.id, shard.epoch(), key);
                         }
                         Ok(None) => metrics::SPLIT_CHECKS.with_label_values(&["below"]).inc(),
                         Err(e) => {
                             metrics::SPLIT_CHECKS.with_label_values(&["failed"]).inc();
-                            tracing::warn!(shard_id = task.shard.id, error = %e, "split check failed");
+                            tracing::warn!(shard_id = shard.id, error = %e, "split check failed");
                         }
                     }
                 }

@@ -35,6 +35,10 @@ pub struct PlacementSection {
     pub split_size_bytes: u64,
     /// A shard holding more keys than this is split in two.
     pub split_keys: u64,
+    /// A shard whose leader serves more requests per second than this
+    /// (over a split-check interval) is split at the median key of its
+    /// requests (0 turns load-based splitting off).
+    pub split_qps: u64,
     /// How often the placement driver (on the meta shard's leader) looks
     /// at the cluster and starts operators.
     pub schedule_interval_ms: u64,
@@ -58,6 +62,7 @@ impl Default for PlacementSection {
             split_check_interval_ms: 10_000,
             split_size_bytes: 96 << 20,
             split_keys: 960_000,
+            split_qps: 3000,
             schedule_interval_ms: 1000,
             max_down_time_ms: 30 * 60 * 1000,
             max_replicas: 3,
@@ -219,6 +224,7 @@ impl RaftstoreSection {
             split_check_ticks: 0,
             split_size: 0,
             split_keys: 0,
+            split_qps: 0,
         }
     }
 

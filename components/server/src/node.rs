@@ -320,6 +320,7 @@ impl Server {
         };
         store_cfg.split_size = p.split_size_bytes;
         store_cfg.split_keys = p.split_keys;
+        store_cfg.split_qps = p.split_qps;
         let store = Store::start(
             node_id,
             store_cfg,

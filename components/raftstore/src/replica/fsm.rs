@@ -129,6 +129,8 @@ pub struct ReplicaFsm {
     /// replica's first check as leader scans.
     split_hint_bytes: u64,
     split_hint_keys: u64,
+    /// Keys of the requests led since the last split check (load split).
+    load: super::load::LoadSampler,
 }
 
 impl Fsm for ReplicaFsm {
@@ -261,6 +263,7 @@ impl ReplicaFsm {
             split_off: None,
             split_hint_bytes: cfg.split_size,
             split_hint_keys: cfg.split_keys,
+            load: Default::default(),
         };
         // Nobody ever led a pristine shard, and an empty new replica (term 0)
         // acknowledged nothing, so neither has a lease to respect.
@@ -419,7 +422,7 @@ impl ReplicaFsm {
             ReplicaMsg::Raft(m) => self.on_raft_message(*m, ctx),
             ReplicaMsg::ChangeReplicas { changes, cb } => self.change_replicas(changes, cb),
             ReplicaMsg::Write(req) => self.on_write(req, ctx),
-            ReplicaMsg::Read(req) => self.on_read(req),
+            ReplicaMsg::Read(req) => self.on_read(req, ctx),
             ReplicaMsg::Tick => self.on_tick(ctx),
             ReplicaMsg::Applied(res) => self.on_applied(res, ctx),
             ReplicaMsg::Unreachable { to_replica } => self.raw_node.report_unreachable(to_replica),
@@ -788,6 +791,11 @@ impl ReplicaFsm {
             (req.cb)(Err(e));
             return;
         }
+        if ctx.cfg.split_qps > 0 {
+            if let Some(span) = crate::msg::write_spans(&req.command).next() {
+                self.load.record(span.first_key());
+            }
+        }
         let size = req.command.encoded_len();
         if self.pending_write_bytes + size > ctx.cfg.max_entry_size
             && !self.pending_writes.is_empty()
@@ -798,7 +806,7 @@ impl ReplicaFsm {
         self.pending_writes.push((req.command, req.cb));
     }
 
-    fn on_read(&mut self, req: ReadRequest) {
+    fn on_read(&mut self, req: ReadRequest, ctx: &PollContext) {
         let ReadRequest {
             epoch,
             spans,
@@ -806,6 +814,11 @@ impl ReplicaFsm {
             cb,
             ..
         } = req;
+        if ctx.cfg.split_qps > 0 && self.is_leader() {
+            if let Some(span) = spans.first() {
+                self.load.record(span.first_key());
+            }
+        }
         let checked = match mode {
             ReadMode::Leader | ReadMode::LeaderReadIndex => self.check_request(&epoch, spans),
             ReadMode::Follower | ReadMode::Stale => self.check_replica_read(&epoch, spans),
@@ -1063,19 +1076,32 @@ impl ReplicaFsm {
     /// split checker scan the shard (a RocksDB snapshot taken now).
     fn maybe_check_split(&mut self, ctx: &PollContext) {
         let cfg = &ctx.cfg;
+        let (ops, samples) = self.load.take();
         let Some(checks) = &ctx.split_checks else {
             return;
         };
-        if !self.is_leader()
-            || self.shard_id == flotilla_storage::META_SHARD_ID
-            || (self.split_hint_bytes < cfg.split_size / 16
-                && self.split_hint_keys < cfg.split_keys / 16)
+        if !self.is_leader() || self.shard_id == flotilla_storage::META_SHARD_ID {
+            return;
+        }
+        let secs = cfg.split_check_ticks as f64 * cfg.tick_interval.as_secs_f64();
+        let qps = (ops as f64 / secs.max(0.001)) as u64;
+        if cfg.split_qps > 0 && qps >= cfg.split_qps {
+            if let Some(key) = super::load::median_split_key(samples, &self.descriptor) {
+                let _ = checks.send(crate::worker::SplitCheckTask::Load {
+                    shard: self.descriptor.clone(),
+                    key,
+                    qps,
+                });
+                return;
+            }
+        }
+        if self.split_hint_bytes < cfg.split_size / 16 && self.split_hint_keys < cfg.split_keys / 16
         {
             return;
         }
         self.split_hint_bytes = 0;
         self.split_hint_keys = 0;
-        let _ = checks.send(crate::worker::SplitCheckTask {
+        let _ = checks.send(crate::worker::SplitCheckTask::Size {
             shard: self.descriptor.clone(),
             snap: ctx.kv.snapshot(),
             size: cfg.split_size,

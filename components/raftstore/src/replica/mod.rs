@@ -2,6 +2,7 @@
 
 pub mod fsm;
 pub mod lease;
+pub mod load;
 pub mod poller;
 pub mod proposal;
 pub mod read;
