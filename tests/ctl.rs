@@ -133,6 +133,17 @@ async fn data_commands_and_views() {
     let (ok, _, err) = ctl(&cluster, &["shard", "split", "2", "--key", ""]);
     assert!(!ok && err.contains("split_key"), "{err}");
 
+    // The node registry lists the three nodes, up; the placement driver
+    // answers (it has nothing to do on a balanced cluster).
+    let nodes = ctl_json(&cluster, &["node", "list"]);
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
+    assert!(nodes.iter().all(|n| n["state"] == "up"), "{nodes:?}");
+    ctl_json(&cluster, &["operator", "list"]);
+    // Decommissioning an unknown node is refused clearly.
+    let (ok, _, err) = ctl(&cluster, &["node", "decommission", "9"]);
+    assert!(!ok && err.contains("no node 9"), "{err}");
+
     let status = ctl_json(&cluster, &["cluster", "status"]);
     assert_eq!(status["shards"], 5);
     assert_eq!(status["nodes"].as_array().unwrap().len(), 3);

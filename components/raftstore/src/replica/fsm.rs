@@ -695,6 +695,14 @@ impl ReplicaFsm {
                 return;
             }
         }
+        if m.msg.get_msg_type() == MessageType::MsgTimeoutNow && self.data_in_flux() {
+            // Campaigning now would panic raft (see on_tick); the leader
+            // gives the transfer up or tries again.
+            metrics::RAFT_MESSAGES_RECEIVED
+                .with_label_values(&["dropped"])
+                .inc();
+            return;
+        }
         if self.ticks < self.vote_guard_ticks && self.holds_off_vote(&m.msg) {
             metrics::RAFT_MESSAGES_RECEIVED
                 .with_label_values(&["vote_held_off"])
@@ -1028,7 +1036,12 @@ impl ReplicaFsm {
 
     fn on_tick(&mut self, ctx: &PollContext) {
         self.ticks += 1;
-        self.raw_node.tick();
+        // While a snapshot installs, the log starts past what raft thinks
+        // is applied: an election now would have raft read the entries in
+        // between and panic (raft-rs `hup`). Installing takes milliseconds.
+        if !self.data_in_flux() {
+            self.raw_node.tick();
+        }
         if self
             .ticks
             .is_multiple_of(ctx.cfg.raft_log_gc_ticks.max(1) as u64)
