@@ -1,7 +1,8 @@
 //! End to end with real `flotilla-server` processes on free loopback ports:
 //! the node leading the most shards is killed with SIGKILL while a client
 //! writes; writes go on; the node restarts on its data; every acknowledged
-//! write is read back.
+//! write is read back. A node that joins with `--join` gets replicas while
+//! writes go on, and a decommissioned node is emptied and may not rejoin.
 
 mod common;
 
@@ -118,4 +119,96 @@ async fn replicas_agree_after_restarts() {
             .unwrap();
     }
     common::assert_replicas_identical(&mut cluster, &client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_joining_node_gets_replicas_and_a_decommissioned_one_is_emptied() {
+    let config = "[placement]\nheartbeat-interval-ms = 200\nschedule-interval-ms = 200\n";
+    let mut cluster = ProcCluster::new(3, 8, config);
+    cluster.start_all();
+    let client = cluster.client(Duration::from_secs(20)).await;
+
+    let acked: Arc<Mutex<Vec<Bytes>>> = Arc::default();
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (client, acked, errors, stop) =
+            (client.clone(), acked.clone(), errors.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = Bytes::from(format!("{:02x}-{i}", (i * 37) % 256));
+                match client.put(key.clone(), Bytes::from_static(b"v")).await {
+                    Ok(()) => acked.lock().unwrap().push(key),
+                    Err(e) => errors.lock().unwrap().push(e.to_string()),
+                }
+                i += 1;
+            }
+        })
+    };
+
+    // Node 4 joins and gets its share of the 8 shards' 24 replicas.
+    let four = cluster.add_joining_node();
+    cluster.nodes[four].start();
+    cluster.nodes[four].wait_ready(Duration::from_secs(30));
+    let grpc4 = cluster.nodes[four].grpc.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = client.node_status(&grpc4).await.unwrap();
+        if s.replicas >= 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 4 holds {} replicas",
+            s.replicas
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Node 2 is decommissioned: emptied, marked removed, then stopped.
+    client.decommission_node(2).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let nodes = client.list_nodes().await.unwrap();
+        let two = nodes
+            .iter()
+            .find(|n| n.node.as_ref().unwrap().id == 2)
+            .unwrap();
+        if two.node.as_ref().unwrap().state() == flotilla_proto::meta::NodeState::Removed {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 2 not removed: {two:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let grpc2 = cluster.nodes[1].grpc.clone();
+    assert_eq!(client.node_status(&grpc2).await.unwrap().replicas, 0);
+    cluster.nodes[1].kill9();
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "client errors: {:?}",
+        errors.lock().unwrap()
+    );
+
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 100,
+        "only {} writes acknowledged",
+        acked.len()
+    );
+    for chunk in acked.chunks(500) {
+        let found = client.batch_get(chunk.to_vec()).await.unwrap();
+        assert_eq!(found.len(), chunk.len(), "acknowledged writes lost");
+    }
+    // Node 2's id may never come back, not even with an empty data dir.
+    let again = cluster.add_joining_node();
+    let n = &mut cluster.nodes[again];
+    let at = n.args.iter().position(|a| a == "--node-id").unwrap() + 1;
+    n.args[at] = "2".into();
+    n.start();
+    let status = n.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(n.log_text().contains("already taken"), "{}", n.log_text());
 }

@@ -313,3 +313,53 @@ async fn a_replica_removed_while_cut_off_cleans_itself_up() {
     c.heal();
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_spread_over_zones_first() {
+    let c = TestCluster::builder(4)
+        .shards(8)
+        .configure(|cfg| {
+            cfg.placement.heartbeat_interval_ms = 100;
+            cfg.placement.schedule_interval_ms = 100;
+            cfg.server.labels = match cfg.server.node_id {
+                1 | 2 => "zone=a",
+                3 => "zone=b",
+                _ => "zone=c",
+            }
+            .into();
+        })
+        .start()
+        .await;
+    c.wait_all_leaders(WAIT).await;
+    let zone = |n: u64| match n {
+        1 | 2 => "a",
+        3 => "b",
+        _ => "c",
+    };
+    // The bootstrap layout puts some shards on nodes 1 and 2, both in zone
+    // a; the placement driver moves one of them to zone c.
+    wait_until("every shard spans three zones", || async {
+        let mut zones: HashMap<u64, Vec<&str>> = HashMap::new();
+        for n in c.running() {
+            for m in c.router(n).meta().all() {
+                let d = m.descriptor;
+                if d.id != META_SHARD_ID && !d.replicas.is_empty() {
+                    zones.insert(d.id, d.replicas.iter().map(|r| zone(r.node_id)).collect());
+                }
+            }
+        }
+        zones.len() == 8
+            && zones.values().all(|z| {
+                let mut z = z.clone();
+                z.sort_unstable();
+                z == ["a", "b", "c"]
+            })
+    })
+    .await;
+    let client = c.client().await;
+    let nodes = client.list_nodes().await.unwrap();
+    assert!(nodes
+        .iter()
+        .all(|n| n.node.as_ref().unwrap().labels.contains_key("zone")));
+    c.shutdown().await;
+}

@@ -54,7 +54,7 @@ pub struct Node {
     pub status: String,
     pub data: PathBuf,
     log: PathBuf,
-    args: Vec<String>,
+    pub args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -278,6 +278,40 @@ impl ProcCluster {
             })
             .collect();
         ProcCluster { dir, nodes, net }
+    }
+
+    /// Lays out one more node, `--join`ing the cluster through its first
+    /// node (not started); returns its index.
+    pub fn add_joining_node(&mut self) -> usize {
+        let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        let (g, s) = (free_port(), free_port());
+        let grpc = format!("127.0.0.1:{g}");
+        let status = format!("127.0.0.1:{s}");
+        let data = self.dir.path().join(format!("node{id}"));
+        let args = vec![
+            "--config".into(),
+            self.dir.path().join("flotilla.toml").display().to_string(),
+            "--node-id".into(),
+            id.to_string(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--addr".into(),
+            grpc.clone(),
+            "--status-addr".into(),
+            status.clone(),
+            "--join".into(),
+            self.nodes[0].grpc.clone(),
+        ];
+        self.nodes.push(Node {
+            id,
+            grpc,
+            status,
+            log: self.dir.path().join(format!("node{id}.log")),
+            data,
+            args,
+            child: None,
+        });
+        self.nodes.len() - 1
     }
 
     pub fn start_all(&mut self) {

@@ -62,6 +62,22 @@ fn meta_context() -> ShardContext {
     }
 }
 
+/// A node without a meta replica answers like a follower that knows no
+/// leader, so callers move on to the next node.
+fn not_hosted_is_not_leader(e: HandlerError) -> HandlerError {
+    match e {
+        HandlerError::Store(flotilla_raftstore::Error::ShardNotFound(id))
+            if id == META_SHARD_ID =>
+        {
+            HandlerError::Store(flotilla_raftstore::Error::NotLeader {
+                shard_id: META_SHARD_ID,
+                leader: None,
+            })
+        }
+        e => e,
+    }
+}
+
 /// CAS attempts before an update gives up (each failure means another
 /// update of the same key got in first).
 const CAS_ATTEMPTS: usize = 8;
@@ -124,7 +140,8 @@ impl MetaStore {
                     end: Bytes::new(),
                 }],
             )
-            .await?;
+            .await
+            .map_err(not_hosted_is_not_leader)?;
         Ok(snap)
     }
 
@@ -152,7 +169,11 @@ impl MetaStore {
                 })),
             }],
         };
-        let r = self.ctx.propose_in(meta_context(), cmd).await?;
+        let r = self
+            .ctx
+            .propose_in(meta_context(), cmd)
+            .await
+            .map_err(not_hosted_is_not_leader)?;
         Ok(r.cas.first().is_some_and(|c| c.succeeded))
     }
 

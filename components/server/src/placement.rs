@@ -626,6 +626,31 @@ impl<'a> Plan<'a> {
         self.nodes.get(&node_id).is_some_and(NodeView::healthy)
     }
 
+    fn zone_of(&self, node_id: u64) -> Option<&str> {
+        self.nodes.get(&node_id).and_then(NodeView::zone)
+    }
+
+    /// A replica of `d` on a node whose zone holds another replica of `d`,
+    /// when some schedulable node's zone holds none (the later node of the
+    /// pair, so the choice is stable).
+    fn zone_duplicate(&self, d: &ShardDescriptor) -> Option<u64> {
+        let used: Vec<(&str, u64)> = d
+            .replicas
+            .iter()
+            .filter_map(|r| Some((self.zone_of(r.node_id)?, r.node_id)))
+            .collect();
+        let free_zone = self.nodes.values().any(|n| {
+            n.schedulable() && n.zone().is_some_and(|z| used.iter().all(|(u, _)| *u != z))
+        });
+        if !free_zone {
+            return None;
+        }
+        used.iter()
+            .filter(|(z, n)| used.iter().any(|(z2, n2)| z2 == z && n2 < n))
+            .map(|(_, n)| *n)
+            .max()
+    }
+
     /// The best node to put a replica of `d` on, if any.
     fn target(&self, d: &ShardDescriptor) -> Option<u64> {
         let used_zones: HashSet<&str> = d
@@ -697,6 +722,19 @@ impl<'a> Plan<'a> {
             }
         } else if let Some(b) = bad.first() {
             Some((Kind::Remove { from: b.node_id }, reason_of(b.node_id)))
+        } else if let Some(from) = self.zone_duplicate(d) {
+            // Two replicas share a zone while a zone without one has room:
+            // move one of them there.
+            let to = self.target(d)?;
+            let new_zone = self.nodes.get(&to).and_then(NodeView::zone);
+            if new_zone.is_none_or(|z| {
+                d.replicas
+                    .iter()
+                    .any(|r| self.zone_of(r.node_id) == Some(z))
+            }) {
+                return None;
+            }
+            Some((Kind::Move { from, to }, "isolate-zones"))
         } else if voters(d) > want {
             // The voter on the most loaded node. (Learners are left alone:
             // an operator, of this driver or an operator's own, may be
