@@ -50,6 +50,11 @@ impl Client {
         }
     }
 
+    /// The address of a node the route cache knows.
+    fn node_addr(&self, node_id: u64) -> Option<String> {
+        self.inner.cache.read().nodes.get(&node_id).cloned()
+    }
+
     /// Runs `call` on the shard's leader, following leader changes.
     async fn on_leader<T, F, Fut>(&self, shard_id: u64, idempotent: bool, call: F) -> Result<T>
     where
@@ -59,14 +64,7 @@ impl Client {
         let mut retry = self.new_retry();
         loop {
             let shard = self.shard_with_leader(shard_id, &mut retry).await?;
-            let addr = self
-                .inner
-                .cache
-                .read()
-                .nodes
-                .get(&shard.leader_node)
-                .cloned();
-            let Some(addr) = addr else {
+            let Some(addr) = self.node_addr(shard.leader_node) else {
                 self.inner.cache.write().set_leader(shard_id, 0);
                 retry
                     .backoff(format!("no address for node {}", shard.leader_node))
@@ -267,14 +265,7 @@ impl Client {
         let mut retry = self.new_retry();
         let shard = self.shard_with_leader(shard_id, &mut retry).await?;
         // The leader's descriptor: the route cache may lag behind changes.
-        let leader_addr = self
-            .inner
-            .cache
-            .read()
-            .nodes
-            .get(&shard.leader_node)
-            .cloned();
-        let start = match leader_addr {
+        let start = match self.node_addr(shard.leader_node) {
             Some(addr) => match self.replica_status(&addr, shard_id).await {
                 Ok(s) if s.role == "leader" => s.shard.unwrap_or(shard.desc.clone()),
                 _ => shard.desc.clone(),
@@ -435,7 +426,7 @@ impl Client {
                         .ok()
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(0);
-                    hint = self.inner.cache.read().nodes.get(&leader).cloned();
+                    hint = self.node_addr(leader);
                     retry.last = format!("{addr}: {}", status.message());
                     if hint.is_some() {
                         break;

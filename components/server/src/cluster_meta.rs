@@ -592,19 +592,11 @@ pub fn spawn_heartbeat(
     ctx: Arc<NodeContext>,
     client: MetaClient,
     interval: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.changed() => return,
-            }
-            if *stop.borrow() {
-                return;
-            }
+    every(interval, stop, move || {
+        let (ctx, client) = (ctx.clone(), client.clone());
+        async move {
             match heartbeat(&ctx, &client).await {
                 Ok(()) => crate::metrics::META_HEARTBEATS
                     .with_label_values(&["ok"])
@@ -616,6 +608,33 @@ pub fn spawn_heartbeat(
                     tracing::debug!(node_id = ctx.node_id, error = %e.message(), "meta heartbeat failed");
                 }
             }
+        }
+    })
+}
+
+/// Runs `f` every `interval` (no catching up after a slow run) until `stop`
+/// turns true.
+pub fn every<F, Fut>(
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut f: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+            f().await;
         }
     })
 }

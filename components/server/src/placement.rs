@@ -166,26 +166,18 @@ impl Placement {
     /// Runs rounds until `stop`.
     pub fn spawn(
         self: Arc<Self>,
-        mut stop: tokio::sync::watch::Receiver<bool>,
+        stop: tokio::sync::watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let mut tick =
-                tokio::time::interval(Duration::from_millis(self.cfg.schedule_interval_ms));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.changed() => return,
-                }
-                if *stop.borrow() {
-                    return;
-                }
-                if let Err(e) = self.round().await {
+        let interval = Duration::from_millis(self.cfg.schedule_interval_ms);
+        crate::cluster_meta::every(interval, stop, move || {
+            let this = self.clone();
+            async move {
+                if let Err(e) = this.round().await {
                     let msg = match e {
                         HandlerError::Status(s) => s.message().to_string(),
                         HandlerError::Store(e) => e.to_string(),
                     };
-                    tracing::debug!(node_id = self.ctx.node_id, error = %msg, "placement round failed");
+                    tracing::debug!(node_id = this.ctx.node_id, error = %msg, "placement round failed");
                 }
             }
         })
@@ -622,6 +614,15 @@ impl<'a> Plan<'a> {
         }
     }
 
+    /// Nodes that may receive replicas and leaders.
+    fn schedulable(&self) -> Vec<u64> {
+        self.nodes
+            .values()
+            .filter(|n| n.schedulable())
+            .map(|n| n.node.id)
+            .collect()
+    }
+
     fn healthy(&self, node_id: u64) -> bool {
         self.nodes.get(&node_id).is_some_and(NodeView::healthy)
     }
@@ -762,12 +763,7 @@ impl<'a> Plan<'a> {
         shards: &[ShardDescriptor],
         leaders: &HashMap<u64, u64>,
     ) -> Option<(u64, Kind)> {
-        let targets: Vec<u64> = self
-            .nodes
-            .values()
-            .filter(|n| n.schedulable())
-            .map(|n| n.node.id)
-            .collect();
+        let targets = self.schedulable();
         if targets.len() < 2 {
             return None;
         }
@@ -807,12 +803,7 @@ impl<'a> Plan<'a> {
         shards: &[ShardDescriptor],
         leaders: &mut HashMap<u64, u64>,
     ) -> Option<(u64, Kind)> {
-        let targets: Vec<u64> = self
-            .nodes
-            .values()
-            .filter(|n| n.schedulable())
-            .map(|n| n.node.id)
-            .collect();
+        let targets = self.schedulable();
         let mut led: HashMap<u64, i64> = targets.iter().map(|n| (*n, 0)).collect();
         for d in shards.iter().filter(|d| d.id != META_SHARD_ID) {
             if let Some(n) = leaders.get(&d.id) {
