@@ -11,12 +11,16 @@
 //!   (random minority against the majority), the node leading the most
 //!   shards isolated, a one-way partition (a node hears everyone but
 //!   nobody hears it), `kill -9` and restart, SIGSTOP then SIGCONT,
-//!   leadership transfers of random shards, and moving a replica away and
-//!   back (membership changes through joint consensus). Links are cut with
-//!   proxies between the nodes (`common::net`): no privileges needed.
+//!   leadership transfers of random shards, moving a replica away and
+//!   back (membership changes through joint consensus), and splitting a
+//!   random shard between the keys the workloads use. The placement driver
+//!   runs the whole time (re-adding replicas, balancing leaders). Links are
+//!   cut with proxies between the nodes (`common::net`): no privileges
+//!   needed.
 //! - Verdict: the test passes only when the history is linearizable, every
 //!   acknowledged write is present, every counter matches its acknowledged
-//!   increments, and the replicas of every shard hash equal.
+//!   increments, every shard is back to three voters, and the replicas of
+//!   every shard hash equal.
 //!
 //! `FLOTILLA_CHAOS_SECS` (default 60; `make chaos` runs 600),
 //! `FLOTILLA_CHAOS_SEED` (default: the clock; printed) and
@@ -45,7 +49,7 @@ fn ms(rng: &mut StdRng, lo: u64, hi: u64) -> Duration {
     Duration::from_millis(rng.gen_range(lo..hi))
 }
 
-const FAULTS: [&str; 7] = [
+const FAULTS: [&str; 8] = [
     "partition",
     "isolate-leader",
     "one-way",
@@ -53,6 +57,7 @@ const FAULTS: [&str; 7] = [
     "pause",
     "transfer-leaders",
     "move-replica",
+    "split",
 ];
 
 /// The running node with the most leaders (a paused or dead node does not
@@ -162,6 +167,30 @@ async fn inject(
                 matches!(added, Ok(Ok(_)))
             )
         }
+        "split" => {
+            let Ok(shards) = client.list_shards().await else {
+                return "no shard list".into();
+            };
+            let d = shards.choose(rng).unwrap().descriptor.clone();
+            // Between the keys the workloads use, where there are some.
+            let Ok(pairs) = client
+                .scan(d.start_key.clone(), d.end_key.clone(), 100, false)
+                .await
+            else {
+                return format!("shard {}: no scan", d.id);
+            };
+            let Some(key) = pairs.get(pairs.len() / 2).map(|p| p.key.clone()) else {
+                return format!("shard {}: empty, not split", d.id);
+            };
+            let call = client.split_shard(d.id, key.clone());
+            match tokio::time::timeout(Duration::from_secs(10), call).await {
+                Ok(Ok((_, right))) => {
+                    format!("shard {} split at {key:?}: new shard {}", d.id, right.id)
+                }
+                Ok(Err(e)) => format!("shard {} not split at {key:?}: {e}", d.id),
+                Err(_) => format!("shard {} split at {key:?}: no answer in 10s", d.id),
+            }
+        }
         other => unreachable!("{other}"),
     }
 }
@@ -187,45 +216,35 @@ fn node_counters(cluster: &ProcCluster, names: &[&str]) -> BTreeMap<String, f64>
     out
 }
 
-/// The nodes holding each shard.
-type Placement = BTreeMap<u64, Vec<u64>>;
-
-async fn placement(client: &Client) -> Placement {
-    let shards = client.list_shards().await.unwrap();
-    shards
-        .iter()
-        .map(|s| {
-            let nodes = s.descriptor.replicas.iter().map(|r| r.node_id).collect();
-            (s.descriptor.id, nodes)
-        })
-        .collect()
-}
-
-/// Puts back any replica a failed move left out, so every shard is again on
-/// the nodes it started on.
-async fn repair(initial: &Placement, client: &Client) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// Waits until the placement driver gave every shard back three voters
+/// (a move the nemesis left half done, a replica a failed add left out).
+async fn wait_fully_replicated(client: &Client) {
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let now = placement(client).await;
-        let mut missing = Vec::new();
-        for (shard, nodes) in initial {
-            for node in nodes {
-                if !now.get(shard).is_some_and(|n| n.contains(node)) {
-                    missing.push((*shard, *node));
-                }
-            }
-        }
-        if missing.is_empty() {
+        let short: Vec<(u64, usize)> = match client.list_shards().await {
+            Ok(shards) => shards
+                .iter()
+                .map(|s| {
+                    let voters = s
+                        .descriptor
+                        .replicas
+                        .iter()
+                        .filter(|r| r.role == flotilla_proto::meta::ReplicaRole::Voter as i32)
+                        .count();
+                    (s.descriptor.id, voters)
+                })
+                .filter(|(_, v)| *v != 3)
+                .collect(),
+            Err(_) => vec![(0, 0)],
+        };
+        if short.is_empty() {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "replicas still missing: {missing:?}"
+            "shards without three voters (id, voters): {short:?}"
         );
-        for (shard, node) in missing {
-            eprintln!("chaos: repairing shard {shard}: replica on node {node}");
-            let _ = client.add_replica(shard, node, true).await;
-        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -247,7 +266,6 @@ async fn nemesis_under_checked_workloads_keeps_histories_linearizable() {
     let mut cluster = ProcCluster::with_net(nodes, 8, SMALL_LOGS);
     cluster.start_all();
     let client = cluster.client(Duration::from_secs(30)).await;
-    let initial = placement(&client).await;
 
     // The checked history: a few keys, so operations contend.
     let keys = (secs / 10).max(8);
@@ -324,7 +342,7 @@ async fn nemesis_under_checked_workloads_keeps_histories_linearizable() {
     for (series, v) in &seen {
         eprintln!("  {series} {v}");
     }
-    repair(&initial, &client).await;
+    wait_fully_replicated(&client).await;
     common::assert_replicas_identical(&mut cluster, &client).await;
     eprintln!("chaos: every acknowledged write present; replicas identical; linearizable");
 }
