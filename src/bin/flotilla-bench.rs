@@ -1,9 +1,26 @@
 //! `flotilla-bench`: a closed-loop load generator for a Flotilla cluster.
 //!
 //! Each of `--clients` tasks issues one request at a time for `--duration`
-//! seconds, on keys drawn from `--keys` keys: uniformly, or with
-//! `--distribution zipfian` by YCSB's Zipfian generator (constant 0.99: a
-//! few hot keys take most requests). Keys are 8 bytes,
+//! seconds (or until `--operations` are done), on keys drawn from `--keys`
+//! keys (the record count): uniformly, with `--distribution zipfian` by
+//! YCSB's Zipfian generator (constant 0.99: a few hot keys take most
+//! requests), or `latest` (Zipfian over the most recently inserted keys).
+//!
+//! Workloads: `put`, `get`, `mixed` (half each), `check` (linearizability,
+//! see check.rs), and YCSB's core workloads with their own mixes and
+//! default distributions:
+//!
+//! | workload | mix | default keys |
+//! |---|---|---|
+//! | `ycsb-a` | 50 % read, 50 % update | zipfian |
+//! | `ycsb-b` | 95 % read, 5 % update | zipfian |
+//! | `ycsb-c` | 100 % read | zipfian |
+//! | `ycsb-d` | 95 % read, 5 % insert | latest |
+//! | `ycsb-e` | 95 % scan (1-100 keys), 5 % insert | zipfian |
+//! | `ycsb-f` | 50 % read, 50 % read-modify-write | zipfian |
+//!
+//! Inserts add keys past the record count (shared among clients); run
+//! `--load` first so reads find the records. Keys are 8 bytes,
 //! spread evenly over the key space (a splitmix64 permutation of the key
 //! number), so every shard gets its share; values are random bytes (seeded),
 //! so compression does not flatter stored sizes. Latencies go into HDR histograms
@@ -46,16 +63,22 @@ struct Args {
     /// Run time in seconds.
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Stop after this many operations (over all clients), if sooner than
+    /// --duration.
+    #[arg(long)]
+    operations: Option<u64>,
     /// Value size in bytes (put).
     #[arg(long, default_value_t = 128)]
     value_size: usize,
     /// Number of distinct keys.
     #[arg(long, default_value_t = 100_000)]
     keys: u64,
-    /// How keys are drawn: uniform, or zipfian (YCSB's, constant 0.99; the
-    /// hot keys are spread over the key space like all others).
-    #[arg(long, value_enum, default_value_t = Distribution::Uniform)]
-    distribution: Distribution,
+    /// How keys are drawn: uniform, zipfian (YCSB's, constant 0.99; the
+    /// hot keys are spread over the key space like all others), or latest
+    /// (zipfian over the newest inserted keys). Default: uniform for put,
+    /// get and mixed; YCSB's choice for the ycsb workloads.
+    #[arg(long, value_enum)]
+    distribution: Option<Distribution>,
     /// Write every key once before the run (useful before `get`).
     #[arg(long)]
     load: bool,
@@ -89,19 +112,86 @@ enum Workload {
     /// recording the history and checking it for linearizability; exits 1
     /// unless it is linearizable.
     Check,
+    /// YCSB A: 50 % read, 50 % update (zipfian).
+    YcsbA,
+    /// YCSB B: 95 % read, 5 % update (zipfian).
+    YcsbB,
+    /// YCSB C: read only (zipfian).
+    YcsbC,
+    /// YCSB D: 95 % read, 5 % insert (latest).
+    YcsbD,
+    /// YCSB E: 95 % short scan, 5 % insert (zipfian).
+    YcsbE,
+    /// YCSB F: 50 % read, 50 % read-modify-write (zipfian).
+    YcsbF,
+}
+
+impl Workload {
+    /// (read, update, insert, scan, read-modify-write) weights in percent.
+    fn mix(self) -> [u32; 5] {
+        match self {
+            Workload::Put => [0, 100, 0, 0, 0],
+            Workload::Get => [100, 0, 0, 0, 0],
+            Workload::Mixed => [50, 50, 0, 0, 0],
+            Workload::YcsbA => [50, 50, 0, 0, 0],
+            Workload::YcsbB => [95, 5, 0, 0, 0],
+            Workload::YcsbC => [100, 0, 0, 0, 0],
+            Workload::YcsbD => [95, 0, 5, 0, 0],
+            Workload::YcsbE => [0, 0, 5, 95, 0],
+            Workload::YcsbF => [50, 0, 0, 0, 50],
+            Workload::Check => unreachable!("check has its own loop"),
+        }
+    }
+
+    fn default_distribution(self) -> Distribution {
+        match self {
+            Workload::Put | Workload::Get | Workload::Mixed | Workload::Check => {
+                Distribution::Uniform
+            }
+            Workload::YcsbD => Distribution::Latest,
+            _ => Distribution::Zipfian,
+        }
+    }
+
+    /// YCSB names its operations read/update; put/get/mixed keep theirs.
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Workload::Put | Workload::Get | Workload::Mixed => ("get", "put"),
+            _ => ("read", "update"),
+        }
+    }
+
+    /// Picks the next operation.
+    fn pick(self, rng: &mut impl Rng) -> Op {
+        let mix = self.mix();
+        let mut x = rng.gen_range(0..100);
+        for (w, op) in mix
+            .iter()
+            .zip([Op::Read, Op::Update, Op::Insert, Op::Scan, Op::Rmw])
+        {
+            if x < *w {
+                return op;
+            }
+            x -= w;
+        }
+        Op::Read
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum Distribution {
     Uniform,
     Zipfian,
+    Latest,
 }
 
-/// Draws key numbers in `0..n`.
+/// Draws key numbers in `0..n`, or for `Latest` near the newest inserted
+/// key.
 #[derive(Clone, Debug)]
 enum KeyChooser {
     Uniform(u64),
     Zipfian(Zipfian),
+    Latest(Zipfian),
 }
 
 impl KeyChooser {
@@ -109,13 +199,17 @@ impl KeyChooser {
         match d {
             Distribution::Uniform => KeyChooser::Uniform(n.max(1)),
             Distribution::Zipfian => KeyChooser::Zipfian(Zipfian::new(n.max(1), 0.99)),
+            Distribution::Latest => KeyChooser::Latest(Zipfian::new(n.max(1), 0.99)),
         }
     }
 
-    fn next(&self, rng: &mut impl Rng) -> u64 {
+    /// `inserted`: keys `0..inserted` exist (the records and the inserts so
+    /// far).
+    fn next(&self, rng: &mut impl Rng, inserted: u64) -> u64 {
         match self {
             KeyChooser::Uniform(n) => rng.gen_range(0..*n),
             KeyChooser::Zipfian(z) => z.next(rng),
+            KeyChooser::Latest(z) => inserted.saturating_sub(1).saturating_sub(z.next(rng)),
         }
     }
 }
@@ -215,34 +309,53 @@ fn key_of(i: u64) -> Bytes {
     Bytes::copy_from_slice(&splitmix64(i).to_be_bytes())
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Op {
-    Put,
-    Get,
+    Read,
+    Update,
+    Insert,
+    Scan,
+    /// Read a key, then write it (YCSB F).
+    Rmw,
 }
 
+/// Latencies (microseconds) and errors per operation name.
+#[derive(Default)]
 struct Stats {
-    put: Histogram<u64>,
-    get: Histogram<u64>,
-    put_errors: u64,
-    get_errors: u64,
+    ops: std::collections::BTreeMap<&'static str, (Histogram<u64>, u64)>,
 }
 
 impl Stats {
-    fn new() -> Self {
-        Stats {
-            put: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
-            get: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
-            put_errors: 0,
-            get_errors: 0,
+    fn entry(&mut self, op: &'static str) -> &mut (Histogram<u64>, u64) {
+        self.ops
+            .entry(op)
+            .or_insert_with(|| (Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(), 0))
+    }
+
+    fn record(&mut self, op: &'static str, us: u64, ok: bool) {
+        let e = self.entry(op);
+        if ok {
+            e.0.saturating_record(us);
+        } else {
+            e.1 += 1;
         }
     }
 
     fn merge(&mut self, o: &Stats) {
-        self.put.add(&o.put).unwrap();
-        self.get.add(&o.get).unwrap();
-        self.put_errors += o.put_errors;
-        self.get_errors += o.get_errors;
+        for (op, (h, errors)) in &o.ops {
+            let e = self.entry(op);
+            e.0.add(h).unwrap();
+            e.1 += errors;
+        }
+    }
+
+    /// Acknowledged writes (puts, updates, inserts, read-modify-writes).
+    fn writes(&self) -> u64 {
+        ["put", "update", "insert", "rmw"]
+            .iter()
+            .filter_map(|op| self.ops.get(op))
+            .map(|(h, _)| h.len())
+            .sum()
     }
 }
 
@@ -329,55 +442,68 @@ async fn main() -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let done_ops = Arc::new(AtomicU64::new(0));
     let done_errs = Arc::new(AtomicU64::new(0));
+    // Keys 0..inserted exist: the records, then inserts take the next.
+    let inserted = Arc::new(AtomicU64::new(args.keys));
     let started = Instant::now();
     let mut tasks = Vec::new();
     let readers = read_clients(&client, args.read_mode);
-    let chooser = KeyChooser::new(args.distribution, args.keys);
+    let distribution = args
+        .distribution
+        .unwrap_or(args.workload.default_distribution());
+    let chooser = KeyChooser::new(distribution, args.keys);
+    let (read_name, update_name) = args.workload.names();
     for c in 0..args.clients {
         let client = client.clone();
         let readers = readers.clone();
         let stop = stop.clone();
         let done_ops = done_ops.clone();
         let done_errs = done_errs.clone();
+        let inserted = inserted.clone();
         let value_size = args.value_size;
         let chooser = chooser.clone();
         let workload = args.workload;
+        let operations = args.operations;
         let seed = args.seed.wrapping_add(c as u64 + 1);
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let mut stats = Stats::new();
+            let mut stats = Stats::default();
             while !stop.load(Ordering::Relaxed) {
-                let key = key_of(chooser.next(&mut rng));
-                let op = match workload {
-                    Workload::Put => Op::Put,
-                    Workload::Get => Op::Get,
-                    Workload::Check => unreachable!("handled above"),
-                    Workload::Mixed => {
-                        if rng.gen_bool(0.5) {
-                            Op::Put
-                        } else {
-                            Op::Get
-                        }
-                    }
-                };
-                let t = Instant::now();
-                let ok = match op {
-                    Op::Put => {
-                        let value = random_value(&mut rng, value_size);
-                        client.put(key, value).await.is_ok()
-                    }
-                    Op::Get => {
-                        let reader = &readers[rng.gen_range(0..readers.len())];
-                        reader.get(key).await.is_ok()
-                    }
-                };
-                let us = (t.elapsed().as_micros() as u64).max(1);
-                match (op, ok) {
-                    (Op::Put, true) => stats.put.saturating_record(us),
-                    (Op::Get, true) => stats.get.saturating_record(us),
-                    (Op::Put, false) => stats.put_errors += 1,
-                    (Op::Get, false) => stats.get_errors += 1,
+                if operations.is_some_and(|n| {
+                    done_ops.load(Ordering::Relaxed) + done_errs.load(Ordering::Relaxed) >= n
+                }) {
+                    break;
                 }
+                let op = workload.pick(&mut rng);
+                let existing = inserted.load(Ordering::Relaxed);
+                let key = key_of(chooser.next(&mut rng, existing));
+                let reader = &readers[rng.gen_range(0..readers.len())];
+                let t = Instant::now();
+                let (name, ok) = match op {
+                    Op::Read => (read_name, reader.get(key).await.is_ok()),
+                    Op::Update => {
+                        let value = random_value(&mut rng, value_size);
+                        (update_name, client.put(key, value).await.is_ok())
+                    }
+                    Op::Insert => {
+                        let key = key_of(inserted.fetch_add(1, Ordering::Relaxed));
+                        let value = random_value(&mut rng, value_size);
+                        ("insert", client.put(key, value).await.is_ok())
+                    }
+                    Op::Scan => {
+                        let len = rng.gen_range(1..=100);
+                        (
+                            "scan",
+                            reader.scan(key, Bytes::new(), len, false).await.is_ok(),
+                        )
+                    }
+                    Op::Rmw => {
+                        let value = random_value(&mut rng, value_size);
+                        let ok = reader.get(key.clone()).await.is_ok()
+                            && client.put(key, value).await.is_ok();
+                        ("rmw", ok)
+                    }
+                };
+                stats.record(name, (t.elapsed().as_micros() as u64).max(1), ok);
                 if ok {
                     done_ops.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -399,16 +525,19 @@ async fn main() -> anyhow::Result<()> {
             done_errs.load(Ordering::Relaxed)
         );
         last = now;
+        if tasks.iter().all(|t| t.is_finished()) {
+            break;
+        }
     }
     stop.store(true, Ordering::Relaxed);
-    let mut stats = Stats::new();
+    let mut stats = Stats::default();
     for t in tasks {
         stats.merge(&t.await?);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let fsyncs_after = fsyncs(&metrics_eps).await;
     let fsync_per_write = match (fsyncs_before, fsyncs_after) {
-        (Some(b), Some(a)) if !stats.put.is_empty() => Some((a - b) / stats.put.len() as f64),
+        (Some(b), Some(a)) if stats.writes() > 0 => Some((a - b) / stats.writes() as f64),
         _ => None,
     };
 
@@ -426,20 +555,18 @@ async fn main() -> anyhow::Result<()> {
             "max_ms": h.max() as f64 / 1000.0,
         })
     };
-    let mut rows = Vec::new();
-    if !stats.put.is_empty() || stats.put_errors > 0 {
-        rows.push(row("put", &stats.put, stats.put_errors));
-    }
-    if !stats.get.is_empty() || stats.get_errors > 0 {
-        rows.push(row("get", &stats.get, stats.get_errors));
-    }
+    let rows: Vec<_> = stats
+        .ops
+        .iter()
+        .map(|(op, (h, errors))| row(op, h, *errors))
+        .collect();
     let summary = json!({
-        "workload": format!("{:?}", args.workload).to_lowercase(),
+        "workload": args.workload.to_possible_value().map(|v| v.get_name().to_string()),
         "clients": args.clients,
         "duration_s": elapsed,
         "value_size": args.value_size,
         "keys": args.keys,
-        "distribution": format!("{:?}", args.distribution).to_lowercase(),
+        "distribution": format!("{distribution:?}").to_lowercase(),
         "read_mode": format!("{:?}", args.read_mode).to_lowercase(),
         "ops": rows,
         "raft_engine_fsyncs_per_write": fsync_per_write,
@@ -486,7 +613,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut counts = vec![0u32; n as usize];
         for _ in 0..draws {
-            let k = c.next(&mut rng);
+            let k = c.next(&mut rng, n);
             assert!(k < n, "{k} out of 0..{n}");
             counts[k as usize] += 1;
         }
@@ -512,16 +639,39 @@ mod tests {
     }
 
     #[test]
+    fn ycsb_mixes_and_the_latest_distribution() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut count = |w: Workload, op: Op| {
+            (0..10_000).filter(|_| w.pick(&mut rng) == op).count() as f64 / 10_000.0
+        };
+        assert!((0.45..0.55).contains(&count(Workload::YcsbA, Op::Update)));
+        assert!((0.93..0.97).contains(&count(Workload::YcsbB, Op::Read)));
+        assert_eq!(count(Workload::YcsbC, Op::Read), 1.0);
+        assert!((0.03..0.07).contains(&count(Workload::YcsbD, Op::Insert)));
+        assert!((0.93..0.97).contains(&count(Workload::YcsbE, Op::Scan)));
+        assert!((0.45..0.55).contains(&count(Workload::YcsbF, Op::Rmw)));
+        assert_eq!(Workload::YcsbD.default_distribution(), Distribution::Latest);
+        // Latest: most draws land among the newest keys, none past them.
+        let c = KeyChooser::new(Distribution::Latest, 1000);
+        let draws: Vec<u64> = (0..10_000).map(|_| c.next(&mut rng, 5000)).collect();
+        assert!(draws.iter().all(|k| *k < 5000));
+        let recent = draws.iter().filter(|k| **k >= 4900).count();
+        assert!(recent > 5000, "{recent} of 10,000 among the newest 100");
+    }
+
+    #[test]
     fn a_seed_replays_the_same_keys() {
         let c = KeyChooser::new(Distribution::Zipfian, 100_000);
         let draw = || {
             let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-            (0..100).map(|_| c.next(&mut rng)).collect::<Vec<_>>()
+            (0..100)
+                .map(|_| c.next(&mut rng, 100_000))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(), draw());
         // One key space.
         assert_eq!(
-            KeyChooser::new(Distribution::Zipfian, 1).next(&mut rand::thread_rng()),
+            KeyChooser::new(Distribution::Zipfian, 1).next(&mut rand::thread_rng(), 1),
             0
         );
     }
