@@ -11,7 +11,7 @@ PROFILE_FLAGS := --release
 BIN_DIR := bin
 BINARIES := flotilla-server flotilla-ctl flotilla-bench
 
-.PHONY: deps test-deps build run cluster-up node-add node-remove stop status clean-data test crash-test chaos fmt-check clippy bench clean monitor monitor-stop
+.PHONY: bench-compare deps test-deps build run cluster-up node-add node-remove stop status clean-data test crash-test chaos fmt-check clippy bench clean monitor monitor-stop
 
 deps:
 	@scripts/install-deps.sh
@@ -89,6 +89,12 @@ BENCH_FLAGS ?= --clients 64 --duration 10 --value-size 128 --keys 100000
 bench: build
 	$(BIN_DIR)/flotilla-bench put $(BENCH_FLAGS) --metrics-endpoints 127.0.0.1:20181,127.0.0.1:20182,127.0.0.1:20183
 	$(BIN_DIR)/flotilla-bench get $(BENCH_FLAGS)
+
+# Flotilla and a 3-member etcd (Debian's etcd-server, installed if missing)
+# side by side on this machine, same workloads, one table.
+bench-compare: build
+	@scripts/install-deps.sh etcd-server
+	@scripts/bench-compare.sh
 
 clean:
 	rm -rf $(BIN_DIR)

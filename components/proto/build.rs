@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "raftpb.proto",
         "raftcmdpb.proto",
         "localpb.proto",
+        "etcdkvpb.proto",
     ];
     let paths: Vec<String> = files.iter().map(|f| format!("../../proto/{f}")).collect();
     for p in &paths {

@@ -94,6 +94,11 @@ struct Args {
     /// three linearizable modes at random).
     #[arg(long, value_enum, default_value_t = ReadModeArg::Leader)]
     read_mode: ReadModeArg,
+    /// What to drive: a Flotilla cluster, or an etcd cluster (through its
+    /// v3 KV API: Put, and linearizable Range for reads and scans) for
+    /// side-by-side runs with the same workload.
+    #[arg(long, value_enum, default_value_t = TargetKind::Flotilla)]
+    target: TargetKind,
     /// Time the `check` workload may spend searching for a linearization,
     /// in seconds.
     #[arg(long, default_value_t = 60)]
@@ -175,6 +180,152 @@ impl Workload {
             x -= w;
         }
         Op::Read
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum TargetKind {
+    Flotilla,
+    Etcd,
+}
+
+type EtcdKv = flotilla_proto::etcd::kv_client::KvClient<tonic::transport::Channel>;
+
+/// The system under load. Each bench client keeps to one etcd endpoint
+/// (clients spread over them round robin); Flotilla's client routes each
+/// key to its shard's leader itself.
+#[derive(Clone)]
+enum Target {
+    Flotilla {
+        client: Client,
+        readers: Vec<Client>,
+    },
+    Etcd(Vec<EtcdKv>),
+}
+
+impl Target {
+    async fn connect(args: &Args) -> anyhow::Result<Target> {
+        match args.target {
+            TargetKind::Flotilla => {
+                let client = Client::connect(ClientConfig {
+                    endpoints: args.endpoints.clone(),
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("connecting to {}", args.endpoints.join(",")))?;
+                let readers = read_clients(&client, args.read_mode);
+                Ok(Target::Flotilla { client, readers })
+            }
+            TargetKind::Etcd => {
+                let mut kvs = Vec::new();
+                for ep in &args.endpoints {
+                    let ch = tonic::transport::Channel::from_shared(format!("http://{ep}"))?
+                        .connect_timeout(Duration::from_secs(3))
+                        .timeout(Duration::from_secs(10))
+                        .connect()
+                        .await
+                        .with_context(|| format!("connecting to etcd at {ep}"))?;
+                    kvs.push(EtcdKv::new(ch));
+                }
+                Ok(Target::Etcd(kvs))
+            }
+        }
+    }
+
+    fn etcd(kvs: &[EtcdKv], client: usize) -> EtcdKv {
+        kvs[client % kvs.len()].clone()
+    }
+
+    async fn read(&self, client: usize, rng: &mut impl Rng, key: Bytes) -> bool {
+        match self {
+            Target::Flotilla { readers, .. } => {
+                let reader = &readers[rng.gen_range(0..readers.len())];
+                reader.get(key).await.is_ok()
+            }
+            Target::Etcd(kvs) => {
+                let req = flotilla_proto::etcd::RangeRequest {
+                    key,
+                    ..Default::default()
+                };
+                Self::etcd(kvs, client).range(req).await.is_ok()
+            }
+        }
+    }
+
+    async fn write(&self, client: usize, key: Bytes, value: Bytes) -> bool {
+        match self {
+            Target::Flotilla { client, .. } => client.put(key, value).await.is_ok(),
+            Target::Etcd(kvs) => {
+                let req = flotilla_proto::etcd::PutRequest {
+                    key,
+                    value,
+                    ..Default::default()
+                };
+                Self::etcd(kvs, client).put(req).await.is_ok()
+            }
+        }
+    }
+
+    async fn scan(&self, client: usize, rng: &mut impl Rng, start: Bytes, len: usize) -> bool {
+        match self {
+            Target::Flotilla { readers, .. } => {
+                let reader = &readers[rng.gen_range(0..readers.len())];
+                reader.scan(start, Bytes::new(), len, false).await.is_ok()
+            }
+            Target::Etcd(kvs) => {
+                // range_end "\0": every key from `start` on.
+                let req = flotilla_proto::etcd::RangeRequest {
+                    key: start,
+                    range_end: Bytes::from_static(&[0]),
+                    limit: len as i64,
+                    ..Default::default()
+                };
+                Self::etcd(kvs, client).range(req).await.is_ok()
+            }
+        }
+    }
+
+    /// Writes keys `0..n` once.
+    async fn load(&self, n: u64, value_size: usize, rng: &mut impl Rng) -> anyhow::Result<()> {
+        match self {
+            Target::Flotilla { client, .. } => {
+                let mut i = 0;
+                while i < n {
+                    let end = (i + 256).min(n);
+                    let pairs = (i..end)
+                        .map(|k| (key_of(k), random_value(rng, value_size)))
+                        .collect();
+                    client.batch_put(pairs).await.context("loading keys")?;
+                    i = end;
+                }
+            }
+            Target::Etcd(_) => {
+                // The slice of etcd's API used here has no batch put: 64
+                // loaders at once.
+                let next = Arc::new(AtomicU64::new(0));
+                let mut tasks = Vec::new();
+                for c in 0..64 {
+                    let (this, next) = (self.clone(), next.clone());
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(rng.gen());
+                    tasks.push(tokio::spawn(async move {
+                        loop {
+                            let k = next.fetch_add(1, Ordering::Relaxed);
+                            if k >= n {
+                                return true;
+                            }
+                            let v = random_value(&mut rng, value_size);
+                            if !this.write(c, key_of(k), v).await {
+                                return false;
+                            }
+                        }
+                    }));
+                }
+                for t in tasks {
+                    anyhow::ensure!(t.await?, "loading keys into etcd failed");
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -384,22 +535,20 @@ async fn fsyncs(endpoints: &[String]) -> Option<f64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let client = Client::connect(ClientConfig {
-        endpoints: args.endpoints.clone(),
-        ..Default::default()
-    })
-    .await
-    .with_context(|| format!("connecting to {}", args.endpoints.join(",")))?;
+    let target = Target::connect(&args).await?;
 
     if args.workload == Workload::Check {
+        let Target::Flotilla { client, readers } = &target else {
+            anyhow::bail!("the check workload drives Flotilla only");
+        };
         anyhow::ensure!(
             args.read_mode != ReadModeArg::Stale,
             "--read-mode stale is not linearizable; the check workload takes leader, leader-read-index, follower or mixed"
         );
         let ok = check::run(
-            &client,
+            client,
             check::CheckArgs {
-                readers: read_clients(&client, args.read_mode),
+                readers: readers.clone(),
                 clients: args.clients,
                 duration: Duration::from_secs(args.duration),
                 keys: args.keys,
@@ -416,15 +565,7 @@ async fn main() -> anyhow::Result<()> {
 
     if args.load {
         let t = Instant::now();
-        let mut i = 0;
-        while i < args.keys {
-            let end = (i + 256).min(args.keys);
-            let pairs = (i..end)
-                .map(|k| (key_of(k), random_value(&mut rng, args.value_size)))
-                .collect();
-            client.batch_put(pairs).await.context("loading keys")?;
-            i = end;
-        }
+        target.load(args.keys, args.value_size, &mut rng).await?;
         eprintln!(
             "loaded {} keys in {:.1}s",
             args.keys,
@@ -446,15 +587,13 @@ async fn main() -> anyhow::Result<()> {
     let inserted = Arc::new(AtomicU64::new(args.keys));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    let readers = read_clients(&client, args.read_mode);
     let distribution = args
         .distribution
         .unwrap_or(args.workload.default_distribution());
     let chooser = KeyChooser::new(distribution, args.keys);
     let (read_name, update_name) = args.workload.names();
     for c in 0..args.clients {
-        let client = client.clone();
-        let readers = readers.clone();
+        let target = target.clone();
         let stop = stop.clone();
         let done_ops = done_ops.clone();
         let done_errs = done_errs.clone();
@@ -476,30 +615,26 @@ async fn main() -> anyhow::Result<()> {
                 let op = workload.pick(&mut rng);
                 let existing = inserted.load(Ordering::Relaxed);
                 let key = key_of(chooser.next(&mut rng, existing));
-                let reader = &readers[rng.gen_range(0..readers.len())];
                 let t = Instant::now();
                 let (name, ok) = match op {
-                    Op::Read => (read_name, reader.get(key).await.is_ok()),
+                    Op::Read => (read_name, target.read(c, &mut rng, key).await),
                     Op::Update => {
                         let value = random_value(&mut rng, value_size);
-                        (update_name, client.put(key, value).await.is_ok())
+                        (update_name, target.write(c, key, value).await)
                     }
                     Op::Insert => {
                         let key = key_of(inserted.fetch_add(1, Ordering::Relaxed));
                         let value = random_value(&mut rng, value_size);
-                        ("insert", client.put(key, value).await.is_ok())
+                        ("insert", target.write(c, key, value).await)
                     }
                     Op::Scan => {
                         let len = rng.gen_range(1..=100);
-                        (
-                            "scan",
-                            reader.scan(key, Bytes::new(), len, false).await.is_ok(),
-                        )
+                        ("scan", target.scan(c, &mut rng, key, len).await)
                     }
                     Op::Rmw => {
                         let value = random_value(&mut rng, value_size);
-                        let ok = reader.get(key.clone()).await.is_ok()
-                            && client.put(key, value).await.is_ok();
+                        let ok = target.read(c, &mut rng, key.clone()).await
+                            && target.write(c, key, value).await;
                         ("rmw", ok)
                     }
                 };
@@ -562,6 +697,7 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let summary = json!({
         "workload": args.workload.to_possible_value().map(|v| v.get_name().to_string()),
+        "target": args.target.to_possible_value().map(|v| v.get_name().to_string()),
         "clients": args.clients,
         "duration_s": elapsed,
         "value_size": args.value_size,

@@ -8,6 +8,8 @@
 //! - `raft`: the node-to-node Raft transport (raft-rs messages as opaque bytes).
 //! - `raftcmd`: payloads of Raft log entries (durable: fields only added).
 //! - `local`: records a node keeps in its own RocksDB.
+//! - `etcd`: the slice of etcd's v3 KV API that flotilla-bench drives for
+//!   side-by-side runs (wire-compatible with etcd's own definitions).
 //!
 //! Raft's own messages (`eraftpb`) stay rust-protobuf types from the raft
 //! crate; they are never decoded from client-supplied bytes (see
@@ -39,6 +41,12 @@ pub mod flotilla {
 }
 
 pub use flotilla::{admin, error, kv, local, meta, raft, raftcmd};
+
+/// etcd's v3 KV API, the part flotilla-bench drives (`--target etcd`).
+#[allow(clippy::all, missing_docs)]
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
 
 /// gRPC metadata key on an Admin error answered by a node that does not
 /// lead the shard; its value is the leader's node id (0 when unknown).
