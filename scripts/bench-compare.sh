@@ -62,7 +62,8 @@ DUR=1 run etcd "$ETCD_EPS" ycsb-c 1 --load --operations 1
 : >"$RESULTS"
 for workload in put ycsb-b; do
   for clients in 16 64 256; do
-    run flotilla "$FLOTILLA_EPS" "$workload" "$clients"
+    run flotilla "$FLOTILLA_EPS" "$workload" "$clients" \
+      --metrics-endpoints 127.0.0.1:20181,127.0.0.1:20182,127.0.0.1:20183
     run etcd "$ETCD_EPS" "$workload" "$clients"
   done
 done
@@ -78,17 +79,19 @@ for r in rows:
     # The latency of the workload's main operation: writes for put, reads
     # for ycsb-b.
     main = r["ops"][0] if r["workload"] == "put" else next(o for o in r["ops"] if o["op"] == "read")
-    by.setdefault(key(r), {})[r["target"]] = (total, main, errors)
+    by.setdefault(key(r), {})[r["target"]] = (total, main, errors, r.get("raft_engine_fsyncs_per_write"))
 print(f'{"workload":<10}{"clients":>8} | {"system":<9}{"ops/s":>10}{"p50 ms":>9}{"p99 ms":>9}{"p99.9 ms":>10}{"errors":>8} | flotilla/etcd')
 print("-" * 98)
 for (w, c), t in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
     f, e = t.get("flotilla"), t.get("etcd")
     for name, v in (("flotilla", f), ("etcd", e)):
         if v is None: continue
-        total, m, errors = v
+        total, m, errors, fsyncs = v
         ratio = ""
         if name == "flotilla" and e and e[0] > 0:
             ratio = f'{total / e[0]:.2f}x ops/s, p99 {m["p99_ms"] / max(e[1]["p99_ms"], 1e-9):.2f}x'
+            if fsyncs is not None and w == "put":
+                ratio += f', {fsyncs:.3f} fsyncs/write'
         label = "write" if w == "put" else "read-95%"
         print(f'{label if name == "flotilla" else "":<10}{c if name == "flotilla" else "":>8} | {name:<9}{total:>10.0f}{m["p50_ms"]:>9.2f}{m["p99_ms"]:>9.2f}{m["p999_ms"]:>10.2f}{errors:>8} | {ratio}')
 PY
