@@ -420,6 +420,17 @@ impl ApplyFsm {
                 );
                 Some(id)
             }
+            (Some(s), _) if s.state != ShardState::Tombstone as i32 => {
+                // Cannot happen: snapshots overlapping a local shard are
+                // refused, so the new shard has no data here yet. Keep
+                // whatever is there rather than guess.
+                tracing::error!(
+                    shard_id = self.shard_id,
+                    new_shard_id = right.id,
+                    "split: the new shard already has state on this node; not creating it"
+                );
+                None
+            }
             _ => {
                 // The new shard's replica here was already removed (a
                 // tombstone) while this replica lagged behind the split:
