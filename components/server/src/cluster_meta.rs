@@ -338,14 +338,20 @@ impl MetaStore {
     /// how many replaced what it held.
     pub async fn report(&self, shards: Vec<ShardDescriptor>) -> Result<u64, HandlerError> {
         let mut updated = 0;
+        // One read serves the whole report: most heartbeats change nothing.
+        let mut snap = Some(self.read().await?);
         for d in shards {
             if d.id == META_SHARD_ID || d.replicas.is_empty() {
                 continue;
             }
             let key = cluster::shard_key(d.id);
             for attempt in 0.. {
-                let snap = self.read().await?;
-                let held = Self::get(&snap, &key)?;
+                let view = match snap.take() {
+                    Some(s) => s,
+                    None => self.read().await?,
+                };
+                let held = Self::get(&view, &key)?;
+                snap = Some(view);
                 if let Some(h) = &held {
                     let h = ShardDescriptor::decode(&h[..])
                         .map_err(|e| Status::internal(format!("meta shard record: {e}")))?;
@@ -360,6 +366,8 @@ impl MetaStore {
                     updated += 1;
                     break;
                 }
+                // Someone else wrote it since: read afresh.
+                snap = None;
                 if attempt + 1 == CAS_ATTEMPTS {
                     return Err(Status::aborted("the directory was contended; retry").into());
                 }
