@@ -427,7 +427,9 @@ impl ReplicaFsm {
             ReplicaMsg::Applied(res) => self.on_applied(res, ctx),
             ReplicaMsg::Unreachable { to_replica } => self.raw_node.report_unreachable(to_replica),
             ReplicaMsg::Status(cb) => cb(self.status()),
-            ReplicaMsg::TransferLeader { to_replica, cb } => cb(self.transfer_leader(to_replica)),
+            ReplicaMsg::TransferLeader { to_replica, cb } => {
+                cb(self.transfer_leader(to_replica, ctx))
+            }
             ReplicaMsg::SnapshotGenerated(snap) => {
                 self.raw_node
                     .store()
@@ -1222,7 +1224,12 @@ impl ReplicaFsm {
         self.serve_reads();
     }
 
-    fn transfer_leader(&mut self, to_replica: ReplicaId) -> Result<()> {
+    /// Starts a leadership transfer to a voter that answered lately and is
+    /// at most a few entries behind. raft-rs stops taking proposals while a transfer is
+    /// under way, for up to an election timeout: a transfer to a dead or
+    /// lagging replica would cost the shard that much availability each
+    /// time someone (the placement driver) asked for it.
+    fn transfer_leader(&mut self, to_replica: ReplicaId, ctx: &PollContext) -> Result<()> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
@@ -1234,6 +1241,32 @@ impl ReplicaFsm {
                     self.shard_id
                 )))
             }
+        }
+        let recent = 2 * ctx.cfg.heartbeat_ticks as u64 + 2;
+        let heard = self
+            .last_heard
+            .get(&to_replica)
+            .is_some_and(|t| self.ticks.saturating_sub(*t) <= recent);
+        let last = self.raw_node.raft.raft_log.last_index();
+        let matched = self
+            .raw_node
+            .raft
+            .prs()
+            .get(to_replica)
+            .map_or(0, |p| p.matched);
+        // A few entries behind is fine: raft sends them first and hands
+        // over once the transferee caught up.
+        const MAX_LAG: u64 = 128;
+        if !heard || matched + MAX_LAG < last {
+            return Err(Error::Rejected(format!(
+                "replica {to_replica} of shard {} cannot take over now: {}",
+                self.shard_id,
+                if heard {
+                    format!("it has the log up to {matched} of {last}")
+                } else {
+                    "it has not answered lately".to_string()
+                }
+            )));
         }
         tracing::info!(
             shard_id = self.shard_id,
