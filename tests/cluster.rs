@@ -436,3 +436,43 @@ async fn delayed_and_one_way_links_slow_but_do_not_break_replication() {
     c.heal();
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leadership_is_not_handed_to_a_replica_that_stopped_answering() {
+    let mut c = TestCluster::builder(3).shards(1).start().await;
+    c.wait_all_leaders(WAIT).await;
+    let client = c.client().await;
+    client.put(b("before"), b("1")).await.unwrap();
+    let leader = c.wait_leader(1, &[], WAIT).await;
+    let dead = *c.node_ids().iter().find(|n| **n != leader).unwrap();
+    let to = c
+        .router(leader)
+        .meta()
+        .get(1)
+        .unwrap()
+        .descriptor
+        .replica_on(dead)
+        .unwrap()
+        .id;
+    c.stop_node(dead).await;
+    // Well past two heartbeat intervals (20 ms ticks).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    c.router(leader)
+        .transfer_leader(
+            1,
+            to,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )
+        .unwrap();
+    match rx.await.unwrap() {
+        Err(StoreError::Rejected(why)) => assert!(why.contains("not answered"), "{why}"),
+        other => panic!("transfer to a stopped replica: {other:?}"),
+    }
+    // The shard never stopped taking writes.
+    client.put(b("after"), b("2")).await.unwrap();
+    assert_eq!(c.leader_of(1), Some(leader));
+    c.shutdown().await;
+}
