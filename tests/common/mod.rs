@@ -59,6 +59,37 @@ pub struct Node {
 }
 
 impl Node {
+    /// Node `id` of a cluster laid out in `dir` (config `dir/flotilla.toml`)
+    /// on loopback ports (gRPC, status); `how` says how it joins: a new
+    /// cluster's flags or `--join`.
+    fn layout(dir: &Path, id: u64, (grpc, status): (u16, u16), how: Vec<String>) -> Node {
+        let grpc = format!("127.0.0.1:{grpc}");
+        let status = format!("127.0.0.1:{status}");
+        let data = dir.join(format!("node{id}"));
+        let mut args: Vec<String> = vec![
+            "--config".into(),
+            dir.join("flotilla.toml").display().to_string(),
+            "--node-id".into(),
+            id.to_string(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--addr".into(),
+            grpc.clone(),
+            "--status-addr".into(),
+            status.clone(),
+        ];
+        args.extend(how);
+        Node {
+            id,
+            grpc,
+            status,
+            log: dir.join(format!("node{id}.log")),
+            data,
+            args,
+            child: None,
+        }
+    }
+
     /// Starts the process; `env` adds variables (FAILPOINTS, RUST_LOG...).
     pub fn start_with(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "node {} already running", self.id);
@@ -247,34 +278,13 @@ impl ProcCluster {
             .enumerate()
             .map(|(i, (g, s))| {
                 let id = i as u64 + 1;
-                let grpc = format!("127.0.0.1:{g}");
-                let status = format!("127.0.0.1:{s}");
-                let data = dir.path().join(format!("node{id}"));
-                let args = vec![
-                    "--config".into(),
-                    cfg_path.display().to_string(),
-                    "--node-id".into(),
-                    id.to_string(),
-                    "--data-dir".into(),
-                    data.display().to_string(),
-                    "--addr".into(),
-                    grpc.clone(),
-                    "--status-addr".into(),
-                    status.clone(),
+                let how = vec![
                     "--initial-cluster".into(),
                     initial(id),
                     "--initial-shards".into(),
                     shards.to_string(),
                 ];
-                Node {
-                    id,
-                    grpc,
-                    status,
-                    log: dir.path().join(format!("node{id}.log")),
-                    data,
-                    args,
-                    child: None,
-                }
+                Node::layout(dir.path(), id, (*g, *s), how)
             })
             .collect();
         ProcCluster { dir, nodes, net }
@@ -284,33 +294,9 @@ impl ProcCluster {
     /// node (not started); returns its index.
     pub fn add_joining_node(&mut self) -> usize {
         let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
-        let (g, s) = (free_port(), free_port());
-        let grpc = format!("127.0.0.1:{g}");
-        let status = format!("127.0.0.1:{s}");
-        let data = self.dir.path().join(format!("node{id}"));
-        let args = vec![
-            "--config".into(),
-            self.dir.path().join("flotilla.toml").display().to_string(),
-            "--node-id".into(),
-            id.to_string(),
-            "--data-dir".into(),
-            data.display().to_string(),
-            "--addr".into(),
-            grpc.clone(),
-            "--status-addr".into(),
-            status.clone(),
-            "--join".into(),
-            self.nodes[0].grpc.clone(),
-        ];
-        self.nodes.push(Node {
-            id,
-            grpc,
-            status,
-            log: self.dir.path().join(format!("node{id}.log")),
-            data,
-            args,
-            child: None,
-        });
+        let how = vec!["--join".into(), self.nodes[0].grpc.clone()];
+        let node = Node::layout(self.dir.path(), id, (free_port(), free_port()), how);
+        self.nodes.push(node);
         self.nodes.len() - 1
     }
 

@@ -58,6 +58,17 @@ impl Error {
         }
     }
 
+    /// A request under an older version: names `shard` and the shard its
+    /// last split created, so a client learns both halves of its old range.
+    pub fn epoch_not_match(shard: &ShardDescriptor, split_off: Option<&ShardDescriptor>) -> Self {
+        let mut current = vec![shard.clone()];
+        current.extend(split_off.cloned());
+        Error::EpochNotMatch {
+            shard_id: shard.id,
+            current,
+        }
+    }
+
     /// Whether a client should refresh its route or back off and retry.
     pub fn is_retryable(&self) -> bool {
         matches!(

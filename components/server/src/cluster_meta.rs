@@ -519,7 +519,6 @@ impl MetaClient {
 
 /// This node as the registry should know it, and its load.
 fn heartbeat_request(ctx: &NodeContext, shards: Vec<ShardDescriptor>) -> NodeHeartbeatRequest {
-    let counts = ctx.router.meta().counts();
     let status = crate::status::NodeStatus::of(ctx);
     NodeHeartbeatRequest {
         node: Some(Node {
@@ -530,8 +529,8 @@ fn heartbeat_request(ctx: &NodeContext, shards: Vec<ShardDescriptor>) -> NodeHea
         }),
         shards,
         stats: Some(NodeStats {
-            replicas: counts.replicas as u64,
-            leaders: counts.leaders as u64,
+            replicas: status.shards as u64,
+            leaders: status.leaders as u64,
             disk_available_bytes: status.disk_available_bytes,
             used_bytes: status.raft_engine_bytes + status.rocksdb_bytes,
         }),

@@ -198,7 +198,9 @@ impl Default for RaftstoreSection {
 }
 
 impl RaftstoreSection {
-    pub fn to_raftstore(&self) -> flotilla_raftstore::Config {
+    /// The raftstore's configuration; the split thresholds come from
+    /// `[placement]`.
+    pub fn to_raftstore(&self, p: &PlacementSection) -> flotilla_raftstore::Config {
         flotilla_raftstore::Config {
             raft_pollers: self.raft_pollers,
             apply_pollers: self.apply_pollers,
@@ -220,11 +222,14 @@ impl RaftstoreSection {
             raft_log_gc_size_limit: self.raft_log_gc_size_limit_bytes,
             raft_engine_purge_interval: Duration::from_millis(self.raft_engine_purge_interval_ms),
             snap_workers: self.snap_workers,
-            // From [placement], set by the node.
-            split_check_ticks: 0,
-            split_size: 0,
-            split_keys: 0,
-            split_qps: 0,
+            split_check_ticks: if p.split_check_interval_ms == 0 {
+                0
+            } else {
+                (p.split_check_interval_ms / self.tick_interval_ms).max(1) as usize
+            },
+            split_size: p.split_size_bytes,
+            split_keys: p.split_keys,
+            split_qps: p.split_qps,
         }
     }
 

@@ -311,19 +311,9 @@ impl Server {
             Arc::new(move |shard_id, epoch, key| {
                 let _ = split_tx.send((shard_id, epoch, key));
             });
-        let mut store_cfg = cfg.raftstore.to_raftstore();
-        let p = &cfg.placement;
-        store_cfg.split_check_ticks = if p.split_check_interval_ms == 0 {
-            0
-        } else {
-            (p.split_check_interval_ms / cfg.raftstore.tick_interval_ms).max(1) as usize
-        };
-        store_cfg.split_size = p.split_size_bytes;
-        store_cfg.split_keys = p.split_keys;
-        store_cfg.split_qps = p.split_qps;
         let store = Store::start(
             node_id,
-            store_cfg,
+            cfg.raftstore.to_raftstore(&cfg.placement),
             engines.clone(),
             Arc::new(transport.clone()),
             Some(split_observer),

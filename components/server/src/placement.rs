@@ -572,6 +572,8 @@ fn voters(d: &ShardDescriptor) -> usize {
 /// operators under way as if done, and the shards already being worked on.
 struct Plan<'a> {
     nodes: &'a HashMap<u64, NodeView>,
+    /// Nodes whose replicas count as healthy.
+    usable: usize,
     replicas: HashMap<u64, i64>,
     busy: HashSet<u64>,
 }
@@ -608,6 +610,7 @@ impl<'a> Plan<'a> {
             }
         }
         Plan {
+            usable: nodes.values().filter(|n| n.healthy()).count(),
             nodes,
             replicas,
             busy,
@@ -689,7 +692,7 @@ impl<'a> Plan<'a> {
         if self.busy.contains(&d.id) {
             return None;
         }
-        let usable = self.nodes.values().filter(|n| n.healthy()).count();
+        let usable = self.usable;
         let want = if d.id == META_SHARD_ID {
             if usable >= 5 {
                 5

@@ -279,7 +279,7 @@ impl ApplyFsm {
             return self.exec_admin(admin, epoch, entry.index, ctx);
         }
         if epoch.version != self.descriptor.epoch().version {
-            let err = self.epoch_not_match();
+            let err = Error::epoch_not_match(&self.descriptor, self.split_off.as_ref());
             return EntryOutcome::Writes(cmd.writes.iter().map(|_| Err(err.clone())).collect());
         }
         EntryOutcome::Writes(
@@ -288,18 +288,6 @@ impl ApplyFsm {
                 .map(|w| self.exec_write(w, ctx))
                 .collect(),
         )
-    }
-
-    /// The error for a command proposed under an older version: names this
-    /// shard's descriptor and the shard its last split created, so a client
-    /// learns both halves of its old range.
-    fn epoch_not_match(&self) -> Error {
-        let mut current = vec![self.descriptor.clone()];
-        current.extend(self.split_off.iter().cloned());
-        Error::EpochNotMatch {
-            shard_id: self.shard_id,
-            current,
-        }
     }
 
     fn exec_admin(
@@ -404,15 +392,7 @@ impl ApplyFsm {
             .unwrap_or_else(|e| panic!("apply: reading RocksDB failed: {e}"));
         let right_replica = match (&existing, mine) {
             (None, Some(id)) => {
-                ctx.kv.put_shard_state(
-                    &mut ctx.wb,
-                    right.id,
-                    &ShardLocalState {
-                        shard: Some(right.clone()),
-                        state: ShardState::Normal as i32,
-                        replica_id: id,
-                    },
-                );
+                put_normal_state(ctx, &right, id);
                 ctx.kv.put_apply_state(
                     &mut ctx.wb,
                     right.id,
@@ -448,15 +428,7 @@ impl ApplyFsm {
                 None
             }
         };
-        ctx.kv.put_shard_state(
-            &mut ctx.wb,
-            self.shard_id,
-            &ShardLocalState {
-                shard: Some(left.clone()),
-                state: ShardState::Normal as i32,
-                replica_id: self.replica_id,
-            },
-        );
+        put_normal_state(ctx, &left, self.replica_id);
         tracing::info!(
             shard_id = self.shard_id,
             replica_id = self.replica_id,
@@ -530,15 +502,7 @@ impl ApplyFsm {
         epoch.conf_ver += 1;
         desc.epoch = Some(epoch);
         tracing::info!(shard_id = self.shard_id, replica_id = self.replica_id, index = entry.index, conf_ver = epoch.conf_ver, replicas = ?desc.replicas.iter().map(|r| (r.id, r.node_id, r.role)).collect::<Vec<_>>(), "membership changed");
-        ctx.kv.put_shard_state(
-            &mut ctx.wb,
-            self.shard_id,
-            &ShardLocalState {
-                shard: Some(desc.clone()),
-                state: ShardState::Normal as i32,
-                replica_id: self.replica_id,
-            },
-        );
+        put_normal_state(ctx, &desc, self.replica_id);
         self.removed = desc.replica(self.replica_id).is_none();
         self.descriptor = desc.clone();
         self.exec.push(ExecResult::ConfChange { cc, shard: desc });
@@ -751,6 +715,19 @@ fn change_replicas(
         return Err("a shard needs at least one voter".into());
     }
     Ok(())
+}
+
+/// Stages `shard` as the descriptor of the live replica `replica_id` here.
+fn put_normal_state(ctx: &mut ApplyCtx, shard: &ShardDescriptor, replica_id: ReplicaId) {
+    ctx.kv.put_shard_state(
+        &mut ctx.wb,
+        shard.id,
+        &ShardLocalState {
+            shard: Some(shard.clone()),
+            state: ShardState::Normal as i32,
+            replica_id,
+        },
+    );
 }
 
 fn answer_stale(p: Proposal, ctx: &mut ApplyCtx) {

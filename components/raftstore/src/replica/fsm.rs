@@ -360,12 +360,7 @@ impl ReplicaFsm {
     }
 
     fn epoch_not_match(&self) -> Error {
-        let mut current = vec![self.descriptor.clone()];
-        current.extend(self.split_off.iter().cloned());
-        Error::EpochNotMatch {
-            shard_id: self.shard_id,
-            current,
-        }
+        Error::epoch_not_match(&self.descriptor, self.split_off.as_ref())
     }
 
     fn check_epoch_and_range(

@@ -166,22 +166,8 @@ fn create_split_replica(
     if campaign {
         replica.campaign();
     }
-    ctx.apply_router
-        .register(shard_id, BasicMailbox::new(atx, Box::new(apply)));
-    ctx.meta.insert(crate::meta::ShardMeta {
-        descriptor: shard,
-        replica_id,
-        leader_id: 0,
-        term: replica.term(),
-        down_replicas: 0,
-    });
-    ctx.raft_router
-        .register(shard_id, BasicMailbox::new(tx, Box::new(replica)));
+    register_replica(ctx, replica, tx, apply, atx);
     let _ = ctx.raft_router.force_send(shard_id, ReplicaMsg::Wake);
-    metrics::SHARDS.inc();
-    metrics::REPLICA_LIFECYCLE
-        .with_label_values(&["created"])
-        .inc();
     tracing::info!(
         shard_id,
         replica_id,
@@ -249,21 +235,24 @@ fn creation_refusal(m: &RaftMessage, ctx: &PollContext) -> Option<&'static str> 
     }
 }
 
-/// Registers a new uninitialized replica and its apply FSM.
-fn create_replica(m: &RaftMessage, ctx: &PollContext) -> crate::Result<()> {
-    let shard_id = m.shard_id;
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let replica = ReplicaFsm::create_uninitialized(ctx, shard_id, m.to_replica, rx)?;
-    let (atx, arx) = crossbeam_channel::unbounded();
-    let descriptor = replica.descriptor().clone();
-    let apply = ApplyFsm::new(descriptor.clone(), m.to_replica, Default::default(), arx);
+/// Puts a replica created after start-up to work: its apply FSM, its entry
+/// in the node's meta, then its raft mailbox (last, so whatever reaches it
+/// finds the rest in place).
+fn register_replica(
+    ctx: &PollContext,
+    replica: ReplicaFsm,
+    tx: crossbeam_channel::Sender<ReplicaMsg>,
+    apply: ApplyFsm,
+    atx: crossbeam_channel::Sender<crate::msg::ApplyMsg>,
+) {
+    let shard_id = replica.shard_id();
     ctx.apply_router
         .register(shard_id, BasicMailbox::new(atx, Box::new(apply)));
     ctx.meta.insert(crate::meta::ShardMeta {
-        descriptor,
-        replica_id: m.to_replica,
+        descriptor: replica.descriptor().clone(),
+        replica_id: replica.replica_id(),
         leader_id: 0,
-        term: 0,
+        term: replica.term(),
         down_replicas: 0,
     });
     ctx.raft_router
@@ -272,6 +261,21 @@ fn create_replica(m: &RaftMessage, ctx: &PollContext) -> crate::Result<()> {
     metrics::REPLICA_LIFECYCLE
         .with_label_values(&["created"])
         .inc();
+}
+
+/// Registers a new uninitialized replica and its apply FSM.
+fn create_replica(m: &RaftMessage, ctx: &PollContext) -> crate::Result<()> {
+    let shard_id = m.shard_id;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let replica = ReplicaFsm::create_uninitialized(ctx, shard_id, m.to_replica, rx)?;
+    let (atx, arx) = crossbeam_channel::unbounded();
+    let apply = ApplyFsm::new(
+        replica.descriptor().clone(),
+        m.to_replica,
+        Default::default(),
+        arx,
+    );
+    register_replica(ctx, replica, tx, apply, atx);
     tracing::info!(
         shard_id,
         replica_id = m.to_replica,
