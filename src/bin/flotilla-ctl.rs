@@ -488,13 +488,14 @@ async fn run() -> anyhow::Result<()> {
                             s.last_index.to_string(),
                             s.truncated_index.to_string(),
                             s.pending_proposals.to_string(),
+                            if s.hibernated { "yes" } else { "no" }.into(),
                         ]);
                         replicas_json.push(json!({
                             "node_id": r.node_id, "replica_id": r.id, "up": true, "role": s.role,
                             "term": s.term, "leader_replica_id": s.leader_replica_id,
                             "commit_index": s.commit_index, "applied_index": s.applied_index,
                             "last_index": s.last_index, "truncated_index": s.truncated_index,
-                            "pending_proposals": s.pending_proposals,
+                            "pending_proposals": s.pending_proposals, "hibernated": s.hibernated,
                         }));
                     }
                     Err(e) => {
@@ -502,6 +503,7 @@ async fn run() -> anyhow::Result<()> {
                             format!("n{}", r.node_id),
                             r.id.to_string(),
                             "DOWN".into(),
+                            "-".into(),
                             "-".into(),
                             "-".into(),
                             "-".into(),
@@ -549,7 +551,8 @@ async fn run() -> anyhow::Result<()> {
                             "APPLIED",
                             "LAST",
                             "TRUNCATED",
-                            "PENDING"
+                            "PENDING",
+                            "HIBERNATED"
                         ],
                         rows
                     )

@@ -249,7 +249,13 @@ impl ProcCluster {
     }
 
     fn build(n: usize, shards: usize, config: &str, net: Option<std::sync::Arc<net::Net>>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let mut dir = tempfile::tempdir().unwrap();
+        // FLOTILLA_KEEP_TEST_DATA=1 keeps the nodes' data and logs for a
+        // post-mortem.
+        if std::env::var_os("FLOTILLA_KEEP_TEST_DATA").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("keeping the cluster's data in {}", dir.path().display());
+        }
         let cfg_path = dir.path().join("flotilla.toml");
         // A small reserve: test machines may have little free disk.
         let config = format!("[server]\nreserve-space-bytes = 16777216\n{config}");

@@ -151,6 +151,21 @@ impl<N: Fsm, C: Fsm> Router<N, C> {
         }
     }
 
+    /// Sends `make()` to each of `addrs` that is registered, under one
+    /// lookup of the table.
+    pub fn send_each(
+        &self,
+        addrs: impl IntoIterator<Item = u64>,
+        mut make: impl FnMut() -> N::Message,
+    ) {
+        let normals = self.normals.read();
+        for addr in addrs {
+            if let Some(mb) = normals.get(&addr) {
+                let _ = mb.force_send(make(), &self.normal_scheduler);
+            }
+        }
+    }
+
     /// Sends to the control FSM.
     pub fn send_control(&self, msg: C::Message) -> Result<(), SendError<C::Message>> {
         Ok(self.control.force_send(msg, &self.control_scheduler)?)

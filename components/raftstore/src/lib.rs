@@ -44,15 +44,22 @@
 //! forwarded by a follower), or at once for stale reads (`replica::read`,
 //! `replica::lease`). The data itself is read from RocksDB by the caller.
 //!
+//! # Idle shards
+//! Replicas of idle shards hibernate: they leave the ticker's rounds, so a
+//! node's ticking, heartbeats and poll work follow its active shards, not
+//! its hosted ones (`replica::fsm::hibernate`). Since a hibernated follower
+//! cannot notice its leader's death, the node watches its peer nodes for
+//! all replicas (`liveness`) and wakes the ones a silent or restarted node
+//! concerns.
+//!
 //! # Not done yet
-//! - Splits and merges, and a cluster-wide replica id allocator (placement
-//!   issue).
-//! - Hibernation of idle shards.
+//! - Merges (splits are one-way).
 
 pub mod apply;
 pub mod bootstrap;
 pub mod config;
 pub mod error;
+pub mod liveness;
 pub mod logger;
 pub mod meta;
 pub mod metrics;
@@ -70,7 +77,7 @@ pub use msg::{
     CasOutcome, KeySpan, ReadMode, ReadRequest, ReplicaStatus, WriteRequest, WriteResult,
 };
 pub use store::{Engines, Store, StoreRouter};
-pub use transport::{RaftMessage, Transport};
+pub use transport::{Extra, RaftMessage, Transport};
 
 pub use flotilla_storage::{Index, NodeId, ReplicaId, ShardId, Term};
 

@@ -3,12 +3,12 @@
 //! every change. Readers (gRPC handlers, status pages) see a recent, not an
 //! instantaneous, view; anything that must be exact goes through the FSM.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use flotilla_proto::meta::{Replica, ShardDescriptor};
 use parking_lot::RwLock;
 
-use crate::{ReplicaId, ShardId, Term};
+use crate::{NodeId, ReplicaId, ShardId, Term};
 
 #[derive(Clone, Debug)]
 pub struct ShardMeta {
@@ -44,6 +44,11 @@ pub struct ShardHash {
 pub struct StoreMeta {
     shards: RwLock<HashMap<ShardId, ShardMeta>>,
     hashes: RwLock<HashMap<ShardId, ShardHash>>,
+    /// Replicas that tick (not hibernated): the ticker's list.
+    awake: RwLock<HashSet<ShardId>>,
+    /// Replicas of local shards per node (this node's included), kept as
+    /// descriptors change so the peer list costs no walk of every shard.
+    node_refs: RwLock<HashMap<NodeId, usize>>,
 }
 
 /// Counts for status pages.
@@ -54,15 +59,76 @@ pub struct MetaCounts {
     pub without_leader: usize,
     /// Replicas the local leaders have not heard from lately.
     pub down_replicas: usize,
+    /// Hibernated replicas (not ticking).
+    pub asleep: usize,
 }
 
 impl StoreMeta {
+    /// A new replica: it ticks until it hibernates.
     pub fn insert(&self, m: ShardMeta) {
-        self.shards.write().insert(m.descriptor.id, m);
+        self.awake.write().insert(m.descriptor.id);
+        self.count_nodes(&m.descriptor, 1);
+        let old = self.shards.write().insert(m.descriptor.id, m);
+        if let Some(old) = old {
+            self.count_nodes(&old.descriptor, -1);
+        }
     }
 
     pub fn remove(&self, shard_id: ShardId) {
-        self.shards.write().remove(&shard_id);
+        if let Some(old) = self.shards.write().remove(&shard_id) {
+            self.count_nodes(&old.descriptor, -1);
+        }
+        self.awake.write().remove(&shard_id);
+    }
+
+    fn count_nodes(&self, d: &flotilla_proto::meta::ShardDescriptor, by: isize) {
+        let mut refs = self.node_refs.write();
+        for r in &d.replicas {
+            let n = refs.entry(r.node_id).or_default();
+            *n = n.saturating_add_signed(by);
+            if *n == 0 {
+                refs.remove(&r.node_id);
+            }
+        }
+    }
+
+    /// The replica of `shard_id` stopped (true) or resumed (false) ticking.
+    pub fn set_asleep(&self, shard_id: ShardId, asleep: bool) {
+        if asleep {
+            self.awake.write().remove(&shard_id);
+        } else {
+            self.awake.write().insert(shard_id);
+        }
+    }
+
+    /// Whether a hosted replica of `shard_id` is hibernating.
+    pub fn is_asleep(&self, shard_id: ShardId) -> bool {
+        self.shards.read().contains_key(&shard_id) && !self.awake.read().contains(&shard_id)
+    }
+
+    /// The replicas that tick.
+    pub fn awake(&self) -> Vec<ShardId> {
+        self.awake.read().iter().copied().collect()
+    }
+
+    /// Local shards with a replica on `node`.
+    pub fn shards_with_replica_on(&self, node: NodeId) -> Vec<ShardId> {
+        self.shards
+            .read()
+            .values()
+            .filter(|m| m.descriptor.replica_on(node).is_some())
+            .map(|m| m.descriptor.id)
+            .collect()
+    }
+
+    /// The other nodes holding replicas of local shards.
+    pub fn peer_nodes(&self, this: NodeId) -> HashSet<NodeId> {
+        self.node_refs
+            .read()
+            .keys()
+            .copied()
+            .filter(|n| *n != this)
+            .collect()
     }
 
     pub fn set_leader(&self, shard_id: ShardId, leader_id: ReplicaId, term: Term) {
@@ -79,9 +145,15 @@ impl StoreMeta {
     }
 
     pub fn set_descriptor(&self, desc: flotilla_proto::meta::ShardDescriptor) {
-        if let Some(m) = self.shards.write().get_mut(&desc.id) {
-            m.descriptor = desc;
-        }
+        let old = {
+            let mut shards = self.shards.write();
+            let Some(m) = shards.get_mut(&desc.id) else {
+                return;
+            };
+            std::mem::replace(&mut m.descriptor, desc.clone())
+        };
+        self.count_nodes(&old, -1);
+        self.count_nodes(&desc, 1);
     }
 
     pub fn set_hash(&self, shard_id: ShardId, index: u64, hash: u64, keys: u64) {
@@ -114,6 +186,13 @@ impl StoreMeta {
             .map(|m| m.descriptor.id)
     }
 
+    /// Runs `f` on every local shard (under the lock: keep it short).
+    pub fn for_each(&self, mut f: impl FnMut(&ShardMeta)) {
+        for m in self.shards.read().values() {
+            f(m);
+        }
+    }
+
     pub fn all(&self) -> Vec<ShardMeta> {
         self.shards.read().values().cloned().collect()
     }
@@ -122,6 +201,7 @@ impl StoreMeta {
         let shards = self.shards.read();
         let mut c = MetaCounts {
             replicas: shards.len(),
+            asleep: shards.len().saturating_sub(self.awake.read().len()),
             ..Default::default()
         };
         for m in shards.values() {
@@ -134,5 +214,59 @@ impl StoreMeta {
             c.down_replicas += m.down_replicas as usize;
         }
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::meta::{Replica, ShardDescriptor};
+
+    fn shard(id: ShardId, nodes: &[NodeId]) -> ShardMeta {
+        ShardMeta {
+            descriptor: ShardDescriptor {
+                id,
+                replicas: nodes
+                    .iter()
+                    .map(|&n| Replica {
+                        id: id * 10 + n,
+                        node_id: n,
+                        role: 0,
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+            replica_id: id * 10 + 1,
+            leader_id: 0,
+            term: 0,
+            down_replicas: 0,
+        }
+    }
+
+    fn peers(m: &StoreMeta) -> Vec<NodeId> {
+        let mut p: Vec<_> = m.peer_nodes(1).into_iter().collect();
+        p.sort_unstable();
+        p
+    }
+
+    #[test]
+    fn peer_nodes_follow_descriptors_and_sleep_is_tracked() {
+        let m = StoreMeta::default();
+        m.insert(shard(1, &[1, 2, 3]));
+        m.insert(shard(2, &[1, 2, 4]));
+        assert_eq!(peers(&m), vec![2, 3, 4]);
+        // A membership change moves shard 2's replica from node 4 to 5.
+        m.set_descriptor(shard(2, &[1, 2, 5]).descriptor);
+        assert_eq!(peers(&m), vec![2, 3, 5]);
+        m.remove(1);
+        assert_eq!(peers(&m), vec![2, 5]);
+        assert!(!m.is_asleep(2));
+        m.set_asleep(2, true);
+        assert!(m.is_asleep(2) && m.awake().is_empty());
+        assert_eq!(m.counts().asleep, 1);
+        m.set_asleep(2, false);
+        assert_eq!(m.awake(), vec![2]);
+        m.remove(2);
+        assert!(peers(&m).is_empty() && m.awake().is_empty());
     }
 }

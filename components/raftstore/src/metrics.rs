@@ -255,6 +255,49 @@ pub static LEADER_TRANSFERS: LazyLock<IntCounter> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static REPLICAS_HIBERNATED: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "flotilla_replicas_hibernated",
+        "Shard replicas on this node that stopped ticking because their shard is idle."
+    )
+    .unwrap()
+});
+
+pub static HIBERNATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_hibernations_total",
+        "Replicas that stopped ticking, by role.",
+        &["role"]
+    )
+    .unwrap()
+});
+
+pub static WAKEUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_hibernation_wakeups_total",
+        "Hibernated replicas that started ticking again, by cause.",
+        &["reason"]
+    )
+    .unwrap()
+});
+
+pub static PEER_NODE_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_peer_node_events_total",
+        "Peer nodes this node found silent for an election timeout, heard again, or restarted.",
+        &["event"]
+    )
+    .unwrap()
+});
+
+pub static PEER_NODES_DOWN: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "flotilla_peer_nodes_down",
+        "Peer nodes this node has not heard from within an election timeout."
+    )
+    .unwrap()
+});
+
 pub static SPLIT_CHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "flotilla_split_checks_total",
@@ -347,6 +390,24 @@ pub fn register() {
     init_labels(&SPLIT_CHECKS, &["split", "split_load", "below", "failed"]);
     LazyLock::force(&SPLIT_CHECK_DURATION);
     init_labels(&REPLICA_LIFECYCLE, &["created", "destroyed"]);
+    init_labels(&HIBERNATIONS, &["leader", "follower"]);
+    init_labels(
+        &WAKEUPS,
+        &[
+            "request",
+            "raft_message",
+            "wake_up",
+            "node_down",
+            "node_up",
+            "node_restarted",
+        ],
+    );
+    init_labels(
+        &PEER_NODE_EVENTS,
+        &["node_down", "node_up", "node_restarted"],
+    );
+    LazyLock::force(&REPLICAS_HIBERNATED);
+    LazyLock::force(&PEER_NODES_DOWN);
     LazyLock::force(&PROPOSALS);
     LazyLock::force(&PROPOSAL_ENTRIES);
     LazyLock::force(&PROPOSALS_DROPPED);

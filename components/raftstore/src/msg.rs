@@ -17,7 +17,7 @@ use raft::eraftpb::{ConfChangeV2, Entry};
 use raft::StateRole;
 
 use crate::transport::RaftMessage;
-use crate::{Index, ReplicaId, Result, ShardId, Term};
+use crate::{Index, NodeId, ReplicaId, Result, ShardId, Term};
 
 /// A callback, called exactly once (or dropped uncalled at shutdown).
 pub type Callback<T> = Box<dyn FnOnce(T) + Send>;
@@ -239,6 +239,8 @@ pub struct ReplicaStatus {
     pub last_index: Index,
     pub truncated_index: Index,
     pub pending_proposals: usize,
+    /// Not ticking (`replica::fsm::hibernate`).
+    pub hibernated: bool,
 }
 
 /// Messages to a replica FSM.
@@ -294,6 +296,12 @@ pub enum ReplicaMsg {
     InitBySplit(ShardDescriptor),
     /// Nothing to do but run a round (a ready was left over).
     Wake,
+    /// A node holding a replica of this shard went silent, came back or
+    /// restarted (`crate::liveness`).
+    PeerNode {
+        node: NodeId,
+        event: crate::liveness::PeerEvent,
+    },
 }
 
 /// Messages to the node's control FSM.

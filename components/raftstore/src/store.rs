@@ -3,8 +3,9 @@
 //! through which the server sends client commands and peer messages.
 //!
 //! There is one ticker thread for the whole node (no timer per shard): every
-//! `tick_interval` it sends `Tick` to each replica's mailbox; the ticks of
-//! replicas with nothing else to do are handled in the same poll rounds.
+//! `tick_interval` it sends `Tick` to each replica's mailbox, except to
+//! hibernated ones (`replica::fsm::hibernate`); the ticks of replicas with
+//! nothing else to do are handled in the same poll rounds.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -16,13 +17,14 @@ use flotilla_storage::{KvEngine, RaftLogEngine, SnapManager};
 
 use crate::apply::{ApplyControlFsm, ApplyFsm, ApplyPollerBuilder};
 use crate::config::Config;
+use crate::liveness::NodeLiveness;
 use crate::meta::{ShardMeta, StoreMeta};
 use crate::msg::{
     AdminCallback, Callback, ControlMsg, ReadRequest, ReplicaMsg, ReplicaStatus, WriteRequest,
 };
 use crate::replica::poller::{ApplyRouter, PollContext, RaftRouter};
 use crate::replica::{NodeFsm, RaftPollerBuilder, ReplicaFsm};
-use crate::transport::{RaftMessage, Transport};
+use crate::transport::{Extra, RaftMessage, Transport};
 use crate::worker::{GcWorker, SnapWorker, SplitCheckWorker, SplitObserver};
 use crate::{metrics, Error, NodeId, ReplicaId, Result, ShardId};
 
@@ -40,6 +42,7 @@ pub struct StoreRouter {
     node_id: NodeId,
     raft: RaftRouter,
     meta: Arc<StoreMeta>,
+    liveness: Arc<NodeLiveness>,
 }
 
 fn routing_error<T>(shard_id: ShardId, e: SendError<T>) -> (Error, T) {
@@ -89,6 +92,10 @@ impl StoreRouter {
     /// to the control FSM; messages to an overloaded replica are dropped
     /// (Raft retransmits).
     pub fn raft_message(&self, msg: RaftMessage) {
+        if let Some(Extra::NodeHeartbeat { incarnation }) = msg.extra {
+            self.liveness.heartbeat(msg.from_node, incarnation);
+            return;
+        }
         let shard_id = msg.shard_id;
         match self.raft.send(shard_id, ReplicaMsg::Raft(Box::new(msg))) {
             Ok(()) => {}
@@ -99,6 +106,11 @@ impl StoreRouter {
                 .with_label_values(&["dropped"])
                 .inc(),
         }
+    }
+
+    /// Something arrived from node `node` (see `liveness`).
+    pub fn heard_from(&self, node: NodeId) {
+        self.liveness.heard_from(node);
     }
 
     /// Tells a replica that its messages to `to_replica` were not delivered.
@@ -218,6 +230,7 @@ impl Store {
     ) -> Result<Store> {
         let started = Instant::now();
         let meta = Arc::new(StoreMeta::default());
+        let liveness = Arc::new(NodeLiveness::new());
 
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         let raft_bs_cfg = flotilla_batch_system::Config {
@@ -229,7 +242,7 @@ impl Store {
             "raft",
             &raft_bs_cfg,
             ctl_tx,
-            Box::new(NodeFsm::new(ctl_rx, meta.clone())),
+            Box::new(NodeFsm::new(ctl_rx, meta.clone(), liveness.clone())),
         );
         let (actl_tx, actl_rx) = crossbeam_channel::unbounded();
         let apply_bs_cfg = flotilla_batch_system::Config {
@@ -273,6 +286,7 @@ impl Store {
             snap_mgr: engines.snap_mgr.clone(),
             gc_tasks: gc_worker.sender(),
             split_checks: split_checker.as_ref().map(|w| w.sender()),
+            liveness: liveness.clone(),
         });
 
         let mut shards = engines.kv.load_shards()?;
@@ -352,7 +366,7 @@ impl Store {
             let _ = raft_router.force_send(*id, ReplicaMsg::Wake);
         }
 
-        let ticker = spawn_ticker(raft_router.clone(), cfg.tick_interval);
+        let ticker = spawn_ticker(raft_router.clone(), meta.clone(), cfg.tick_interval);
         tracing::info!(
             node_id,
             shards = shard_ids.len(),
@@ -364,6 +378,7 @@ impl Store {
                 node_id,
                 raft: raft_router,
                 meta,
+                liveness,
             },
             raft_system,
             apply_system,
@@ -402,7 +417,11 @@ impl Drop for Store {
     }
 }
 
-fn spawn_ticker(router: RaftRouter, interval: Duration) -> (JoinHandle<()>, Sender<()>) {
+fn spawn_ticker(
+    router: RaftRouter,
+    meta: Arc<StoreMeta>,
+    interval: Duration,
+) -> (JoinHandle<()>, Sender<()>) {
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let handle = std::thread::Builder::new()
         .name("raft-ticker".into())
@@ -418,7 +437,9 @@ fn spawn_ticker(router: RaftRouter, interval: Duration) -> (JoinHandle<()>, Send
                 // follower's election timeout must span real time for the
                 // leader lease to hold (replica::lease).
                 next = (next + interval).max(Instant::now() + interval);
-                router.broadcast_normal(|| ReplicaMsg::Tick);
+                // Only replicas that tick: an idle node's ticking costs
+                // nothing per hosted shard (hibernated ones are left out).
+                router.send_each(meta.awake(), || ReplicaMsg::Tick);
                 let _ = router.send_control(ControlMsg::Tick);
             }
         })

@@ -22,7 +22,36 @@ pub struct RaftMessage {
     pub to_replica: ReplicaId,
     /// The sender's descriptor epoch.
     pub epoch: Epoch,
+    /// raft-rs's message; a default one (never stepped) when `extra` is set.
     pub msg: Message,
+    pub extra: Option<Extra>,
+}
+
+/// Messages between Flotilla nodes that raft-rs does not know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extra {
+    /// To a shard's leader from a follower woken by something other than
+    /// the leader: tick again (`replica::fsm::hibernate`).
+    WakeUp,
+    /// Node liveness, sent every tick to every peer node (`crate::liveness`);
+    /// `incarnation` changes when the sending process restarts.
+    NodeHeartbeat { incarnation: u64 },
+}
+
+impl RaftMessage {
+    /// A node heartbeat from `from_node` to `to_node`.
+    pub fn node_heartbeat(from_node: NodeId, to_node: NodeId, incarnation: u64) -> Self {
+        RaftMessage {
+            shard_id: 0,
+            from_node,
+            to_node,
+            from_replica: 0,
+            to_replica: 0,
+            epoch: Epoch::default(),
+            msg: Message::default(),
+            extra: Some(Extra::NodeHeartbeat { incarnation }),
+        }
+    }
 }
 
 /// Sends raft messages to other nodes.

@@ -314,6 +314,7 @@ impl Admin for AdminService {
             truncated_index: s.truncated_index,
             pending_proposals: s.pending_proposals as u64,
             shard: Some(s.shard),
+            hibernated: s.hibernated,
         }))
     }
 

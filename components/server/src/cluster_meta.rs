@@ -16,16 +16,19 @@
 //! - [`MetaClient`], on every node: sends those operations to the meta
 //!   shard's leader over the Admin service, following NotLeader answers.
 //! - [`spawn_heartbeat`], on every node: every `placement.heartbeat-
-//!   interval-ms` it reports the descriptors of the shards this node leads
-//!   (so splits and membership changes reach the directory even when the
-//!   report right after them was lost), then refreshes the node's routing
-//!   directory and address book from the meta shard. Any node therefore
-//!   answers routes for shards it does not host, at most one interval
-//!   behind.
+//!   interval-ms` it reports the ids of the shards this node leads and the
+//!   descriptors of those that changed since its last report (all of them
+//!   every 30th heartbeat or after a failed one, so splits and membership
+//!   changes reach the directory even when the report right after them was
+//!   lost), then refreshes the node's routing directory and address book
+//!   from the meta shard when the meta leader says they changed (its Raft
+//!   term and a count of its writes; also every 30th heartbeat). Any node
+//!   therefore answers routes for shards it does not host, at most one
+//!   interval behind, and an idle cluster of 10,000 shards costs a few
+//!   bytes per heartbeat.
 //!
-//! Not done yet: the placement driver (operators, balance, re-replication),
-//! node join/decommission and node heartbeats with stats; the directory is
-//! read whole each interval (fine for thousands of shards, not for 100k).
+//! Not done yet: a directory read is whole (no delta), which matters only
+//! when something changed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,6 +102,12 @@ pub struct MetaStore {
     /// Heartbeats heard while leading (not replicated: a new leader starts
     /// empty and gives every node a grace period).
     live: parking_lot::Mutex<std::collections::HashMap<u64, Liveness>>,
+    /// Directory and registry writes this node made (see
+    /// `directory_version`).
+    revision: std::sync::atomic::AtomicU64,
+    /// The last directory read and the version it was read at: the
+    /// placement driver looks at it every round.
+    cached: parking_lot::Mutex<Option<((u64, u64), Arc<GetDirectoryResponse>)>>,
 }
 
 impl MetaStore {
@@ -107,6 +116,8 @@ impl MetaStore {
             ctx,
             alloc: tokio::sync::Mutex::new(()),
             live: Default::default(),
+            revision: Default::default(),
+            cached: Default::default(),
         }
     }
 
@@ -158,6 +169,7 @@ impl MetaStore {
         expected: Option<Bytes>,
         new: Bytes,
     ) -> Result<bool, HandlerError> {
+        let directory = key[..] != *cluster::NEXT_ID;
         let cmd = WriteCommand {
             ops: vec![Op {
                 op: Some(op::Op::Cas(Cas {
@@ -169,12 +181,30 @@ impl MetaStore {
                 })),
             }],
         };
-        let r = self
-            .ctx
-            .propose_in(meta_context(), cmd)
-            .await
-            .map_err(not_hosted_is_not_leader)?;
+        let r = self.ctx.propose_in(meta_context(), cmd).await;
+        // Any attempt may have changed the directory or registry (even one
+        // whose outcome is unknown): nodes read them again.
+        if directory {
+            self.revision
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        let r = r.map_err(not_hosted_is_not_leader)?;
         Ok(r.cas.first().is_some_and(|c| c.succeeded))
+    }
+
+    /// Where the directory and registry stand: (meta leader's term,
+    /// changes made by this leader). Read before anything a node then reads.
+    fn directory_version(&self) -> (u64, u64) {
+        let term = self
+            .ctx
+            .router
+            .meta()
+            .get(META_SHARD_ID)
+            .map_or(0, |m| m.term);
+        (
+            term,
+            self.revision.load(std::sync::atomic::Ordering::SeqCst),
+        )
     }
 
     /// Hands out `count` fresh ids; returns the first.
@@ -229,6 +259,20 @@ impl MetaStore {
             .map(|(_, v)| Node::decode(&v[..]).map_err(decode_err))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(GetDirectoryResponse { shards, nodes })
+    }
+
+    /// The directory as of this leader's last write: read again only
+    /// when something was written since (or leadership changed).
+    pub async fn directory_cached(&self) -> Result<Arc<GetDirectoryResponse>, HandlerError> {
+        let version = self.directory_version();
+        if let Some((v, dir)) = self.cached.lock().as_ref() {
+            if *v == version && version.0 != 0 {
+                return Ok(dir.clone());
+            }
+        }
+        let dir = Arc::new(self.directory().await?);
+        *self.cached.lock() = Some((version, dir.clone()));
+        Ok(dir)
     }
 
     /// Records a node's address and labels; its state stays what the
@@ -313,13 +357,17 @@ impl MetaStore {
             Liveness {
                 at: std::time::Instant::now(),
                 stats: req.stats.unwrap_or_default(),
-                led: req.shards.iter().map(|d| d.id).collect(),
+                led: req.led,
             },
         );
         let updated = self.report(req.shards).await?;
+        // After this heartbeat's own writes: the node reads them back.
+        let (directory_term, directory_revision) = self.directory_version();
         Ok(NodeHeartbeatResponse {
             updated,
             state: state as i32,
+            directory_term,
+            directory_revision,
         })
     }
 
@@ -518,7 +566,11 @@ impl MetaClient {
 }
 
 /// This node as the registry should know it, and its load.
-fn heartbeat_request(ctx: &NodeContext, shards: Vec<ShardDescriptor>) -> NodeHeartbeatRequest {
+fn heartbeat_request(
+    ctx: &NodeContext,
+    led: Vec<u64>,
+    shards: Vec<ShardDescriptor>,
+) -> NodeHeartbeatRequest {
     let status = crate::status::NodeStatus::of(ctx);
     NodeHeartbeatRequest {
         node: Some(Node {
@@ -534,7 +586,19 @@ fn heartbeat_request(ctx: &NodeContext, shards: Vec<ShardDescriptor>) -> NodeHea
             disk_available_bytes: status.disk_available_bytes,
             used_bytes: status.raft_engine_bytes + status.rocksdb_bytes,
         }),
+        led,
     }
+}
+
+/// The user shards this node's replicas lead, by id.
+fn led_ids(ctx: &NodeContext) -> Vec<u64> {
+    let mut led = Vec::new();
+    ctx.router.meta().for_each(|m| {
+        if m.is_leader() && m.descriptor.id != META_SHARD_ID {
+            led.push(m.descriptor.id);
+        }
+    });
+    led
 }
 
 /// Reports a split's two halves at once (the next heartbeat would).
@@ -543,23 +607,71 @@ pub async fn report_split(
     client: &MetaClient,
     halves: Vec<ShardDescriptor>,
 ) -> Result<(), Status> {
-    client.heartbeat(heartbeat_request(ctx, halves)).await?;
+    client
+        .heartbeat(heartbeat_request(ctx, led_ids(ctx), halves))
+        .await?;
     Ok(())
 }
 
-/// One heartbeat: report this node and the shards it leads, then refresh
-/// the directory and address book, and let go of replicas the directory
-/// says were removed from this node while it was away.
-async fn heartbeat(ctx: &NodeContext, client: &MetaClient) -> Result<(), Status> {
-    let led: Vec<ShardDescriptor> = ctx
-        .router
-        .meta()
-        .all()
-        .into_iter()
-        .filter(|m| m.is_leader() && m.descriptor.id != META_SHARD_ID)
-        .map(|m| m.descriptor)
+/// Every this many heartbeats a node reports every shard it leads and
+/// reads the whole directory whatever changed (a safety net: one minute
+/// with the default interval).
+const FULL_HEARTBEAT_EVERY: u64 = 30;
+
+/// What a node's heartbeats remember from one to the next, so an idle
+/// node with thousands of shards sends and reads next to nothing.
+#[derive(Default)]
+pub struct HeartbeatState {
+    /// Epochs (conf_ver, version) of the descriptors the meta shard took
+    /// from this node.
+    reported: std::collections::HashMap<u64, (u64, u64)>,
+    /// The directory version (term, revision) this node's copy was read at.
+    directory: Option<(u64, u64)>,
+    beats: u64,
+}
+
+/// One heartbeat: report this node, the shards it leads and those whose
+/// descriptors changed, then, if the meta leader says the directory or
+/// registry changed since this node last read them, refresh the directory
+/// and address book and let go of replicas the directory says were removed
+/// from this node while it was away. A failure forgets what was reported
+/// and read: the next heartbeat sends and reads everything.
+async fn heartbeat(
+    ctx: &NodeContext,
+    client: &MetaClient,
+    st: &mut HeartbeatState,
+) -> Result<(), Status> {
+    let full = st.beats.is_multiple_of(FULL_HEARTBEAT_EVERY);
+    st.beats += 1;
+    let mut led = Vec::new();
+    let mut changed = Vec::new();
+    ctx.router.meta().for_each(|m| {
+        let d = &m.descriptor;
+        if !m.is_leader() || d.id == META_SHARD_ID {
+            return;
+        }
+        led.push(d.id);
+        let e = d.epoch();
+        if full || st.reported.get(&d.id) != Some(&(e.conf_ver, e.version)) {
+            changed.push(d.clone());
+        }
+    });
+    let epochs: Vec<(u64, (u64, u64))> = changed
+        .iter()
+        .map(|d| (d.id, (d.epoch().conf_ver, d.epoch().version)))
         .collect();
-    let r = client.heartbeat(heartbeat_request(ctx, led)).await?;
+    if full {
+        let led: std::collections::HashSet<u64> = led.iter().copied().collect();
+        st.reported.retain(|id, _| led.contains(id));
+    }
+    let r = match client.heartbeat(heartbeat_request(ctx, led, changed)).await {
+        Ok(r) => r,
+        Err(e) => {
+            *st = HeartbeatState::default();
+            return Err(e);
+        }
+    };
+    st.reported.extend(epochs);
     let removed = r.state == NodeState::Removed as i32;
     if removed
         != ctx
@@ -572,6 +684,11 @@ async fn heartbeat(ctx: &NodeContext, client: &MetaClient) -> Result<(), Status>
             "this node was removed from the cluster; it no longer serves requests"
         );
     }
+    let version = (r.directory_term, r.directory_revision);
+    if !full && version.0 != 0 && st.directory == Some(version) {
+        return Ok(());
+    }
+    st.directory = None;
     let dir = client.directory().await?;
     // Addresses this node already has stay: nodes may reach one another
     // through different addresses than the ones they listen on.
@@ -591,6 +708,7 @@ async fn heartbeat(ctx: &NodeContext, client: &MetaClient) -> Result<(), Status>
         }
         ctx.directory.update(d);
     }
+    st.directory = Some(version);
     Ok(())
 }
 
@@ -601,10 +719,12 @@ pub fn spawn_heartbeat(
     interval: Duration,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
+    let state = Arc::new(tokio::sync::Mutex::new(HeartbeatState::default()));
     every(interval, stop, move || {
-        let (ctx, client) = (ctx.clone(), client.clone());
+        let (ctx, client, state) = (ctx.clone(), client.clone(), state.clone());
         async move {
-            match heartbeat(&ctx, &client).await {
+            let mut st = state.lock().await;
+            match heartbeat(&ctx, &client, &mut st).await {
                 Ok(()) => crate::metrics::META_HEARTBEATS
                     .with_label_values(&["ok"])
                     .inc(),

@@ -161,6 +161,8 @@ pub struct RaftstoreSection {
     pub snap_chunk_size_bytes: usize,
     pub snap_send_timeout_ms: u64,
     pub snap_max_send_bytes_per_sec: u64,
+    pub hibernate: bool,
+    pub hibernate_after_ticks: usize,
 }
 
 impl Default for RaftstoreSection {
@@ -193,6 +195,8 @@ impl Default for RaftstoreSection {
             snap_chunk_size_bytes: s.chunk_bytes,
             snap_send_timeout_ms: s.send_timeout.as_millis() as u64,
             snap_max_send_bytes_per_sec: s.max_send_bytes_per_sec,
+            hibernate: d.hibernate,
+            hibernate_after_ticks: d.hibernate_after_ticks,
         }
     }
 }
@@ -230,6 +234,8 @@ impl RaftstoreSection {
             split_size: p.split_size_bytes,
             split_keys: p.split_keys,
             split_qps: p.split_qps,
+            hibernate: self.hibernate,
+            hibernate_after_ticks: self.hibernate_after_ticks,
         }
     }
 
@@ -427,6 +433,9 @@ impl Config {
         }
         if r.tick_interval_ms == 0 {
             bail!("raftstore.tick-interval-ms must be at least 1");
+        }
+        if r.hibernate && r.hibernate_after_ticks == 0 {
+            bail!("raftstore.hibernate-after-ticks must be at least 1 (or hibernate = false)");
         }
         if let Some(lease) = r.leader_lease_ms {
             let bound = r.lease_bound_ms();

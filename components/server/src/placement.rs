@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_proto::admin::{NodeInfo, Operator};
+use flotilla_proto::admin::{GetDirectoryResponse, NodeInfo, Operator};
 use flotilla_proto::meta::{Node, NodeState, ReplicaRole, ShardDescriptor};
 use flotilla_storage::META_SHARD_ID;
 use parking_lot::Mutex;
@@ -246,7 +246,9 @@ impl Placement {
             return Ok(());
         }
         let since = *self.leading_since.lock().get_or_insert_with(Instant::now);
-        let dir = self.store.directory().await?;
+        // Most rounds of an idle cluster find nothing new: the directory
+        // is read again only after a change.
+        let dir = GetDirectoryResponse::clone(&*self.store.directory_cached().await?);
         // Operators on nodes this node has not heard of yet need their
         // addresses (the heartbeat would learn them a little later).
         for n in &dir.nodes {

@@ -310,7 +310,12 @@ impl Inner {
         let Some(router) = self.router.get() else {
             return;
         };
-        let targets: HashSet<_> = msgs.iter().map(|m| (m.shard_id, m.to_replica)).collect();
+        // Node heartbeats and wake-ups have no sending replica to tell.
+        let targets: HashSet<_> = msgs
+            .iter()
+            .filter(|m| m.extra.is_none())
+            .map(|m| (m.shard_id, m.to_replica))
+            .collect();
         for (shard_id, to_replica) in targets {
             router.report_unreachable(shard_id, to_replica);
         }
@@ -410,13 +415,26 @@ impl Inner {
                 }
                 let n = msgs.len();
                 let envelopes: Vec<RaftEnvelope> = msgs.iter().map(encode).collect();
-                if tx
-                    .send(RaftBatch {
-                        messages: envelopes,
-                    })
-                    .await
-                    .is_err()
-                {
+                let batch = RaftBatch {
+                    messages: envelopes,
+                };
+                // A connection that stopped moving (a peer that vanished
+                // behind a half-open TCP connection) stops pulling batches:
+                // waiting on the queue alone would never notice the call
+                // failing (keepalive) and the link would stay dead.
+                let sent = tokio::select! {
+                    r = tx.send(batch) => r.is_ok(),
+                    r = &mut call => {
+                        let why = match r {
+                            Ok(Ok(_)) => "closed by peer".to_string(),
+                            Ok(Err(s)) => format!("{:?}: {}", s.code(), s.message()),
+                            Err(e) => e.to_string(),
+                        };
+                        tracing::info!(to_node = to, reason = %why, "raft stream to peer closed while sending");
+                        false
+                    }
+                };
+                if !sent {
                     drop_metric(to, "stream_closed", n);
                     self.report_unreachable(&msgs);
                     break;
@@ -437,6 +455,13 @@ impl Inner {
 }
 
 fn encode(m: &RaftMessage) -> RaftEnvelope {
+    let (message, extra) = match m.extra {
+        None => (
+            Bytes::from(m.msg.write_to_bytes().expect("raft messages always encode")),
+            None,
+        ),
+        Some(extra) => (Bytes::new(), Some(crate::extra::encode(extra))),
+    };
     RaftEnvelope {
         shard_id: m.shard_id,
         from_node: m.from_node,
@@ -444,6 +469,7 @@ fn encode(m: &RaftMessage) -> RaftEnvelope {
         from_replica: m.from_replica,
         to_replica: m.to_replica,
         epoch: Some(m.epoch),
-        message: Bytes::from(m.msg.write_to_bytes().expect("raft messages always encode")),
+        message,
+        extra,
     }
 }

@@ -40,6 +40,7 @@
 //! - TLS between peers.
 
 mod client;
+mod extra;
 mod filter;
 mod service;
 mod snapshot;

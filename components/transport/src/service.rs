@@ -87,6 +87,8 @@ impl Raft for RaftService {
             metrics::MESSAGES_RECEIVED
                 .with_label_values(&[&first.from_node.to_string()])
                 .inc_by(batch.messages.len() as u64);
+            // Whatever a peer sends shows it alive (`liveness`).
+            self.router.heard_from(first.from_node);
             for env in batch.messages {
                 if env.to_node != self.node_id {
                     tracing::warn!(
@@ -96,11 +98,23 @@ impl Raft for RaftService {
                     );
                     continue;
                 }
-                let msg = match raft::eraftpb::Message::parse_from_bytes(&env.message) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!(from_node = env.from_node, shard_id = env.shard_id, error = %e, "undecodable raft message; dropped");
+                let extra = match env.extra.as_ref().map(crate::extra::decode) {
+                    None | Some(Ok(None)) => None,
+                    Some(Ok(Some(x))) => Some(x),
+                    Some(Err(e)) => {
+                        tracing::warn!(from_node = env.from_node, shard_id = env.shard_id, error = %e, "undecodable extra message; dropped");
                         continue;
+                    }
+                };
+                let msg = if extra.is_some() {
+                    raft::eraftpb::Message::default()
+                } else {
+                    match raft::eraftpb::Message::parse_from_bytes(&env.message) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::warn!(from_node = env.from_node, shard_id = env.shard_id, error = %e, "undecodable raft message; dropped");
+                            continue;
+                        }
                     }
                 };
                 // A full disk takes no new entries; the other replicas keep
@@ -122,6 +136,7 @@ impl Raft for RaftService {
                     to_replica: env.to_replica,
                     epoch: env.epoch.unwrap_or_default(),
                     msg,
+                    extra,
                 });
             }
         }

@@ -195,6 +195,7 @@ pub(crate) async fn receive(
         to_replica: env.to_replica,
         epoch: env.epoch.unwrap_or_default(),
         msg,
+        extra: None,
     });
     Ok(())
 }

@@ -72,6 +72,8 @@ use crate::transport::RaftMessage;
 use crate::worker::GcTask;
 use crate::{metrics, Error, Index, NodeId, ReplicaId, Result, ShardId};
 
+mod hibernate;
+
 /// What a proposal appends to the log.
 enum Payload {
     Command(RaftCommand),
@@ -117,8 +119,12 @@ pub struct ReplicaFsm {
     /// Nodes of replicas learned from their messages: an uninitialized
     /// replica has no descriptor to find its leader's node in.
     peer_nodes: HashMap<ReplicaId, NodeId>,
-    /// On a leader: the tick each other replica was last heard from.
+    /// On a leader: the tick each other replica was last heard from (since
+    /// it became leader or last woke: ticks stand still while asleep).
     last_heard: HashMap<ReplicaId, u64>,
+    /// On a leader: the tick it became leader or last woke; silence is
+    /// counted from there at most.
+    watch_from: u64,
     /// The down count last published to the node's meta.
     reported_down: u32,
     /// The shard the last split of this shard created (named in
@@ -131,6 +137,10 @@ pub struct ReplicaFsm {
     split_hint_keys: u64,
     /// Keys of the requests led since the last split check (load split).
     load: super::load::LoadSampler,
+    /// Hibernating: left out of the node's ticks (`hibernate`).
+    asleep: bool,
+    /// On a leader: ticks in a row with nothing to do.
+    idle_ticks: usize,
 }
 
 impl Fsm for ReplicaFsm {
@@ -259,12 +269,16 @@ impl ReplicaFsm {
             stopped: false,
             peer_nodes: HashMap::new(),
             last_heard: HashMap::new(),
+            watch_from: 0,
             reported_down: 0,
             split_off: None,
             split_hint_bytes: cfg.split_size,
             split_hint_keys: cfg.split_keys,
             load: Default::default(),
+            asleep: false,
+            idle_ticks: 0,
         };
+        ctx.meta.set_asleep(shard_id, false);
         // Nobody ever led a pristine shard, and an empty new replica (term 0)
         // acknowledged nothing, so neither has a lease to respect.
         if fsm.raw_node.raft.term != 0 && !fsm.is_pristine() {
@@ -413,12 +427,16 @@ impl ReplicaFsm {
     }
 
     fn on_message(&mut self, msg: ReplicaMsg, ctx: &PollContext) {
+        self.note_activity(&msg, ctx);
         match msg {
             ReplicaMsg::Raft(m) => self.on_raft_message(*m, ctx),
             ReplicaMsg::ChangeReplicas { changes, cb } => self.change_replicas(changes, cb),
             ReplicaMsg::Write(req) => self.on_write(req, ctx),
             ReplicaMsg::Read(req) => self.on_read(req, ctx),
+            // A tick queued before the replica fell asleep.
+            ReplicaMsg::Tick if self.asleep => {}
             ReplicaMsg::Tick => self.on_tick(ctx),
+            ReplicaMsg::PeerNode { node, event } => self.on_peer_node(node, event, ctx),
             ReplicaMsg::Applied(res) => self.on_applied(res, ctx),
             ReplicaMsg::Unreachable { to_replica } => self.raw_node.report_unreachable(to_replica),
             ReplicaMsg::Status(cb) => cb(self.status()),
@@ -670,6 +688,10 @@ impl ReplicaFsm {
     }
 
     fn on_raft_message(&mut self, m: RaftMessage, ctx: &PollContext) {
+        if m.extra.is_some() {
+            // A wake-up: `note_activity` did what it asks.
+            return;
+        }
         if m.to_replica != self.replica_id {
             metrics::RAFT_MESSAGES_RECEIVED
                 .with_label_values(&["wrong_replica"])
@@ -740,10 +762,14 @@ impl ReplicaFsm {
         if self.was_leader {
             self.last_heard.insert(m.from_replica, self.ticks);
         }
+        let msg_type = m.msg.get_msg_type();
         match self.raw_node.step(m.msg) {
-            Ok(()) => metrics::RAFT_MESSAGES_RECEIVED
-                .with_label_values(&["stepped"])
-                .inc(),
+            Ok(()) => {
+                metrics::RAFT_MESSAGES_RECEIVED
+                    .with_label_values(&["stepped"])
+                    .inc();
+                self.maybe_sleep_as_follower(m.from_replica, msg_type, ctx);
+            }
             Err(e) => {
                 metrics::RAFT_MESSAGES_RECEIVED
                     .with_label_values(&["rejected"])
@@ -1080,6 +1106,19 @@ impl ReplicaFsm {
         {
             self.maybe_check_split(ctx);
         }
+        self.maybe_sleep_as_leader(ctx);
+    }
+
+    /// Enough was written since the last split check that the next one
+    /// scans, or load sampling is on and saw requests.
+    fn split_check_due(&self, ctx: &PollContext) -> bool {
+        let cfg = &ctx.cfg;
+        cfg.split_check_ticks > 0
+            && ctx.split_checks.is_some()
+            && self.shard_id != flotilla_storage::META_SHARD_ID
+            && (self.split_hint_bytes >= cfg.split_size / 16
+                || self.split_hint_keys >= cfg.split_keys / 16
+                || (cfg.split_qps > 0 && !self.load.is_empty()))
     }
 
     /// On a leader that saw enough writes since its last check: has the
@@ -1130,8 +1169,8 @@ impl ReplicaFsm {
                 .iter()
                 .filter(|r| r.id != self.replica_id)
                 .filter(|r| {
-                    let heard = *self.last_heard.entry(r.id).or_insert(now);
-                    now.saturating_sub(heard) > timeout
+                    let heard = self.last_heard.get(&r.id).copied().unwrap_or(0);
+                    now.saturating_sub(heard.max(self.watch_from)) > timeout
                 })
                 .count() as u32
         } else {
@@ -1238,10 +1277,18 @@ impl ReplicaFsm {
             }
         }
         let recent = 2 * ctx.cfg.heartbeat_ticks as u64 + 2;
+        // A leader that just woke from hibernation has heard nobody yet:
+        // the transferee's node having spoken lately stands in for it.
+        let just_woke = self.ticks.saturating_sub(self.watch_from) <= recent;
         let heard = self
             .last_heard
             .get(&to_replica)
-            .is_some_and(|t| self.ticks.saturating_sub(*t) <= recent);
+            .is_some_and(|t| self.ticks.saturating_sub(*t) <= recent)
+            || (just_woke
+                && self.node_of(to_replica).is_some_and(|n| {
+                    ctx.liveness
+                        .heard_within(n, ctx.cfg.tick_interval * recent as u32)
+                }));
         let last = self.raw_node.raft.raft_log.last_index();
         let matched = self
             .raw_node
@@ -1539,6 +1586,7 @@ impl ReplicaFsm {
                 self.ticks_since_stepdown = None;
                 // Every replica gets a fresh grace period.
                 self.last_heard.clear();
+                self.watch_from = self.ticks;
                 tracing::info!(
                     shard_id = self.shard_id,
                     replica_id = self.replica_id,
@@ -1560,6 +1608,12 @@ impl ReplicaFsm {
             }
             self.lease.expire();
             self.was_leader = is_leader;
+        }
+        // Campaigning, or without a leader: an election needs the clock.
+        let electing = raft.state != StateRole::Leader
+            && (raft.state != StateRole::Follower || raft.leader_id == raft::INVALID_ID);
+        if electing {
+            self.wake(ctx, "raft_message");
         }
         // The leader changed (or is unknown): raft dropped the read indexes
         // in flight; send them again through whoever leads now.
@@ -1585,12 +1639,7 @@ impl ReplicaFsm {
                     "acknowledging entries past the end of the stored log"
                 );
             }
-            let to_node = self
-                .descriptor
-                .replica(msg.to)
-                .map(|r| r.node_id)
-                .or_else(|| self.peer_nodes.get(&msg.to).copied());
-            let Some(to_node) = to_node else {
+            let Some(to_node) = self.node_of(msg.to) else {
                 tracing::warn!(
                     shard_id = self.shard_id,
                     to = msg.to,
@@ -1607,6 +1656,7 @@ impl ReplicaFsm {
                 to_replica: msg.to,
                 epoch,
                 msg,
+                extra: None,
             };
             if is_snapshot {
                 tracing::info!(
@@ -1780,6 +1830,7 @@ impl ReplicaFsm {
             last_index: store.last_index(),
             truncated_index: store.truncated_index(),
             pending_proposals: self.proposals.len(),
+            hibernated: self.asleep,
         }
     }
 }

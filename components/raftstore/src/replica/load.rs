@@ -46,6 +46,11 @@ impl LoadSampler {
         }
     }
 
+    /// No request since the last take.
+    pub fn is_empty(&self) -> bool {
+        self.ops == 0
+    }
+
     /// Requests since the last take, and the sampled keys.
     pub fn take(&mut self) -> (u64, Vec<Bytes>) {
         let ops = std::mem::take(&mut self.ops);

@@ -1,0 +1,177 @@
+//! Which peer nodes are alive, as this node sees them.
+//!
+//! Hibernated replicas do not tick (`replica::fsm::hibernate`), so a
+//! follower cannot notice by itself that its leader went away. The node
+//! notices instead, once for all its replicas: every raft poll round that
+//! ticks the node FSM sends a tiny `NodeHeartbeat` to every peer node that
+//! shares a shard with it, and the transport's receiving side records when
+//! anything last arrived from each peer ([`NodeLiveness::heard_from`]).
+//!
+//! The node FSM polls this table every tick and turns changes into events
+//! for the replicas that have a replica on that node:
+//! - `Down`: nothing arrived for a whole election timeout. Followers whose
+//!   leader lives there wake and may campaign at once: their leader's last
+//!   message arrived before that silence began, so the leader's lease
+//!   (shorter than an election timeout, see `replica::lease`) is over.
+//!   Leaders with a follower there wake, so they count it down and raft's
+//!   check-quorum runs again (a leader cut off from everyone steps down).
+//! - `Up`: heard again after `Down`. Leaders wake to bring it up to date.
+//! - `Restarted`: its heartbeat carries a new incarnation (the process
+//!   restarted, maybe faster than an election timeout). Its old leaders'
+//!   leases died with the process: followers of leaders there campaign at
+//!   once; leaders wake to heartbeat its new replicas.
+//!
+//! Liveness is one-way: this node hearing a peer says nothing of the peer
+//! hearing it; the peer decides for itself, as raft's followers do.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::NodeId;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerEvent {
+    Down,
+    Up,
+    Restarted,
+}
+
+impl PeerEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerEvent::Down => "node_down",
+            PeerEvent::Up => "node_up",
+            PeerEvent::Restarted => "node_restarted",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Peer {
+    last_heard: Instant,
+    incarnation: u64,
+    up: bool,
+    restarted: bool,
+}
+
+/// Shared by the transport's receiving side (writes) and the node FSM
+/// (polls).
+pub struct NodeLiveness {
+    /// This process's incarnation, sent in its heartbeats.
+    incarnation: u64,
+    peers: Mutex<HashMap<NodeId, Peer>>,
+}
+
+impl NodeLiveness {
+    pub fn new() -> Self {
+        // Distinct per process start: nanoseconds of the wall clock, mixed
+        // with the process id in case two starts share a clock reading.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        NodeLiveness {
+            incarnation: (nanos ^ ((std::process::id() as u64) << 48)).max(1),
+            peers: Mutex::default(),
+        }
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Something arrived from `node`.
+    pub fn heard_from(&self, node: NodeId) {
+        self.touch(node, None);
+    }
+
+    /// A heartbeat from `node` arrived, naming its incarnation.
+    pub fn heartbeat(&self, node: NodeId, incarnation: u64) {
+        self.touch(node, Some(incarnation));
+    }
+
+    fn touch(&self, node: NodeId, incarnation: Option<u64>) {
+        let now = Instant::now();
+        let mut peers = self.peers.lock();
+        let p = peers.entry(node).or_insert(Peer {
+            last_heard: now,
+            incarnation: 0,
+            up: true,
+            restarted: false,
+        });
+        p.last_heard = now;
+        if let Some(inc) = incarnation {
+            if p.incarnation != 0 && p.incarnation != inc {
+                p.restarted = true;
+            }
+            p.incarnation = inc;
+        }
+    }
+
+    /// The changes since the last poll: peers silent for `timeout` are
+    /// down, down peers heard again are up, restarted peers say so.
+    pub fn poll(&self, timeout: Duration) -> Vec<(NodeId, PeerEvent)> {
+        let now = Instant::now();
+        let mut events = Vec::new();
+        for (id, p) in self.peers.lock().iter_mut() {
+            let silent = now.saturating_duration_since(p.last_heard) >= timeout;
+            if std::mem::take(&mut p.restarted) {
+                p.up = true;
+                events.push((*id, PeerEvent::Restarted));
+            } else if p.up && silent {
+                p.up = false;
+                events.push((*id, PeerEvent::Down));
+            } else if !p.up && !silent {
+                p.up = true;
+                events.push((*id, PeerEvent::Up));
+            }
+        }
+        events
+    }
+
+    /// Whether anything arrived from `node` within `within`.
+    pub fn heard_within(&self, node: NodeId, within: Duration) -> bool {
+        self.peers
+            .lock()
+            .get(&node)
+            .is_some_and(|p| p.last_heard.elapsed() <= within)
+    }
+
+    /// Peers currently considered down.
+    pub fn down(&self) -> usize {
+        self.peers.lock().values().filter(|p| !p.up).count()
+    }
+}
+
+impl Default for NodeLiveness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_down_voice_up_new_incarnation_restarted() {
+        let l = NodeLiveness::new();
+        let timeout = Duration::from_millis(30);
+        l.heartbeat(2, 7);
+        l.heard_from(3);
+        assert!(l.poll(timeout).is_empty(), "first contact is no event");
+        std::thread::sleep(Duration::from_millis(40));
+        l.heard_from(3);
+        assert_eq!(l.poll(timeout), vec![(2, PeerEvent::Down)]);
+        assert_eq!(l.down(), 1);
+        assert!(l.poll(timeout).is_empty(), "an event fires once");
+        l.heartbeat(2, 7);
+        assert_eq!(l.poll(timeout), vec![(2, PeerEvent::Up)]);
+        l.heartbeat(2, 8);
+        assert_eq!(l.poll(timeout), vec![(2, PeerEvent::Restarted)]);
+        l.heartbeat(2, 8);
+        assert!(l.poll(timeout).is_empty());
+        assert_eq!(l.down(), 0);
+    }
+}
