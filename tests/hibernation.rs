@@ -14,6 +14,11 @@ use flotilla_test_cluster::{put_acked, wait_until, TestCluster};
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Hibernation is off by default (experimental).
+fn hibernating(cfg: &mut flotilla_server::Config) {
+    cfg.raftstore.hibernate = true;
+}
+
 /// A key inside `shard_id`'s range, as `node` knows it.
 fn key_in(c: &TestCluster, node: NodeId, shard_id: ShardId, tag: &str) -> Bytes {
     let d = c.router(node).meta().get(shard_id).unwrap().descriptor;
@@ -90,7 +95,11 @@ async fn direct_leader_read(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_shards_hibernate_on_every_node_and_a_write_wakes_its_shard() {
-    let c = TestCluster::builder(3).shards(8).start().await;
+    let c = TestCluster::builder(3)
+        .shards(8)
+        .configure(hibernating)
+        .start()
+        .await;
     c.wait_all_leaders(WAIT).await;
     let client = c.client().await;
     let nodes = c.node_ids();
@@ -162,7 +171,11 @@ async fn idle_shards_hibernate_on_every_node_and_a_write_wakes_its_shard() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hibernated_leader_cut_off_is_replaced_and_answers_no_stale_read() {
-    let mut c = TestCluster::builder(3).shards(4).start().await;
+    let mut c = TestCluster::builder(3)
+        .shards(4)
+        .configure(hibernating)
+        .start()
+        .await;
     c.wait_all_leaders(WAIT).await;
     let client = c.client_with_timeout(Duration::from_secs(10)).await;
     let nodes = c.node_ids();
@@ -207,7 +220,11 @@ async fn a_hibernated_leader_cut_off_is_replaced_and_answers_no_stale_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn followers_of_a_stopped_nodes_hibernated_leaders_elect_new_ones() {
-    let mut c = TestCluster::builder(3).shards(8).start().await;
+    let mut c = TestCluster::builder(3)
+        .shards(8)
+        .configure(hibernating)
+        .start()
+        .await;
     c.wait_all_leaders(WAIT).await;
     let client = c.client_with_timeout(Duration::from_secs(10)).await;
     let nodes = c.node_ids();
@@ -257,7 +274,11 @@ async fn followers_of_a_stopped_nodes_hibernated_leaders_elect_new_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_link_cut_between_a_hibernated_leader_and_one_follower_moves_nothing() {
-    let mut c = TestCluster::builder(3).shards(4).start().await;
+    let mut c = TestCluster::builder(3)
+        .shards(4)
+        .configure(hibernating)
+        .start()
+        .await;
     c.wait_all_leaders(WAIT).await;
     let client = c.client_with_timeout(Duration::from_secs(10)).await;
     let nodes = c.node_ids();

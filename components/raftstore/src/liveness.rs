@@ -7,9 +7,11 @@
 //! shares a shard with it, and the transport's receiving side records when
 //! anything last arrived from each peer ([`NodeLiveness::heard_from`]).
 //!
-//! The node FSM polls this table every tick and turns changes into events
+//! The ticker polls this table every tick and turns changes into events
 //! for the replicas that have a replica on that node:
-//! - `Down`: nothing arrived for a whole election timeout. Followers whose
+//! - `Down`: nothing arrived for two election timeouts while another peer
+//!   was heard (every peer silent at once means this node is starved or
+//!   cut off; calling them all down would only wake every shard). Followers whose
 //!   leader lives there wake and may campaign at once: their leader's last
 //!   message arrived before that silence began, so the leader's lease
 //!   (shorter than an election timeout, see `replica::lease`) is over.
@@ -23,13 +25,22 @@
 //!
 //! Liveness is one-way: this node hearing a peer says nothing of the peer
 //! hearing it; the peer decides for itself, as raft's followers do.
+//!
+//! Both the heartbeats and the polling run on the node's ticker thread
+//! ([`tick`]), not on the raft pollers: when thousands of replicas keep the
+//! pollers busy (a start, an election storm), a heartbeat stuck behind them
+//! would make peers call this node down and wake thousands more.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::NodeId;
+use crate::meta::StoreMeta;
+use crate::msg::ReplicaMsg;
+use crate::replica::poller::RaftRouter;
+use crate::transport::{RaftMessage, Transport};
+use crate::{metrics, NodeId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PeerEvent {
@@ -114,8 +125,16 @@ impl NodeLiveness {
     pub fn poll(&self, timeout: Duration) -> Vec<(NodeId, PeerEvent)> {
         let now = Instant::now();
         let mut events = Vec::new();
-        for (id, p) in self.peers.lock().iter_mut() {
-            let silent = now.saturating_duration_since(p.last_heard) >= timeout;
+        let mut peers = self.peers.lock();
+        // Every peer silent at once says more about this node (its
+        // receiving side starved, or itself cut off, where waking replicas
+        // cannot help) than about the peers: nobody is called down then.
+        let heard_any = peers
+            .values()
+            .any(|p| now.saturating_duration_since(p.last_heard) < timeout);
+        let judge = heard_any || peers.len() == 1;
+        for (id, p) in peers.iter_mut() {
+            let silent = judge && now.saturating_duration_since(p.last_heard) >= timeout;
             if std::mem::take(&mut p.restarted) {
                 p.up = true;
                 events.push((*id, PeerEvent::Restarted));
@@ -150,6 +169,47 @@ impl Default for NodeLiveness {
     }
 }
 
+/// One tick of node liveness, on the ticker thread: a heartbeat to every
+/// peer node, and the peers' changes (down, up, restarted) to the replicas
+/// they concern.
+pub fn tick(
+    node_id: NodeId,
+    liveness: &NodeLiveness,
+    meta: &StoreMeta,
+    transport: &dyn Transport,
+    router: &RaftRouter,
+    timeout: Duration,
+) {
+    let incarnation = liveness.incarnation();
+    for to in meta.peer_nodes(node_id) {
+        transport.send(RaftMessage::node_heartbeat(node_id, to, incarnation));
+    }
+    transport.flush();
+    for (node, event) in liveness.poll(timeout) {
+        let shards = meta.shards_with_replica_on(node);
+        match event {
+            PeerEvent::Down => tracing::warn!(
+                node_id,
+                peer = node,
+                shards = shards.len(),
+                "peer node silent for two election timeouts; waking the replicas it concerns"
+            ),
+            _ => tracing::info!(
+                node_id,
+                peer = node,
+                shards = shards.len(),
+                event = event.as_str(),
+                "peer node is back"
+            ),
+        }
+        metrics::PEER_NODE_EVENTS
+            .with_label_values(&[event.as_str()])
+            .inc();
+        router.send_each(shards, || ReplicaMsg::PeerNode { node, event });
+    }
+    metrics::PEER_NODES_DOWN.set(liveness.down() as i64);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +222,10 @@ mod tests {
         l.heard_from(3);
         assert!(l.poll(timeout).is_empty(), "first contact is no event");
         std::thread::sleep(Duration::from_millis(40));
+        assert!(
+            l.poll(timeout).is_empty(),
+            "all silent: this node is the suspect"
+        );
         l.heard_from(3);
         assert_eq!(l.poll(timeout), vec![(2, PeerEvent::Down)]);
         assert_eq!(l.down(), 1);

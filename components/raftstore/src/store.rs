@@ -242,7 +242,7 @@ impl Store {
             "raft",
             &raft_bs_cfg,
             ctl_tx,
-            Box::new(NodeFsm::new(ctl_rx, meta.clone(), liveness.clone())),
+            Box::new(NodeFsm::new(ctl_rx, meta.clone())),
         );
         let (actl_tx, actl_rx) = crossbeam_channel::unbounded();
         let apply_bs_cfg = flotilla_batch_system::Config {
@@ -366,7 +366,19 @@ impl Store {
             let _ = raft_router.force_send(*id, ReplicaMsg::Wake);
         }
 
-        let ticker = spawn_ticker(raft_router.clone(), meta.clone(), cfg.tick_interval);
+        let ticker = spawn_ticker(Ticker {
+            node_id,
+            router: raft_router.clone(),
+            meta: meta.clone(),
+            liveness: liveness.clone(),
+            transport: ctx.transport.clone(),
+            interval: cfg.tick_interval,
+            // Two election timeouts: a peer's heartbeat may wait behind a
+            // burst of raft traffic on the same stream (thousands of shards
+            // electing at once), and a false "down" wakes every shard it
+            // concerns.
+            silence: 2 * cfg.election_timeout(),
+        });
         tracing::info!(
             node_id,
             shards = shard_ids.len(),
@@ -417,16 +429,24 @@ impl Drop for Store {
     }
 }
 
-fn spawn_ticker(
+/// What the node's ticker thread needs.
+struct Ticker {
+    node_id: NodeId,
     router: RaftRouter,
     meta: Arc<StoreMeta>,
+    liveness: Arc<NodeLiveness>,
+    transport: Arc<dyn Transport>,
     interval: Duration,
-) -> (JoinHandle<()>, Sender<()>) {
+    /// How long a peer node may be silent before it counts as down.
+    silence: Duration,
+}
+
+fn spawn_ticker(t: Ticker) -> (JoinHandle<()>, Sender<()>) {
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let handle = std::thread::Builder::new()
         .name("raft-ticker".into())
         .spawn(move || {
-            let mut next = Instant::now() + interval;
+            let mut next = Instant::now() + t.interval;
             loop {
                 let wait = next.saturating_duration_since(Instant::now());
                 match stop_rx.recv_timeout(wait) {
@@ -436,11 +456,19 @@ fn spawn_ticker(
                 // Never catch up after a stall with a burst of ticks: a
                 // follower's election timeout must span real time for the
                 // leader lease to hold (replica::lease).
-                next = (next + interval).max(Instant::now() + interval);
+                next = (next + t.interval).max(Instant::now() + t.interval);
+                crate::liveness::tick(
+                    t.node_id,
+                    &t.liveness,
+                    &t.meta,
+                    &*t.transport,
+                    &t.router,
+                    t.silence,
+                );
                 // Only replicas that tick: an idle node's ticking costs
                 // nothing per hosted shard (hibernated ones are left out).
-                router.send_each(meta.awake(), || ReplicaMsg::Tick);
-                let _ = router.send_control(ControlMsg::Tick);
+                t.router.send_each(t.meta.awake(), || ReplicaMsg::Tick);
+                let _ = t.router.send_control(ControlMsg::Tick);
             }
         })
         .expect("spawn ticker");

@@ -23,7 +23,7 @@ use flotilla_storage::{KvEngine, RaftLogEngine, SnapManager};
 
 use crate::apply::{ApplyControlFsm, ApplyFsm};
 use crate::config::Config;
-use crate::liveness::{NodeLiveness, PeerEvent};
+use crate::liveness::NodeLiveness;
 use crate::meta::StoreMeta;
 use crate::msg::{ControlMsg, ReplicaMsg};
 use crate::replica::fsm::{ReplicaFsm, RoundCtx};
@@ -66,7 +66,6 @@ const PARKED_SHARDS: usize = 1024;
 pub struct NodeFsm {
     receiver: Receiver<ControlMsg>,
     meta: Arc<StoreMeta>,
-    liveness: Arc<NodeLiveness>,
     ticks: u64,
     /// Messages for unknown shards that may not create a replica (vote
     /// requests): the new shard of a split that the leader's node applied
@@ -76,15 +75,10 @@ pub struct NodeFsm {
 }
 
 impl NodeFsm {
-    pub fn new(
-        receiver: Receiver<ControlMsg>,
-        meta: Arc<StoreMeta>,
-        liveness: Arc<NodeLiveness>,
-    ) -> Self {
+    pub fn new(receiver: Receiver<ControlMsg>, meta: Arc<StoreMeta>) -> Self {
         NodeFsm {
             receiver,
             meta,
-            liveness,
             ticks: 0,
             parked: HashMap::new(),
         }
@@ -92,43 +86,6 @@ impl NodeFsm {
 
     fn ticks_per_second(&self, ctx: &PollContext) -> u64 {
         (1000 / ctx.cfg.tick_interval.as_millis().max(1)).max(1) as u64
-    }
-
-    /// Node liveness, once per tick: heartbeats to the peer nodes, and the
-    /// peers' changes (down, up, restarted) to the replicas they concern.
-    fn on_tick_liveness(&mut self, ctx: &PollContext) {
-        let incarnation = self.liveness.incarnation();
-        for to in self.meta.peer_nodes(ctx.node_id) {
-            ctx.transport
-                .send(RaftMessage::node_heartbeat(ctx.node_id, to, incarnation));
-        }
-        for (node, event) in self.liveness.poll(ctx.cfg.election_timeout()) {
-            let shards = self.meta.shards_with_replica_on(node);
-            match event {
-                PeerEvent::Down => tracing::warn!(
-                    node_id = ctx.node_id,
-                    peer = node,
-                    shards = shards.len(),
-                    "peer node silent for an election timeout; waking the replicas it concerns"
-                ),
-                _ => tracing::info!(
-                    node_id = ctx.node_id,
-                    peer = node,
-                    shards = shards.len(),
-                    event = event.as_str(),
-                    "peer node is back"
-                ),
-            }
-            metrics::PEER_NODE_EVENTS
-                .with_label_values(&[event.as_str()])
-                .inc();
-            for shard_id in shards {
-                let _ = ctx
-                    .raft_router
-                    .force_send(shard_id, ReplicaMsg::PeerNode { node, event });
-            }
-        }
-        metrics::PEER_NODES_DOWN.set(self.liveness.down() as i64);
     }
 
     fn handle(&mut self, ctx: &PollContext) {
@@ -151,7 +108,6 @@ impl NodeFsm {
                     }
                 }
                 ControlMsg::Tick => {
-                    self.on_tick_liveness(ctx);
                     self.ticks += 1;
                     // Gauges once a second (counting walks every shard).
                     if !self.ticks.is_multiple_of(self.ticks_per_second(ctx)) {
