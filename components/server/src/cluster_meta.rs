@@ -94,6 +94,10 @@ pub struct Liveness {
     pub led: Vec<u64>,
 }
 
+/// (meta leader's Raft term, directory writes it made): see
+/// `MetaStore::directory_version`.
+type DirectoryVersion = (u64, u64);
+
 /// Meta operations served by the node leading the meta shard.
 pub struct MetaStore {
     ctx: Arc<NodeContext>,
@@ -107,7 +111,7 @@ pub struct MetaStore {
     revision: std::sync::atomic::AtomicU64,
     /// The last directory read and the version it was read at: the
     /// placement driver looks at it every round.
-    cached: parking_lot::Mutex<Option<((u64, u64), Arc<GetDirectoryResponse>)>>,
+    cached: parking_lot::Mutex<Option<(DirectoryVersion, Arc<GetDirectoryResponse>)>>,
 }
 
 impl MetaStore {
@@ -194,7 +198,7 @@ impl MetaStore {
 
     /// Where the directory and registry stand: (meta leader's term,
     /// changes made by this leader). Read before anything a node then reads.
-    fn directory_version(&self) -> (u64, u64) {
+    fn directory_version(&self) -> DirectoryVersion {
         let term = self
             .ctx
             .router

@@ -86,7 +86,7 @@ impl ReplicaFsm {
             Raft(m) => match m.extra {
                 Some(Extra::WakeUp) => ("wake_up", false),
                 Some(Extra::NodeHeartbeat { .. }) => return,
-                None if self.from_own_leader(m) || self.late_ack(m) => return,
+                None if self.is_own_leaders_append(m) || self.late_ack(m) => return,
                 None => (
                     "raft_message",
                     matches!(
@@ -106,7 +106,7 @@ impl ReplicaFsm {
     }
 
     /// An append or heartbeat from the leader this follower knows.
-    fn from_own_leader(&self, m: &RaftMessage) -> bool {
+    fn is_own_leaders_append(&self, m: &RaftMessage) -> bool {
         !self.is_leader()
             && m.from_replica != raft::INVALID_ID
             && m.from_replica == self.leader_id()
