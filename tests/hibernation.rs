@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use flotilla_client::Client;
 use flotilla_raftstore::{NodeId, ReadMode, ReadRequest, ShardId};
 use flotilla_test_cluster::{put_acked, wait_until, TestCluster};
 
@@ -65,6 +66,26 @@ async fn wait_asleep(c: &TestCluster, nodes: &[NodeId], shards: &[ShardId]) {
     }
 }
 
+/// A hibernating cluster of 3 nodes with `shards` user shards, each
+/// written once (key "a" of its range, "v1"), every replica asleep.
+async fn asleep_cluster(shards: usize) -> (TestCluster, Client, Vec<NodeId>, Vec<ShardId>) {
+    let c = TestCluster::builder(3)
+        .shards(shards)
+        .configure(hibernating)
+        .start()
+        .await;
+    c.wait_all_leaders(WAIT).await;
+    let client = c.client_with_timeout(Duration::from_secs(10)).await;
+    let nodes = c.node_ids();
+    let ids = user_shards(&c, 1);
+    assert_eq!(ids.len(), shards);
+    for &s in &ids {
+        put_acked(&client, key_in(&c, 1, s, "a"), "v1").await;
+    }
+    wait_asleep(&c, &nodes, &ids).await;
+    (c, client, nodes, ids)
+}
+
 /// A leader read sent straight to `node`'s replica: Some(outcome) if the
 /// replica answered within `within`.
 async fn direct_leader_read(
@@ -95,20 +116,7 @@ async fn direct_leader_read(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_shards_hibernate_on_every_node_and_a_write_wakes_its_shard() {
-    let c = TestCluster::builder(3)
-        .shards(8)
-        .configure(hibernating)
-        .start()
-        .await;
-    c.wait_all_leaders(WAIT).await;
-    let client = c.client().await;
-    let nodes = c.node_ids();
-    let shards = user_shards(&c, 1);
-    assert_eq!(shards.len(), 8);
-    for &s in &shards {
-        put_acked(&client, key_in(&c, 1, s, "a"), "v1").await;
-    }
-    wait_asleep(&c, &nodes, &shards).await;
+    let (c, client, nodes, shards) = asleep_cluster(8).await;
     // Asleep means asleep: nobody ticks, so nobody wakes by itself (each
     // replica checked ten times over more than two election timeouts).
     for _ in 0..10 {
@@ -220,19 +228,7 @@ async fn a_hibernated_leader_cut_off_is_replaced_and_answers_no_stale_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn followers_of_a_stopped_nodes_hibernated_leaders_elect_new_ones() {
-    let mut c = TestCluster::builder(3)
-        .shards(8)
-        .configure(hibernating)
-        .start()
-        .await;
-    c.wait_all_leaders(WAIT).await;
-    let client = c.client_with_timeout(Duration::from_secs(10)).await;
-    let nodes = c.node_ids();
-    let shards = user_shards(&c, 1);
-    for &s in &shards {
-        put_acked(&client, key_in(&c, 1, s, "a"), "v1").await;
-    }
-    wait_asleep(&c, &nodes, &shards).await;
+    let (mut c, client, nodes, shards) = asleep_cluster(8).await;
     let victim = *nodes
         .iter()
         .max_by_key(|&&n| {
@@ -274,19 +270,7 @@ async fn followers_of_a_stopped_nodes_hibernated_leaders_elect_new_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_link_cut_between_a_hibernated_leader_and_one_follower_moves_nothing() {
-    let mut c = TestCluster::builder(3)
-        .shards(4)
-        .configure(hibernating)
-        .start()
-        .await;
-    c.wait_all_leaders(WAIT).await;
-    let client = c.client_with_timeout(Duration::from_secs(10)).await;
-    let nodes = c.node_ids();
-    let shards = user_shards(&c, 1);
-    for &s in &shards {
-        put_acked(&client, key_in(&c, 1, s, "a"), "v1").await;
-    }
-    wait_asleep(&c, &nodes, &shards).await;
+    let (mut c, client, nodes, shards) = asleep_cluster(4).await;
     let shard = shards[0];
     let leader = c.leader_of(shard).unwrap();
     let term = c.router(leader).meta().get(shard).unwrap().term;

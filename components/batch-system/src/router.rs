@@ -143,14 +143,6 @@ impl<N: Fsm, C: Fsm> Router<N, C> {
         }
     }
 
-    /// Sends `make()` to every registered FSM (closed ones are skipped).
-    pub fn broadcast_normal(&self, mut make: impl FnMut() -> N::Message) {
-        let normals = self.normals.read();
-        for mb in normals.values() {
-            let _ = mb.force_send(make(), &self.normal_scheduler);
-        }
-    }
-
     /// Sends `make()` to each of `addrs` that is registered, under one
     /// lookup of the table.
     pub fn send_each(

@@ -170,8 +170,9 @@ impl Default for NodeLiveness {
 }
 
 /// One tick of node liveness, on the ticker thread: a heartbeat to every
-/// peer node, and the peers' changes (down, up, restarted) to the replicas
-/// they concern.
+/// peer node, and the peers' changes (down, up, restarted) logged, counted
+/// and, with `wake_replicas` (hibernation on; ticking followers notice a
+/// dead leader by themselves), sent to the replicas they concern.
 pub fn tick(
     node_id: NodeId,
     liveness: &NodeLiveness,
@@ -179,6 +180,7 @@ pub fn tick(
     transport: &dyn Transport,
     router: &RaftRouter,
     timeout: Duration,
+    wake_replicas: bool,
 ) {
     let incarnation = liveness.incarnation();
     for to in meta.peer_nodes(node_id) {
@@ -205,7 +207,9 @@ pub fn tick(
         metrics::PEER_NODE_EVENTS
             .with_label_values(&[event.as_str()])
             .inc();
-        router.send_each(shards, || ReplicaMsg::PeerNode { node, event });
+        if wake_replicas {
+            router.send_each(shards, || ReplicaMsg::PeerNode { node, event });
+        }
     }
     metrics::PEER_NODES_DOWN.set(liveness.down() as i64);
 }

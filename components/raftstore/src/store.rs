@@ -378,6 +378,7 @@ impl Store {
             // electing at once), and a false "down" wakes every shard it
             // concerns.
             silence: 2 * cfg.election_timeout(),
+            hibernate: cfg.hibernate,
         });
         tracing::info!(
             node_id,
@@ -439,6 +440,8 @@ struct Ticker {
     interval: Duration,
     /// How long a peer node may be silent before it counts as down.
     silence: Duration,
+    /// Replicas hear of peer nodes' changes only when they may sleep.
+    hibernate: bool,
 }
 
 fn spawn_ticker(t: Ticker) -> (JoinHandle<()>, Sender<()>) {
@@ -464,6 +467,7 @@ fn spawn_ticker(t: Ticker) -> (JoinHandle<()>, Sender<()>) {
                     &*t.transport,
                     &t.router,
                     t.silence,
+                    t.hibernate,
                 );
                 // Only replicas that tick: an idle node's ticking costs
                 // nothing per hosted shard (hibernated ones are left out).

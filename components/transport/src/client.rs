@@ -397,11 +397,7 @@ impl Inner {
                             None => return,
                         },
                         r = &mut call => {
-                            let why = match r {
-                                Ok(Ok(_)) => "closed by peer".to_string(),
-                                Ok(Err(s)) => format!("{:?}: {}", s.code(), s.message()),
-                                Err(e) => e.to_string(),
-                            };
+                            let why = why_call_ended(r);
                             tracing::info!(to_node = to, reason = %why, "raft stream to peer closed");
                             break;
                         }
@@ -425,11 +421,7 @@ impl Inner {
                 let sent = tokio::select! {
                     r = tx.send(batch) => r.is_ok(),
                     r = &mut call => {
-                        let why = match r {
-                            Ok(Ok(_)) => "closed by peer".to_string(),
-                            Ok(Err(s)) => format!("{:?}: {}", s.code(), s.message()),
-                            Err(e) => e.to_string(),
-                        };
+                        let why = why_call_ended(r);
                         tracing::info!(to_node = to, reason = %why, "raft stream to peer closed while sending");
                         false
                     }
@@ -451,6 +443,20 @@ impl Inner {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.cfg.backoff_max);
         }
+    }
+}
+
+/// Why a peer's long-lived `Raft` call ended, for the log.
+fn why_call_ended(
+    r: Result<
+        Result<tonic::Response<flotilla_proto::raft::Done>, tonic::Status>,
+        tokio::task::JoinError,
+    >,
+) -> String {
+    match r {
+        Ok(Ok(_)) => "closed by peer".to_string(),
+        Ok(Err(s)) => format!("{:?}: {}", s.code(), s.message()),
+        Err(e) => e.to_string(),
     }
 }
 

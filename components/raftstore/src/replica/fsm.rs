@@ -1116,9 +1116,12 @@ impl ReplicaFsm {
         cfg.split_check_ticks > 0
             && ctx.split_checks.is_some()
             && self.shard_id != flotilla_storage::META_SHARD_ID
-            && (self.split_hint_bytes >= cfg.split_size / 16
-                || self.split_hint_keys >= cfg.split_keys / 16
-                || (cfg.split_qps > 0 && !self.load.is_empty()))
+            && (self.enough_written_to_check(cfg) || (cfg.split_qps > 0 && !self.load.is_empty()))
+    }
+
+    /// 1/16 of a split threshold was written since the last size check.
+    fn enough_written_to_check(&self, cfg: &crate::Config) -> bool {
+        self.split_hint_bytes >= cfg.split_size / 16 || self.split_hint_keys >= cfg.split_keys / 16
     }
 
     /// On a leader that saw enough writes since its last check: has the
@@ -1144,8 +1147,7 @@ impl ReplicaFsm {
                 return;
             }
         }
-        if self.split_hint_bytes < cfg.split_size / 16 && self.split_hint_keys < cfg.split_keys / 16
-        {
+        if !self.enough_written_to_check(cfg) {
             return;
         }
         self.split_hint_bytes = 0;

@@ -311,10 +311,6 @@ impl ReplicaFsm {
 
     /// What a peer node's change means here (see the module notes).
     pub(super) fn on_peer_node(&mut self, node: NodeId, event: PeerEvent, ctx: &PollContext) {
-        // Ticking followers notice a dead leader by themselves.
-        if !ctx.cfg.hibernate {
-            return;
-        }
         if self.is_leader() {
             if self.descriptor.replica_on(node).is_some() {
                 self.wake(ctx, event.as_str());
