@@ -292,3 +292,73 @@ async fn a_link_cut_between_a_hibernated_leader_and_one_follower_moves_nothing()
     assert_eq!(client.get(key).await.unwrap().as_deref(), Some(&b"v2"[..]));
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_that_never_hears_the_request_keeps_its_shard_awake_and_led() {
+    use flotilla_raftstore::Extra;
+    use flotilla_test_cluster::FilterDecision;
+    let mut c = TestCluster::builder(3)
+        .shards(4)
+        .configure(hibernating)
+        .start()
+        .await;
+    c.wait_all_leaders(WAIT).await;
+    let nodes = c.node_ids();
+    let shards = user_shards(&c, 1);
+    let terms = |c: &TestCluster| -> Vec<u64> {
+        shards
+            .iter()
+            .map(|&s| {
+                c.router(c.leader_of(s).unwrap())
+                    .meta()
+                    .get(s)
+                    .unwrap()
+                    .term
+            })
+            .collect()
+    };
+    // Node 3 never gets a leader's request to hibernate: the leaders wait
+    // for its answer, give up, ping (waking the followers that did sleep)
+    // and ask again, over and over. Through ten election timeouts no
+    // shard sleeps on a leader's or node 3's side, and no election is
+    // held: node 3's replicas keep hearing heartbeats. (Shards node 3
+    // leads sleep: its requests go out.)
+    c.add_filter(std::sync::Arc::new(
+        |m: &flotilla_raftstore::RaftMessage| {
+            if m.to_node == 3 && matches!(m.extra, Some(Extra::Hibernate { .. })) {
+                FilterDecision::Drop
+            } else {
+                FilterDecision::Pass
+            }
+        },
+    ));
+    // (A write wakes each shard, should it have slept already.)
+    let client = c.client_with_timeout(Duration::from_secs(10)).await;
+    for &s in &shards {
+        put_acked(&client, key_in(&c, 1, s, "a"), "v1").await;
+    }
+    let before = terms(&c);
+    let followed: Vec<_> = shards
+        .iter()
+        .copied()
+        .filter(|&s| c.leader_of(s) != Some(3))
+        .collect();
+    assert!(!followed.is_empty());
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for &s in &followed {
+            let leader = c.leader_of(s).unwrap();
+            for n in [leader, 3] {
+                assert!(
+                    !c.router(n).meta().is_asleep(s),
+                    "shard {s} sleeps on node {n} though node 3 never agreed"
+                );
+            }
+        }
+    }
+    assert_eq!(terms(&c), before, "an election was held");
+    c.heal();
+    wait_asleep(&c, &nodes, &shards).await;
+    assert_eq!(terms(&c), before, "an election was held");
+    c.shutdown().await;
+}

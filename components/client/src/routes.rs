@@ -1,11 +1,11 @@
 //! The client's route cache: shards ordered by start key, with the leader's
 //! node when known, and the node address book.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use bytes::Bytes;
 use flotilla_proto::admin::ShardRoute;
 use flotilla_proto::meta::{Node, ShardDescriptor};
+use flotilla_proto::ShardMap;
 
 #[derive(Clone, Debug)]
 pub struct CachedShard {
@@ -14,51 +14,37 @@ pub struct CachedShard {
     pub leader_node: u64,
 }
 
+impl CachedShard {
+    fn of((desc, leader_node): &(ShardDescriptor, u64)) -> Self {
+        CachedShard {
+            desc: desc.clone(),
+            leader_node: *leader_node,
+        }
+    }
+}
+
+/// Shards by range with their leader's node (`ShardMap`: loading all
+/// routes of 10,000 shards costs O(n log n), not O(n²)).
 #[derive(Default)]
 pub struct RouteCache {
-    by_start: BTreeMap<Bytes, CachedShard>,
+    shards: ShardMap<u64>,
     pub nodes: HashMap<u64, String>,
 }
 
 impl RouteCache {
     pub fn locate(&self, key: &[u8]) -> Option<CachedShard> {
-        self.by_start
-            .range::<[u8], _>((std::ops::Bound::Unbounded, std::ops::Bound::Included(key)))
-            .next_back()
-            .map(|(_, s)| s)
-            .filter(|s| s.desc.contains(key))
-            .cloned()
+        self.shards.locate(key).map(CachedShard::of)
     }
 
     /// The shard holding the greatest keys below `end` (empty = +inf).
     pub fn locate_before(&self, end: &[u8]) -> Option<CachedShard> {
-        let s = if end.is_empty() {
-            self.by_start.values().next_back()
-        } else {
-            self.by_start
-                .range::<[u8], _>((std::ops::Bound::Unbounded, std::ops::Bound::Excluded(end)))
-                .next_back()
-                .map(|(_, s)| s)
-        }?;
-        let reaches = s.desc.end_key.is_empty() || (!end.is_empty() && s.desc.end_key[..] >= *end);
-        reaches.then(|| s.clone())
+        self.shards.locate_before(end).map(CachedShard::of)
     }
 
     /// Installs a descriptor, replacing older ones it overlaps, unless the
     /// cache already holds a newer version of it.
     pub fn insert(&mut self, desc: ShardDescriptor, leader_node: u64) {
-        if self
-            .by_start
-            .values()
-            .any(|s| s.desc.id == desc.id && s.desc.is_newer_than(&desc))
-        {
-            return;
-        }
-        self.by_start.retain(|_, s| {
-            !(s.desc.id == desc.id || s.desc.overlaps(&desc.start_key, &desc.end_key))
-        });
-        self.by_start
-            .insert(desc.start_key.clone(), CachedShard { desc, leader_node });
+        self.shards.insert(desc, leader_node);
     }
 
     pub fn insert_route(&mut self, r: ShardRoute) {
@@ -74,30 +60,28 @@ impl RouteCache {
     }
 
     pub fn set_leader(&mut self, shard_id: u64, node_id: u64) {
-        if let Some(s) = self.by_start.values_mut().find(|s| s.desc.id == shard_id) {
-            s.leader_node = node_id;
+        if let Some(l) = self.shards.get_mut(shard_id) {
+            *l = node_id;
         }
     }
 
     pub fn invalidate(&mut self, shard_id: u64) {
-        self.by_start.retain(|_, s| s.desc.id != shard_id);
+        self.shards.remove(shard_id);
     }
 
     pub fn by_id(&self, shard_id: u64) -> Option<CachedShard> {
-        self.by_start
-            .values()
-            .find(|s| s.desc.id == shard_id)
-            .cloned()
+        self.shards.get(shard_id).map(CachedShard::of)
     }
 
     pub fn all(&self) -> Vec<CachedShard> {
-        self.by_start.values().cloned().collect()
+        self.shards.iter().map(CachedShard::of).collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use flotilla_proto::meta::Epoch;
 
     fn shard(id: u64, s: &str, e: &str, version: u64) -> ShardDescriptor {

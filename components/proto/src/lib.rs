@@ -42,6 +42,9 @@ pub mod flotilla {
 
 pub use flotilla::{admin, error, kv, local, meta, raft, raftcmd};
 
+pub mod shard_map;
+pub use shard_map::ShardMap;
+
 /// etcd's v3 KV API, the part flotilla-bench drives (`--target etcd`).
 #[allow(clippy::all, missing_docs)]
 pub mod etcd {

@@ -63,8 +63,7 @@ pub struct Config {
     /// Requests per second (over a check interval) past which a leader
     /// splits its shard at the median key of its requests (0 = off).
     pub split_qps: u64,
-    /// Idle shards stop ticking (`replica::fsm::hibernate`). Off by
-    /// default: see the module notes for what is not solved yet.
+    /// Idle shards stop ticking (`replica::fsm::hibernate`).
     pub hibernate: bool,
     /// Ticks a leader must be idle, with every replica up to date, before
     /// its shard hibernates.
@@ -99,7 +98,7 @@ impl Default for Config {
             split_size: 96 << 20,
             split_keys: 960_000,
             split_qps: 0,
-            hibernate: false,
+            hibernate: true,
             hibernate_after_ticks: 10,
         }
     }

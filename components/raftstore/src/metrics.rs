@@ -272,6 +272,15 @@ pub static HIBERNATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static HIBERNATE_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_hibernate_requests_total",
+        "Leaders' requests to their followers to hibernate, by outcome: granted (every replica agreed, the shard sleeps) or given_up (one did not answer in time, or the shard got busy).",
+        &["outcome"]
+    )
+    .unwrap()
+});
+
 pub static WAKEUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "flotilla_hibernation_wakeups_total",
@@ -391,6 +400,7 @@ pub fn register() {
     LazyLock::force(&SPLIT_CHECK_DURATION);
     init_labels(&REPLICA_LIFECYCLE, &["created", "destroyed"]);
     init_labels(&HIBERNATIONS, &["leader", "follower"]);
+    init_labels(&HIBERNATE_REQUESTS, &["granted", "given_up"]);
     init_labels(
         &WAKEUPS,
         &[

@@ -36,6 +36,12 @@ pub enum Extra {
     /// Node liveness, sent every tick to every peer node (`crate::liveness`);
     /// `incarnation` changes when the sending process restarts.
     NodeHeartbeat { incarnation: u64 },
+    /// Leader to follower: the leader has nothing to do and will sleep once
+    /// every replica agreed; a follower whose log ends at `index` in `term`
+    /// with `commit` committed sleeps and answers `HibernateAck`.
+    Hibernate { term: u64, index: u64, commit: u64 },
+    /// Follower to leader: asleep, as the leader of `term` asked.
+    HibernateAck { term: u64 },
 }
 
 impl RaftMessage {

@@ -6,60 +6,15 @@
 //! becomes its source later without changing how routes are answered
 //! (`route`, `list`), which is why it is a separate object.
 
-use std::collections::{BTreeMap, HashMap};
-use std::ops::Bound;
-
-use bytes::Bytes;
 use flotilla_proto::meta::ShardDescriptor;
+use flotilla_proto::ShardMap;
 use parking_lot::RwLock;
 
-/// Disjoint ranges by start key, and where each shard id sits: a heartbeat
-/// refreshes every shard of the cluster, so an update costs O(log n), not a
-/// scan of the whole directory.
-#[derive(Default)]
-struct Ranges {
-    by_start: BTreeMap<Bytes, ShardDescriptor>,
-    start_of: HashMap<u64, Bytes>,
-}
-
-impl Ranges {
-    fn remove(&mut self, start: &Bytes) {
-        if let Some(d) = self.by_start.remove(start) {
-            self.start_of.remove(&d.id);
-        }
-    }
-
-    /// Start keys of the shards meeting `[start, end)` (empty end = +inf):
-    /// the one starting at or before `start`, if it reaches past it, and
-    /// those starting inside.
-    fn overlapping(&self, start: &[u8], end: &[u8]) -> Vec<Bytes> {
-        let mut found = Vec::new();
-        if let Some((k, d)) = self
-            .by_start
-            .range::<[u8], _>((Bound::Unbounded, Bound::Included(start)))
-            .next_back()
-        {
-            if d.overlaps(start, end) {
-                found.push(k.clone());
-            }
-        }
-        let upper = if end.is_empty() {
-            Bound::Unbounded
-        } else {
-            Bound::Excluded(end)
-        };
-        found.extend(
-            self.by_start
-                .range::<[u8], _>((Bound::Excluded(start), upper))
-                .map(|(k, _)| k.clone()),
-        );
-        found
-    }
-}
-
+/// Every shard of the cluster by range (`ShardMap`: O(log n) per update,
+/// as a heartbeat refreshes all of them).
 #[derive(Default)]
 pub struct Directory {
-    ranges: RwLock<Ranges>,
+    ranges: RwLock<ShardMap<()>>,
 }
 
 impl Directory {
@@ -79,50 +34,29 @@ impl Directory {
         if desc.replicas.is_empty() || desc.id == flotilla_storage::META_SHARD_ID {
             return;
         }
-        let mut r = self.ranges.write();
-        if let Some(start) = r.start_of.get(&desc.id).cloned() {
-            if r.by_start[&start].is_newer_than(&desc) {
-                return;
-            }
-            r.remove(&start);
-        }
-        for start in r.overlapping(&desc.start_key, &desc.end_key) {
-            r.remove(&start);
-        }
-        r.start_of.insert(desc.id, desc.start_key.clone());
-        r.by_start.insert(desc.start_key.clone(), desc);
+        self.ranges.write().insert(desc, ());
     }
 
     /// The shard whose range holds `key`.
     pub fn route(&self, key: &[u8]) -> Option<ShardDescriptor> {
-        let r = self.ranges.read();
-        r.by_start
-            .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
-            .next_back()
-            .map(|(_, d)| d)
-            .filter(|d| d.contains(key))
-            .cloned()
+        self.ranges.read().locate(key).map(|(d, _)| d.clone())
     }
 
     pub fn get(&self, shard_id: u64) -> Option<ShardDescriptor> {
-        let r = self.ranges.read();
-        r.start_of
-            .get(&shard_id)
-            .and_then(|s| r.by_start.get(s))
-            .cloned()
+        self.ranges.read().get(shard_id).map(|(d, _)| d.clone())
     }
 
     /// Every shard, ordered by start key.
     pub fn list(&self) -> Vec<ShardDescriptor> {
-        self.ranges.read().by_start.values().cloned().collect()
+        self.ranges.read().iter().map(|(d, _)| d.clone()).collect()
     }
 
     /// Shards overlapping `[start, end)` (empty end = +inf).
     pub fn overlapping(&self, start: &[u8], end: &[u8]) -> Vec<ShardDescriptor> {
-        let r = self.ranges.read();
-        r.overlapping(start, end)
-            .iter()
-            .map(|k| r.by_start[k].clone())
+        self.ranges
+            .read()
+            .overlapping(start, end)
+            .map(|(d, _)| d.clone())
             .collect()
     }
 }
@@ -130,6 +64,7 @@ impl Directory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use flotilla_proto::meta::Epoch;
 
     fn shard(id: u64, s: &str, e: &str, version: u64) -> ShardDescriptor {

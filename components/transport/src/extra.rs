@@ -5,14 +5,29 @@ use flotilla_proto::raft::{ExtraMessage, ExtraType};
 use flotilla_raftstore::transport::Extra;
 
 pub fn encode(extra: Extra) -> ExtraMessage {
+    let of = |t: ExtraType| ExtraMessage {
+        r#type: t as i32,
+        ..Default::default()
+    };
     match extra {
-        Extra::WakeUp => ExtraMessage {
-            r#type: ExtraType::WakeUp as i32,
-            incarnation: 0,
-        },
+        Extra::WakeUp => of(ExtraType::WakeUp),
         Extra::NodeHeartbeat { incarnation } => ExtraMessage {
-            r#type: ExtraType::NodeHeartbeat as i32,
             incarnation,
+            ..of(ExtraType::NodeHeartbeat)
+        },
+        Extra::Hibernate {
+            term,
+            index,
+            commit,
+        } => ExtraMessage {
+            term,
+            index,
+            commit,
+            ..of(ExtraType::Hibernate)
+        },
+        Extra::HibernateAck { term } => ExtraMessage {
+            term,
+            ..of(ExtraType::HibernateAck)
         },
     }
 }
@@ -25,6 +40,12 @@ pub fn decode(m: &ExtraMessage) -> Result<Option<Extra>, String> {
         Ok(ExtraType::NodeHeartbeat) => Ok(Some(Extra::NodeHeartbeat {
             incarnation: m.incarnation,
         })),
+        Ok(ExtraType::Hibernate) => Ok(Some(Extra::Hibernate {
+            term: m.term,
+            index: m.index,
+            commit: m.commit,
+        })),
+        Ok(ExtraType::HibernateAck) => Ok(Some(Extra::HibernateAck { term: m.term })),
         Err(_) => Err(format!("unknown extra message type {}", m.r#type)),
     }
 }
@@ -35,13 +56,22 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        for x in [Extra::WakeUp, Extra::NodeHeartbeat { incarnation: 42 }] {
+        for x in [
+            Extra::WakeUp,
+            Extra::NodeHeartbeat { incarnation: 42 },
+            Extra::Hibernate {
+                term: 3,
+                index: 17,
+                commit: 16,
+            },
+            Extra::HibernateAck { term: 3 },
+        ] {
             assert_eq!(decode(&encode(x)), Ok(Some(x)));
         }
         assert_eq!(decode(&ExtraMessage::default()), Ok(None));
         let unknown = ExtraMessage {
             r#type: 99,
-            incarnation: 0,
+            ..Default::default()
         };
         assert!(decode(&unknown).unwrap_err().contains("99"));
     }

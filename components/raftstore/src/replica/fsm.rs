@@ -141,6 +141,8 @@ pub struct ReplicaFsm {
     asleep: bool,
     /// On a leader: ticks in a row with nothing to do.
     idle_ticks: usize,
+    /// On a leader: its request to hibernate, waiting for answers.
+    announced: Option<hibernate::Announcement>,
 }
 
 impl Fsm for ReplicaFsm {
@@ -277,6 +279,7 @@ impl ReplicaFsm {
             load: Default::default(),
             asleep: false,
             idle_ticks: 0,
+            announced: None,
         };
         ctx.meta.set_asleep(shard_id, false);
         // Nobody ever led a pristine shard, and an empty new replica (term 0)
@@ -689,7 +692,8 @@ impl ReplicaFsm {
 
     fn on_raft_message(&mut self, m: RaftMessage, ctx: &PollContext) {
         if m.extra.is_some() {
-            // A wake-up: `note_activity` did what it asks.
+            // A wake-up (`note_activity` did what it asks) or hibernation.
+            self.on_hibernate_message(&m, ctx);
             return;
         }
         if m.to_replica != self.replica_id {
@@ -762,13 +766,11 @@ impl ReplicaFsm {
         if self.was_leader {
             self.last_heard.insert(m.from_replica, self.ticks);
         }
-        let msg_type = m.msg.get_msg_type();
         match self.raw_node.step(m.msg) {
             Ok(()) => {
                 metrics::RAFT_MESSAGES_RECEIVED
                     .with_label_values(&["stepped"])
                     .inc();
-                self.maybe_sleep_as_follower(m.from_replica, msg_type, ctx);
             }
             Err(e) => {
                 metrics::RAFT_MESSAGES_RECEIVED
@@ -1059,6 +1061,9 @@ impl ReplicaFsm {
 
     fn on_tick(&mut self, ctx: &PollContext) {
         self.ticks += 1;
+        if self.hibernation_tick(ctx) {
+            return;
+        }
         // While a snapshot installs, the log starts past what raft thinks
         // is applied: an election now would have raft read the entries in
         // between and panic (raft-rs `hup`). Installing takes milliseconds.
@@ -1106,7 +1111,6 @@ impl ReplicaFsm {
         {
             self.maybe_check_split(ctx);
         }
-        self.maybe_sleep_as_leader(ctx);
     }
 
     /// Enough was written since the last split check that the next one

@@ -1,18 +1,30 @@
 //! Hibernation: replicas of idle shards stop ticking, so a node's ticking,
 //! heartbeats and poll work follow its active shards, not its hosted ones.
 //!
-//! # When a replica sleeps
-//! - A **follower** (or learner) sleeps as soon as it steps an append or a
-//!   heartbeat from the leader it knows, in the leader's term, with a log
-//!   ending in that term, nothing of its own waiting (reads, a former
-//!   leader's proposals) and no snapshot installing. It needs no ticks while
-//!   its leader is fine: ticks only count down to an election.
-//! - A **leader** sleeps after `hibernate_after_ticks` ticks with nothing
-//!   to do: nothing proposed, read or transferring, no membership change
-//!   pending, everything committed and applied, and every other replica
-//!   answered within an election timeout and acknowledged the whole log and
-//!   its commit (so the followers' states are final), none reported down.
-//!   A split check due is run then, not at a tick that will not come.
+//! # How a shard falls asleep (negotiated, as TiKV does)
+//! 1. A **leader** counts ticks with nothing to do: nothing proposed, read
+//!    or transferring, no membership change pending, everything committed
+//!    and applied, and every other replica answered within an election
+//!    timeout and acknowledged the whole log and its commit, none reported
+//!    down. A split check due is run then, not at a tick that will not come.
+//! 2. After `hibernate_after_ticks` of them it stops ticking raft (so it
+//!    sends no more heartbeats) and sends every other replica `Hibernate`
+//!    with its term, last index and commit.
+//! 3. A **follower** whose log ends there, in that term, with that commit,
+//!    nothing of its own waiting (reads, a former leader's proposals) and no
+//!    snapshot installing, stops ticking and answers `HibernateAck`.
+//! 4. The leader sleeps once every replica answered. If one does not
+//!    within `heartbeat_ticks`, or anything happens meanwhile, it gives up:
+//!    it pings (a heartbeat, which wakes the followers that slept) and counts
+//!    idle ticks again. The wait is short so that a follower that declined
+//!    never goes an election timeout without a heartbeat.
+//!
+//! So a follower sleeps only while its leader does (or is about to): as long
+//! as a leader is awake its followers tick and notice its failure by raft's
+//! own election timeout. An earlier version let followers sleep on any
+//! heartbeat; on a saturated node leaders then stepped down (check-quorum)
+//! unnoticed by their sleeping followers, and a 10,000-shard cluster never
+//! settled.
 //!
 //! A sleeping replica is left out of the node ticker's rounds; it still
 //! handles every message. A shard with a replica down does not hibernate:
@@ -22,30 +34,21 @@
 //!
 //! # What wakes it
 //! - Client requests and admin commands (reset a leader's idle count too).
-//! - Any raft message, except a sleeping follower's leader's appends and
-//!   heartbeats, and a sleeping leader's followers' acknowledgements (of
-//!   the heartbeat it may send in the tick it falls asleep). A follower woken by a vote request or a client also sends
-//!   its leader a `WakeUp`: a sleeping leader sends no heartbeats, and
-//!   without them the followers would elect a replacement for a leader
-//!   that is fine.
+//! - Any raft message, except a sleeping leader's followers'
+//!   acknowledgements of the heartbeat it sent before it stopped ticking.
+//!   A leader sends nothing after `Hibernate` unless it woke, and a woken
+//!   leader pings, so a follower wakes on anything from its leader. A
+//!   follower woken by a vote request or a client also sends its leader a
+//!   `WakeUp`: a sleeping leader sends no heartbeats, and without them the
+//!   followers would elect a replacement for a leader that is fine.
 //! - Node liveness (`crate::liveness`), the only thing that notices a dead
-//!   leader: a follower whose leader's node went silent for two election
-//!   timeouts, or restarted, wakes and campaigns at once (its election
-//!   clock is moved to the timeout: the leader's lease ended before that
-//!   silence did, see `replica::lease`); a leader wakes when a node holding
-//!   one of its followers goes, comes back or restarts.
-//!
-//! # Not solved yet (why it is off by default)
-//! Under saturation it misbehaves. Starting a 3-node cluster of 10,000
-//! shards on 2 cores: followers sleep as soon as they hear their leader, so
-//! when an overloaded leader steps down (check-quorum) nobody notices but
-//! node liveness; heartbeats between nodes wait behind the election traffic,
-//! peers are called down, thousands of followers campaign at once, and the
-//! cluster did not settle within minutes (without hibernation a fresh start
-//! is ready in 1.7 s, though the saturated cluster keeps re-electing a few
-//! thousand shards). The fix planned: followers tick while their leader does, and sleep
-//! only when the leader says it hibernates (TiKV's negotiation), so only
-//! hibernated shards depend on node liveness.
+//!   sleeping leader: a sleeping follower whose leader's node went silent
+//!   for two election timeouts, or restarted, wakes and campaigns at once
+//!   (its election clock is moved to the timeout: the leader's lease ended
+//!   before that silence did, see `replica::lease`); a leader wakes when a
+//!   node holding one of its followers goes, comes back or restarts. Awake
+//!   followers ignore node liveness: raft's timeouts serve them, and a peer
+//!   wrongly called down on an overloaded node must not set off elections.
 //!
 //! # Safety
 //! Not ticking only lengthens what ticks measure: a sleeping follower holds
@@ -55,6 +58,8 @@
 //! message. A sleeping leader that got cut off keeps believing it leads,
 //! but cannot commit or serve a lease read (its lease is time-bound and
 //! long over); once anything wakes it, raft's check-quorum steps it down.
+
+use std::collections::HashSet;
 
 use flotilla_proto::meta::ReplicaRole;
 use raft::eraftpb::MessageType;
@@ -66,6 +71,13 @@ use crate::msg::ReplicaMsg;
 use crate::replica::poller::PollContext;
 use crate::transport::{Extra, RaftMessage};
 use crate::{metrics, NodeId, ReplicaId};
+
+/// A leader's request to hibernate, waiting for every replica's answer.
+pub(super) struct Announcement {
+    term: u64,
+    at_tick: u64,
+    acks: HashSet<ReplicaId>,
+}
 
 impl ReplicaFsm {
     /// What a message means for hibernation, before it is handled.
@@ -86,8 +98,12 @@ impl ReplicaFsm {
             }
             Raft(m) => match m.extra {
                 Some(Extra::WakeUp) => ("wake_up", false),
-                Some(Extra::NodeHeartbeat { .. }) => return,
-                None if self.is_own_leaders_append(m) || self.late_ack(m) => return,
+                Some(
+                    Extra::NodeHeartbeat { .. }
+                    | Extra::Hibernate { .. }
+                    | Extra::HibernateAck { .. },
+                ) => return,
+                None if self.late_ack(m) => return,
                 None => (
                     "raft_message",
                     matches!(
@@ -98,30 +114,19 @@ impl ReplicaFsm {
             },
             _ => return,
         };
-        if self.asleep {
+        if self.asleep && tell_leader {
+            self.wake_leader(ctx);
+        }
+        if self.asleep || self.announced.is_some() {
             self.wake(ctx, reason);
-            if tell_leader {
-                self.wake_leader(ctx);
-            }
         }
     }
 
-    /// An append or heartbeat from the leader this follower knows.
-    fn is_own_leaders_append(&self, m: &RaftMessage) -> bool {
-        !self.is_leader()
-            && m.from_replica != raft::INVALID_ID
-            && m.from_replica == self.leader_id()
-            && m.msg.term == self.term()
-            && matches!(
-                m.msg.get_msg_type(),
-                MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
-            )
-    }
-
     /// On a leader: a follower acknowledging what it has, as answers to the
-    /// heartbeat a leader may send in the tick it falls asleep do.
+    /// heartbeat a leader sent before it stopped ticking do.
     fn late_ack(&self, m: &RaftMessage) -> bool {
-        self.is_leader()
+        (self.asleep || self.announced.is_some())
+            && self.is_leader()
             && m.msg.term == self.term()
             && match m.msg.get_msg_type() {
                 MessageType::MsgHeartbeatResponse => true,
@@ -130,24 +135,35 @@ impl ReplicaFsm {
             }
     }
 
+    /// Ticks again (a no-op when awake, but for the leader's idle count): a
+    /// leader that slept or asked to stops waiting for answers and pings.
     pub(super) fn wake(&mut self, ctx: &PollContext, reason: &'static str) {
         self.idle_ticks = 0;
-        if !self.asleep {
+        let gave_up = self.announced.take().is_some();
+        if !self.asleep && !gave_up {
             return;
         }
-        self.asleep = false;
-        ctx.meta.set_asleep(self.shard_id, false);
-        metrics::WAKEUPS.with_label_values(&[reason]).inc();
+        if gave_up {
+            metrics::HIBERNATE_REQUESTS
+                .with_label_values(&["given_up"])
+                .inc();
+        }
+        if self.asleep {
+            self.asleep = false;
+            ctx.meta.set_asleep(self.shard_id, false);
+            metrics::WAKEUPS.with_label_values(&[reason]).inc();
+        }
         tracing::debug!(
             shard_id = self.shard_id,
             replica_id = self.replica_id,
             reason,
+            gave_up,
             "waking up"
         );
         if self.is_leader() {
             // Tick counts froze while asleep: who answered "lately" must be
             // heard again (leader transfers check it), and the followers
-            // hear from the leader now rather than at its next heartbeat.
+            // (some of which may sleep) hear from the leader now.
             self.last_heard.clear();
             self.watch_from = self.ticks;
             self.raw_node.ping();
@@ -172,10 +188,16 @@ impl ReplicaFsm {
     /// Tells the leader to tick again (see the module notes).
     fn wake_leader(&self, ctx: &PollContext) {
         let leader = self.leader_id();
-        if leader == raft::INVALID_ID || leader == self.replica_id {
+        if leader != self.replica_id {
+            self.send_extra(leader, Extra::WakeUp, ctx);
+        }
+    }
+
+    fn send_extra(&self, to_replica: ReplicaId, extra: Extra, ctx: &PollContext) {
+        if to_replica == raft::INVALID_ID {
             return;
         }
-        let Some(to_node) = self.node_of(leader) else {
+        let Some(to_node) = self.node_of(to_replica) else {
             return;
         };
         ctx.transport.send(RaftMessage {
@@ -183,10 +205,10 @@ impl ReplicaFsm {
             from_node: ctx.node_id,
             to_node,
             from_replica: self.replica_id,
-            to_replica: leader,
+            to_replica,
             epoch: self.descriptor.epoch(),
             msg: Default::default(),
-            extra: Some(Extra::WakeUp),
+            extra: Some(extra),
         });
     }
 
@@ -197,39 +219,110 @@ impl ReplicaFsm {
             .or_else(|| self.peer_nodes.get(&replica).copied())
     }
 
-    /// After stepping `m` (of type `msg_type`, from `from`).
-    pub(super) fn maybe_sleep_as_follower(
-        &mut self,
-        from: ReplicaId,
-        msg_type: MessageType,
-        ctx: &PollContext,
-    ) {
-        if self.asleep || !matches!(msg_type, MessageType::MsgAppend | MessageType::MsgHeartbeat) {
-            return;
+    /// A `Hibernate`/`HibernateAck` from a peer replica.
+    pub(super) fn on_hibernate_message(&mut self, m: &RaftMessage, ctx: &PollContext) {
+        match m.extra {
+            Some(Extra::Hibernate {
+                term,
+                index,
+                commit,
+            }) => {
+                if let Some(why) =
+                    self.why_not_sleep_as_follower(m.from_replica, term, index, commit)
+                {
+                    tracing::trace!(
+                        shard_id = self.shard_id,
+                        replica_id = self.replica_id,
+                        why,
+                        "not hibernating as the leader asks"
+                    );
+                    return;
+                }
+                self.sleep(ctx, "follower");
+                self.send_extra(m.from_replica, Extra::HibernateAck { term }, ctx);
+            }
+            Some(Extra::HibernateAck { term }) => {
+                let raft = &self.raw_node.raft;
+                let Some(a) = self.announced.as_mut() else {
+                    return;
+                };
+                if a.term != term || raft.term != term {
+                    return;
+                }
+                a.acks.insert(m.from_replica);
+                let all = raft
+                    .prs()
+                    .iter()
+                    .all(|(id, _)| *id == self.replica_id || a.acks.contains(id));
+                if all {
+                    self.announced = None;
+                    metrics::HIBERNATE_REQUESTS
+                        .with_label_values(&["granted"])
+                        .inc();
+                    self.sleep(ctx, "leader");
+                }
+            }
+            _ => {}
         }
-        let raft = &self.raw_node.raft;
-        if raft.state != StateRole::Follower
-            || raft.leader_id != from
-            || raft.raft_log.last_term() != raft.term
-        {
-            return;
-        }
-        if !self.reads.is_empty()
-            || self.resend_reads
-            || self.ticks_since_stepdown.is_some()
-            || !self.pending_writes.is_empty()
-            || !self.raw_node.store().is_initialized()
-            || self.data_in_flux()
-        {
-            return;
-        }
-        self.sleep(ctx, "follower");
     }
 
-    /// On a leader's tick: counts idle ticks and sleeps after enough.
-    pub(super) fn maybe_sleep_as_leader(&mut self, ctx: &PollContext) {
-        if !ctx.cfg.hibernate || !self.is_leader() {
-            return;
+    /// Why this replica must not sleep when `leader` asks, saying its log
+    /// ends at `index` in `term` with `commit` committed (None: it may).
+    fn why_not_sleep_as_follower(
+        &self,
+        leader: ReplicaId,
+        term: u64,
+        index: u64,
+        commit: u64,
+    ) -> Option<&'static str> {
+        let raft = &self.raw_node.raft;
+        let log = &raft.raft_log;
+        if raft.state != StateRole::Follower || raft.leader_id != leader || raft.term != term {
+            return Some("not a follower of that leader in that term");
+        }
+        if log.last_index() != index
+            || log.last_term() != term
+            || log.committed != commit
+            || log.persisted != index
+        {
+            return Some("the log differs from the leader's");
+        }
+        if !self.reads.is_empty() || self.resend_reads {
+            return Some("reads");
+        }
+        if self.ticks_since_stepdown.is_some() || !self.pending_writes.is_empty() {
+            return Some("proposals of its own");
+        }
+        if !self.raw_node.store().is_initialized() || self.data_in_flux() {
+            return Some("a snapshot");
+        }
+        None
+    }
+
+    /// On a leader's tick, before raft's: counts idle ticks, asks the
+    /// followers to hibernate after enough, and waits for their answers.
+    /// True: raft must not tick (no heartbeats while the request stands).
+    pub(super) fn hibernation_tick(&mut self, ctx: &PollContext) -> bool {
+        if !ctx.cfg.hibernate {
+            return false;
+        }
+        if !self.is_leader() {
+            self.announced = None;
+            return false;
+        }
+        if let Some(a) = &self.announced {
+            let waited = self.ticks.saturating_sub(a.at_tick);
+            if waited <= ctx.cfg.heartbeat_ticks.max(1) as u64 && a.term == self.term() {
+                return true;
+            }
+            tracing::debug!(
+                shard_id = self.shard_id,
+                replica_id = self.replica_id,
+                answered = a.acks.len(),
+                "not every replica agreed to hibernate"
+            );
+            self.wake(ctx, "hibernate_refused");
+            return false;
         }
         if let Some(why) = self.leader_busy(ctx) {
             if self.idle_ticks > 0 {
@@ -241,17 +334,50 @@ impl ReplicaFsm {
                 );
             }
             self.idle_ticks = 0;
-            return;
+            return false;
         }
         self.idle_ticks += 1;
-        if self.idle_ticks >= ctx.cfg.hibernate_after_ticks {
-            // What was written since the last split check is checked now
-            // rather than at a tick that will not come.
-            if self.split_check_due(ctx) {
-                self.maybe_check_split(ctx);
-            }
-            self.sleep(ctx, "leader");
+        if self.idle_ticks < ctx.cfg.hibernate_after_ticks {
+            return false;
         }
+        // What was written since the last split check is checked now
+        // rather than at a tick that will not come.
+        if self.split_check_due(ctx) {
+            self.maybe_check_split(ctx);
+        }
+        let raft = &self.raw_node.raft;
+        let (term, index, commit) = (
+            raft.term,
+            raft.raft_log.last_index(),
+            raft.raft_log.committed,
+        );
+        let others: Vec<ReplicaId> = raft
+            .prs()
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| *id != self.replica_id)
+            .collect();
+        if others.is_empty() {
+            self.sleep(ctx, "leader");
+            return true;
+        }
+        for id in others {
+            self.send_extra(
+                id,
+                Extra::Hibernate {
+                    term,
+                    index,
+                    commit,
+                },
+                ctx,
+            );
+        }
+        self.announced = Some(Announcement {
+            term,
+            at_tick: self.ticks,
+            acks: HashSet::new(),
+        });
+        true
     }
 
     /// What keeps the leader ticking (None: nothing needs a clock).
@@ -318,7 +444,7 @@ impl ReplicaFsm {
             return;
         }
         let leader = self.leader_id();
-        if leader == raft::INVALID_ID || self.node_of(leader) != Some(node) {
+        if !self.asleep || leader == raft::INVALID_ID || self.node_of(leader) != Some(node) {
             return;
         }
         if matches!(event, PeerEvent::Down | PeerEvent::Restarted) {
