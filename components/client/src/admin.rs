@@ -39,7 +39,7 @@ impl Client {
             if let Some(s) = cached.filter(|s| s.leader_node != 0) {
                 return Ok(s);
             }
-            let why = match self.refresh_all().await {
+            let why = match self.refresh_shard(shard_id).await {
                 Ok(()) => match self.inner.cache.read().by_id(shard_id) {
                     None => return Err(Error::InvalidArgument(format!("no shard {shard_id}"))),
                     Some(_) => format!("shard {shard_id} has no known leader"),
@@ -356,6 +356,11 @@ impl Client {
     /// until that replica leads.
     pub async fn transfer_leader(&self, shard_id: u64, to_node: u64) -> Result<()> {
         let mut retry = self.new_retry();
+        // Who leads decides whether there is anything to do: ask rather
+        // than trust a cached leader (one route, not the whole table).
+        if let Err(e) = self.refresh_shard(shard_id).await {
+            retry.backoff(e.to_string()).await?;
+        }
         loop {
             let shard = self.shard_with_leader(shard_id, &mut retry).await?;
             if shard.leader_node == to_node {
@@ -374,7 +379,7 @@ impl Client {
             .await?;
             // The transfer takes an election round; look again after it.
             tokio::time::sleep(POLL).await;
-            if let Err(e) = self.refresh_all().await {
+            if let Err(e) = self.refresh_shard(shard_id).await {
                 retry.backoff(e.to_string()).await?;
             } else {
                 retry

@@ -270,6 +270,31 @@ impl Client {
         Err(Error::NoEndpoint(last))
     }
 
+    /// Refreshes one shard's route: by its start key when the cache knows
+    /// it (one small call, however many shards the cluster has), else, or
+    /// when that key now belongs to another shard, all routes.
+    pub(crate) async fn refresh_shard(&self, shard_id: u64) -> Result<()> {
+        let start = self
+            .inner
+            .cache
+            .read()
+            .by_id(shard_id)
+            .map(|s| s.desc.start_key);
+        if let Some(start) = start {
+            let found = self.refresh_key(&start).await.is_ok()
+                && self
+                    .inner
+                    .cache
+                    .read()
+                    .locate(&start)
+                    .is_some_and(|s| s.desc.id == shard_id);
+            if found {
+                return Ok(());
+            }
+        }
+        self.refresh_all().await
+    }
+
     async fn refresh_key(&self, key: &[u8]) -> std::result::Result<(), String> {
         let mut last = String::new();
         for addr in self.candidates() {

@@ -169,24 +169,33 @@ impl Default for NodeLiveness {
     }
 }
 
-/// One tick of node liveness, on the ticker thread: a heartbeat to every
-/// peer node, and the peers' changes (down, up, restarted) logged, counted
-/// and, with `wake_replicas` (hibernation on; ticking followers notice a
-/// dead leader by themselves), sent to the replicas they concern.
-pub fn tick(
+/// A heartbeat to every peer node (on the ticker thread, every raft
+/// heartbeat interval: far more often than the silence that counts as down).
+pub fn send_heartbeats(
     node_id: NodeId,
     liveness: &NodeLiveness,
     meta: &StoreMeta,
     transport: &dyn Transport,
-    router: &RaftRouter,
-    timeout: Duration,
-    wake_replicas: bool,
 ) {
     let incarnation = liveness.incarnation();
     for to in meta.peer_nodes(node_id) {
         transport.send(RaftMessage::node_heartbeat(node_id, to, incarnation));
     }
     transport.flush();
+}
+
+/// One tick of node liveness, on the ticker thread: the peers' changes
+/// (down, up, restarted) logged, counted and, with `wake_replicas`
+/// (hibernation on; ticking followers notice a dead leader by themselves),
+/// sent to the replicas they concern.
+pub fn tick(
+    node_id: NodeId,
+    liveness: &NodeLiveness,
+    meta: &StoreMeta,
+    router: &RaftRouter,
+    timeout: Duration,
+    wake_replicas: bool,
+) {
     for (node, event) in liveness.poll(timeout) {
         let shards = meta.shards_with_replica_on(node);
         match event {

@@ -379,6 +379,7 @@ impl Store {
             // concerns.
             silence: 2 * cfg.election_timeout(),
             hibernate: cfg.hibernate,
+            heartbeat_ticks: cfg.heartbeat_ticks.max(1) as u64,
         });
         tracing::info!(
             node_id,
@@ -442,6 +443,8 @@ struct Ticker {
     silence: Duration,
     /// Replicas hear of peer nodes' changes only when they may sleep.
     hibernate: bool,
+    /// Ticks between node heartbeats.
+    heartbeat_ticks: u64,
 }
 
 fn spawn_ticker(t: Ticker) -> (JoinHandle<()>, Sender<()>) {
@@ -450,6 +453,7 @@ fn spawn_ticker(t: Ticker) -> (JoinHandle<()>, Sender<()>) {
         .name("raft-ticker".into())
         .spawn(move || {
             let mut next = Instant::now() + t.interval;
+            let mut ticks: u64 = 0;
             loop {
                 let wait = next.saturating_duration_since(Instant::now());
                 match stop_rx.recv_timeout(wait) {
@@ -460,11 +464,19 @@ fn spawn_ticker(t: Ticker) -> (JoinHandle<()>, Sender<()>) {
                 // follower's election timeout must span real time for the
                 // leader lease to hold (replica::lease).
                 next = (next + t.interval).max(Instant::now() + t.interval);
+                if ticks.is_multiple_of(t.heartbeat_ticks) {
+                    crate::liveness::send_heartbeats(
+                        t.node_id,
+                        &t.liveness,
+                        &t.meta,
+                        &*t.transport,
+                    );
+                }
+                ticks += 1;
                 crate::liveness::tick(
                     t.node_id,
                     &t.liveness,
                     &t.meta,
-                    &*t.transport,
                     &t.router,
                     t.silence,
                     t.hibernate,

@@ -78,6 +78,24 @@ fn refresh_directory(ctx: &NodeContext) {
     }
 }
 
+/// The shard holding `key`, from the directory, made current by the local
+/// replica of that shard if there is one. Only when that changes what
+/// covers the key (a split the directory has not heard of) are all local
+/// replicas consulted: a route lookup must not cost O(hosted shards).
+fn route_key(ctx: &NodeContext, key: &[u8]) -> Option<ShardDescriptor> {
+    if let Some(d) = ctx.directory.route(key) {
+        match ctx.router.meta().get(d.id) {
+            Some(m) if m.descriptor.is_newer_than(&d) => ctx.directory.update(m.descriptor),
+            _ => return Some(d),
+        }
+        if let Some(d) = ctx.directory.route(key) {
+            return Some(d);
+        }
+    }
+    refresh_directory(ctx);
+    ctx.directory.route(key)
+}
+
 /// Waits for an admin callback of the raftstore.
 pub(crate) async fn admin_call<T: Send + 'static>(
     ctx: &NodeContext,
@@ -474,11 +492,7 @@ impl Admin for AdminService {
         req: Request<GetRouteRequest>,
     ) -> Result<Response<GetRouteResponse>, Status> {
         let key = req.into_inner().key;
-        refresh_directory(&self.ctx);
-        let shard = self
-            .ctx
-            .directory
-            .route(&key)
+        let shard = route_key(&self.ctx, &key)
             .ok_or_else(|| Status::not_found(format!("no shard covers key {key:?}")))?;
         Ok(Response::new(GetRouteResponse {
             route: Some(self.route_of(shard)),

@@ -17,12 +17,14 @@
 //!   shard's leader over the Admin service, following NotLeader answers.
 //! - [`spawn_heartbeat`], on every node: every `placement.heartbeat-
 //!   interval-ms` it reports the ids of the shards this node leads and the
-//!   descriptors of those that changed since its last report (all of them
-//!   every 30th heartbeat or after a failed one, so splits and membership
+//!   descriptors of those that changed or that it took over since its last
+//!   report (`StoreMeta` keeps them as they change, so an idle beat walks
+//!   nothing; all of them every 150th heartbeat or after a failed one, so
+//!   splits and membership
 //!   changes reach the directory even when the report right after them was
 //!   lost), then refreshes the node's routing directory and address book
 //!   from the meta shard when the meta leader says they changed (its Raft
-//!   term and a count of its writes; also every 30th heartbeat). Any node
+//!   term and a count of its writes; also every 150th heartbeat). Any node
 //!   therefore answers routes for shards it does not host, at most one
 //!   interval behind, and an idle cluster of 10,000 shards costs a few
 //!   bytes per heartbeat.
@@ -90,8 +92,9 @@ const CAS_ATTEMPTS: usize = 8;
 pub struct Liveness {
     pub at: std::time::Instant,
     pub stats: NodeStats,
-    /// Shards the node led.
-    pub led: Vec<u64>,
+    /// Shards the node led (shared: the placement driver reads every
+    /// node's each round).
+    pub led: std::sync::Arc<Vec<u64>>,
 }
 
 /// (meta leader's Raft term, directory writes it made): see
@@ -106,6 +109,7 @@ pub struct MetaStore {
     /// Heartbeats heard while leading (not replicated: a new leader starts
     /// empty and gives every node a grace period).
     live: parking_lot::Mutex<std::collections::HashMap<u64, Liveness>>,
+    led_generation: std::sync::atomic::AtomicU64,
     /// Directory and registry writes this node made (see
     /// `directory_version`).
     revision: std::sync::atomic::AtomicU64,
@@ -120,6 +124,7 @@ impl MetaStore {
             ctx,
             alloc: tokio::sync::Mutex::new(()),
             live: Default::default(),
+            led_generation: Default::default(),
             revision: Default::default(),
             cached: Default::default(),
         }
@@ -356,14 +361,25 @@ impl MetaStore {
             return Err(Status::invalid_argument("node.id must not be 0").into());
         }
         let state = self.register(node.clone()).await?;
-        self.live.lock().insert(
-            node.id,
-            Liveness {
-                at: std::time::Instant::now(),
-                stats: req.stats.unwrap_or_default(),
-                led: req.led,
-            },
-        );
+        {
+            let mut live = self.live.lock();
+            let led = match live.get(&node.id) {
+                Some(l) if *l.led == req.led => l.led.clone(),
+                _ => {
+                    self.led_generation
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    std::sync::Arc::new(req.led)
+                }
+            };
+            live.insert(
+                node.id,
+                Liveness {
+                    at: std::time::Instant::now(),
+                    stats: req.stats.unwrap_or_default(),
+                    led,
+                },
+            );
+        }
         let updated = self.report(req.shards).await?;
         // After this heartbeat's own writes: the node reads them back.
         let (directory_term, directory_revision) = self.directory_version();
@@ -384,6 +400,14 @@ impl MetaStore {
     /// leader term hears is all that counts).
     pub fn forget_liveness(&self) {
         self.live.lock().clear();
+        self.led_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Changes whenever some node's led shards (as heard) change.
+    pub fn led_generation(&self) -> u64 {
+        self.led_generation
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Keeps each descriptor that is newer than the directory's; returns
@@ -596,12 +620,10 @@ fn heartbeat_request(
 
 /// The user shards this node's replicas lead, by id.
 fn led_ids(ctx: &NodeContext) -> Vec<u64> {
-    let mut led = Vec::new();
-    ctx.router.meta().for_each(|m| {
-        if m.is_leader() && m.descriptor.id != META_SHARD_ID {
-            led.push(m.descriptor.id);
-        }
-    });
+    let mut led = ctx.router.meta().led_ids();
+    led.retain(|id| *id != META_SHARD_ID);
+    // Sorted: the meta leader compares it with the node's last list.
+    led.sort_unstable();
     led
 }
 
@@ -618,17 +640,14 @@ pub async fn report_split(
 }
 
 /// Every this many heartbeats a node reports every shard it leads and
-/// reads the whole directory whatever changed (a safety net: one minute
-/// with the default interval).
-const FULL_HEARTBEAT_EVERY: u64 = 30;
+/// reads the whole directory whatever changed (a safety net: five minutes
+/// with the default interval; each costs O(shards) on both sides).
+const FULL_HEARTBEAT_EVERY: u64 = 150;
 
 /// What a node's heartbeats remember from one to the next, so an idle
 /// node with thousands of shards sends and reads next to nothing.
 #[derive(Default)]
 pub struct HeartbeatState {
-    /// Epochs (conf_ver, version) of the descriptors the meta shard took
-    /// from this node.
-    reported: std::collections::HashMap<u64, (u64, u64)>,
     /// The directory version (term, revision) this node's copy was read at.
     directory: Option<(u64, u64)>,
     beats: u64,
@@ -647,35 +666,17 @@ async fn heartbeat(
 ) -> Result<(), Status> {
     let full = st.beats.is_multiple_of(FULL_HEARTBEAT_EVERY);
     st.beats += 1;
-    let mut led = Vec::new();
-    let mut changed = Vec::new();
-    ctx.router.meta().for_each(|m| {
-        let d = &m.descriptor;
-        if !m.is_leader() || d.id == META_SHARD_ID {
-            return;
-        }
-        led.push(d.id);
-        let e = d.epoch();
-        if full || st.reported.get(&d.id) != Some(&(e.conf_ver, e.version)) {
-            changed.push(d.clone());
-        }
-    });
-    let epochs: Vec<(u64, (u64, u64))> = changed
-        .iter()
-        .map(|d| (d.id, (d.epoch().conf_ver, d.epoch().version)))
-        .collect();
-    if full {
-        let led: std::collections::HashSet<u64> = led.iter().copied().collect();
-        st.reported.retain(|id, _| led.contains(id));
-    }
+    let led = led_ids(ctx);
+    let mut changed = ctx.router.meta().take_changed_led(full);
+    changed.retain(|d| d.id != META_SHARD_ID);
     let r = match client.heartbeat(heartbeat_request(ctx, led, changed)).await {
         Ok(r) => r,
         Err(e) => {
+            // What was taken is lost: the next heartbeat reports all.
             *st = HeartbeatState::default();
             return Err(e);
         }
     };
-    st.reported.extend(epochs);
     let removed = r.state == NodeState::Removed as i32;
     if removed
         != ctx
