@@ -15,7 +15,7 @@ use flotilla_test_cluster::{put_acked, wait_until, TestCluster};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Hibernation is off by default (experimental).
+/// Hibernation is on by default; these tests depend on it, so say so.
 fn hibernating(cfg: &mut flotilla_server::Config) {
     cfg.raftstore.hibernate = true;
 }

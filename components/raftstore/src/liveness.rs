@@ -2,32 +2,35 @@
 //!
 //! Hibernated replicas do not tick (`replica::fsm::hibernate`), so a
 //! follower cannot notice by itself that its leader went away. The node
-//! notices instead, once for all its replicas: every raft poll round that
-//! ticks the node FSM sends a tiny `NodeHeartbeat` to every peer node that
-//! shares a shard with it, and the transport's receiving side records when
-//! anything last arrived from each peer ([`NodeLiveness::heard_from`]).
+//! notices instead, once for all its replicas: every raft heartbeat
+//! interval (`heartbeat-ticks`) the ticker sends a tiny `NodeHeartbeat` to
+//! every peer node that shares a shard with it, and the transport's
+//! receiving side records when anything last arrived from each peer
+//! ([`NodeLiveness::heard_from`]).
 //!
 //! The ticker polls this table every tick and turns changes into events
 //! for the replicas that have a replica on that node:
 //! - `Down`: nothing arrived for two election timeouts while another peer
 //!   was heard (every peer silent at once means this node is starved or
-//!   cut off; calling them all down would only wake every shard). Followers whose
-//!   leader lives there wake and may campaign at once: their leader's last
-//!   message arrived before that silence began, so the leader's lease
-//!   (shorter than an election timeout, see `replica::lease`) is over.
+//!   cut off; calling them all down would only wake every shard). Sleeping
+//!   followers whose leader lives there wake and grant votes at once (one
+//!   of them campaigns): their leader's last message arrived before that
+//!   silence began, so its lease (shorter than an election timeout, see
+//!   `replica::lease`) is over. Awake followers ignore it: raft's own
+//!   election timeout serves them.
 //!   Leaders with a follower there wake, so they count it down and raft's
 //!   check-quorum runs again (a leader cut off from everyone steps down).
 //! - `Up`: heard again after `Down`. Leaders wake to bring it up to date.
 //! - `Restarted`: its heartbeat carries a new incarnation (the process
 //!   restarted, maybe faster than an election timeout). Its old leaders'
-//!   leases died with the process: followers of leaders there campaign at
-//!   once; leaders wake to heartbeat its new replicas.
+//!   leases died with the process: sleeping followers of leaders there act
+//!   as on `Down`; leaders wake to heartbeat its new replicas.
 //!
 //! Liveness is one-way: this node hearing a peer says nothing of the peer
 //! hearing it; the peer decides for itself, as raft's followers do.
 //!
 //! Both the heartbeats and the polling run on the node's ticker thread
-//! ([`tick`]), not on the raft pollers: when thousands of replicas keep the
+//! ([`send_heartbeats`], [`tick`]), not on the raft pollers: when thousands of replicas keep the
 //! pollers busy (a start, an election storm), a heartbeat stuck behind them
 //! would make peers call this node down and wake thousands more.
 

@@ -33,7 +33,8 @@ pub enum Extra {
     /// To a shard's leader from a follower woken by something other than
     /// the leader: tick again (`replica::fsm::hibernate`).
     WakeUp,
-    /// Node liveness, sent every tick to every peer node (`crate::liveness`);
+    /// Node liveness, sent every raft heartbeat interval to every peer node
+    /// (`crate::liveness`);
     /// `incarnation` changes when the sending process restarts.
     NodeHeartbeat { incarnation: u64 },
     /// Leader to follower: the leader has nothing to do and will sleep once
