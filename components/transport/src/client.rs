@@ -54,6 +54,9 @@ pub struct RaftClientConfig {
     /// Most messages coalesced into one RaftBatch.
     pub max_batch_messages: usize,
     pub connect_timeout: Duration,
+    /// How long a batch may wait for an open stream to take it before the
+    /// stream counts as stalled and is replaced by a new connection.
+    pub stall_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     /// Largest gRPC message sent or received on the raft service, bytes.
@@ -67,6 +70,7 @@ impl Default for RaftClientConfig {
             queue_batches: 4096,
             max_batch_messages: 4096,
             connect_timeout: Duration::from_secs(2),
+            stall_timeout: Duration::from_secs(5),
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             max_message_bytes: 64 << 20,
@@ -344,7 +348,13 @@ impl Inner {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        endpoint.connect().await.map_err(|e| e.to_string())
+        // The connect timeout covers TCP; a peer (or a proxy) that accepts
+        // and then says nothing must not hold the peer's task either.
+        let limit = 2 * self.cfg.connect_timeout;
+        match tokio::time::timeout(limit, endpoint.connect()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no connection within {limit:?}")),
+        }
     }
 
     async fn run_peer(self: Arc<Self>, to: NodeId, mut rx: mpsc::Receiver<Vec<RaftMessage>>) {
@@ -418,8 +428,20 @@ impl Inner {
                 // behind a half-open TCP connection) stops pulling batches:
                 // waiting on the queue alone would never notice the call
                 // failing (keepalive) and the link would stay dead.
+                let stall = tokio::time::sleep(self.cfg.stall_timeout);
                 let sent = tokio::select! {
                     r = tx.send(batch) => r.is_ok(),
+                    _ = stall => {
+                        // Open, alive to keepalives, yet taking nothing: a
+                        // peer whose handler never reads, a proxy that lost
+                        // its upstream. A new connection is the way out.
+                        tracing::warn!(
+                            to_node = to,
+                            stall = ?self.cfg.stall_timeout,
+                            "raft stream to peer stalled; reconnecting"
+                        );
+                        false
+                    }
                     r = &mut call => {
                         let why = why_call_ended(r);
                         tracing::info!(to_node = to, reason = %why, "raft stream to peer closed while sending");
@@ -477,5 +499,107 @@ fn encode(m: &RaftMessage) -> RaftEnvelope {
         epoch: Some(m.epoch),
         message,
         extra,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
+
+    use flotilla_proto::raft::raft_server::{Raft, RaftServer};
+    use flotilla_proto::raft::{Done, RaftBatch, SnapshotChunk};
+    use raft::eraftpb::{Entry, Message, MessageType};
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+
+    /// A peer whose first raft call never reads its stream (as a handler
+    /// stuck, or a proxy that lost its upstream); later calls read.
+    #[derive(Default)]
+    struct StuckOnce {
+        calls: AtomicUsize,
+        received: Arc<AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl Raft for StuckOnce {
+        async fn raft(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<Done>, Status> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                std::future::pending::<()>().await;
+            }
+            let mut s = req.into_inner();
+            while let Some(b) = s.message().await? {
+                self.received.fetch_add(b.messages.len(), Ordering::SeqCst);
+            }
+            Ok(Response::new(Done {}))
+        }
+
+        async fn snapshot(
+            &self,
+            _req: Request<Streaming<SnapshotChunk>>,
+        ) -> Result<Response<Done>, Status> {
+            Err(Status::unimplemented("no snapshots here"))
+        }
+    }
+
+    fn big_append(i: u64) -> RaftMessage {
+        let mut msg = Message::default();
+        msg.set_msg_type(MessageType::MsgAppend);
+        let mut e = Entry::default();
+        e.index = i;
+        e.data = vec![7u8; 256 << 10].into();
+        msg.entries = vec![e].into();
+        RaftMessage {
+            shard_id: 1,
+            from_node: 1,
+            to_node: 2,
+            from_replica: 1,
+            to_replica: 2,
+            epoch: Default::default(),
+            msg,
+            extra: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_that_takes_nothing_is_replaced() {
+        let peer = StuckOnce::default();
+        let received = peer.received.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftServer::new(peer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let addresses = AddressBook::default();
+        addresses.set(2, addr);
+        let cfg = RaftClientConfig {
+            stall_timeout: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let client = RaftClient::new(
+            1,
+            cfg,
+            addresses,
+            Arc::new(SnapManager::open(dir.path()).unwrap()),
+            tokio::runtime::Handle::current(),
+        );
+        // The first stream's flow-control window and queue fill and stay
+        // full; the stall is noticed and a new call delivers.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut i = 0;
+        while received.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "nothing delivered after the stall"
+            );
+            i += 1;
+            client.send(big_append(i));
+            client.flush();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
