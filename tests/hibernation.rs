@@ -66,15 +66,22 @@ async fn wait_asleep(c: &TestCluster, nodes: &[NodeId], shards: &[ShardId]) {
     }
 }
 
-/// A hibernating cluster of 3 nodes with `shards` user shards, each
-/// written once (key "a" of its range, "v1"), every replica asleep.
-async fn asleep_cluster(shards: usize) -> (TestCluster, Client, Vec<NodeId>, Vec<ShardId>) {
+/// A hibernating cluster of 3 nodes with `shards` user shards, every one
+/// with a leader.
+async fn hibernating_cluster(shards: usize) -> TestCluster {
     let c = TestCluster::builder(3)
         .shards(shards)
         .configure(hibernating)
         .start()
         .await;
     c.wait_all_leaders(WAIT).await;
+    c
+}
+
+/// A hibernating cluster of 3 nodes with `shards` user shards, each
+/// written once (key "a" of its range, "v1"), every replica asleep.
+async fn asleep_cluster(shards: usize) -> (TestCluster, Client, Vec<NodeId>, Vec<ShardId>) {
+    let c = hibernating_cluster(shards).await;
     let client = c.client_with_timeout(Duration::from_secs(10)).await;
     let nodes = c.node_ids();
     let ids = user_shards(&c, 1);
@@ -179,12 +186,7 @@ async fn idle_shards_hibernate_on_every_node_and_a_write_wakes_its_shard() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hibernated_leader_cut_off_is_replaced_and_answers_no_stale_read() {
-    let mut c = TestCluster::builder(3)
-        .shards(4)
-        .configure(hibernating)
-        .start()
-        .await;
-    c.wait_all_leaders(WAIT).await;
+    let mut c = hibernating_cluster(4).await;
     let client = c.client_with_timeout(Duration::from_secs(10)).await;
     let nodes = c.node_ids();
     let shards = user_shards(&c, 1);
@@ -297,12 +299,7 @@ async fn a_link_cut_between_a_hibernated_leader_and_one_follower_moves_nothing()
 async fn a_follower_that_never_hears_the_request_keeps_its_shard_awake_and_led() {
     use flotilla_raftstore::Extra;
     use flotilla_test_cluster::FilterDecision;
-    let mut c = TestCluster::builder(3)
-        .shards(4)
-        .configure(hibernating)
-        .start()
-        .await;
-    c.wait_all_leaders(WAIT).await;
+    let mut c = hibernating_cluster(4).await;
     let nodes = c.node_ids();
     let shards = user_shards(&c, 1);
     let terms = |c: &TestCluster| -> Vec<u64> {

@@ -65,50 +65,32 @@ impl Directory {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use flotilla_proto::meta::Epoch;
+    use flotilla_proto::meta::Replica;
 
-    fn shard(id: u64, s: &str, e: &str, version: u64) -> ShardDescriptor {
-        ShardDescriptor {
-            id,
-            start_key: Bytes::copy_from_slice(s.as_bytes()),
-            end_key: Bytes::copy_from_slice(e.as_bytes()),
-            epoch: Some(Epoch {
-                conf_ver: 1,
-                version,
-            }),
-            replicas: vec![flotilla_proto::meta::Replica {
-                id: id + 100,
-                node_id: 1,
-                role: 0,
-            }],
-        }
-    }
-
+    // Ranges, epochs and overlaps are `ShardMap`'s, tested there; this is
+    // what the directory adds.
     #[test]
-    fn routes_keys_to_their_ranges_and_newer_epochs_win() {
-        let d = Directory::new(vec![shard(1, "", "m", 1), shard(2, "m", "", 1)]);
-        assert_eq!(d.route(b"").unwrap().id, 1);
-        assert_eq!(d.route(b"l").unwrap().id, 1);
-        assert_eq!(d.route(b"m").unwrap().id, 2);
-        assert_eq!(d.route(b"zzz").unwrap().id, 2);
-        // A split of 2 at "t" replaces the overlapping older descriptor.
-        d.update(shard(2, "m", "t", 2));
-        d.update(shard(3, "t", "", 2));
-        assert_eq!(d.route(b"x").unwrap().id, 3);
-        assert_eq!(d.list().len(), 3);
-        // A stale descriptor is ignored.
-        d.update(shard(2, "m", "", 1));
-        assert_eq!(d.route(b"x").unwrap().id, 3);
-        assert_eq!(d.overlapping(b"a", b"n").len(), 2);
-        assert_eq!(d.overlapping(b"t", b"").len(), 1);
-        assert_eq!(d.overlapping(b"", b"").len(), 3);
-        assert_eq!(d.get(2).unwrap().end_key, Bytes::from_static(b"t"));
-        // A merge-like descriptor covering several ranges replaces them all.
-        d.update(shard(4, "a", "z", 3));
-        let ids: Vec<_> = d.list().iter().map(|s| s.id).collect();
-        assert_eq!(ids, vec![4], "{:?}", d.list());
-        assert!(d.get(1).is_none() && d.get(3).is_none());
-        assert_eq!(d.route(b"b").unwrap().id, 4);
-        assert!(d.route(b"").is_none());
+    fn keeps_user_shards_with_replicas_only() {
+        let desc = |id: u64, replicas: Vec<Replica>| ShardDescriptor {
+            id,
+            start_key: Bytes::from_static(b"a"),
+            end_key: Bytes::from_static(b"b"),
+            replicas,
+            ..Default::default()
+        };
+        let one = vec![Replica {
+            id: 7,
+            node_id: 1,
+            role: 0,
+        }];
+        let d = Directory::new(vec![
+            desc(flotilla_storage::META_SHARD_ID, one.clone()),
+            desc(5, vec![]),
+        ]);
+        assert!(d.list().is_empty(), "{:?}", d.list());
+        d.update(desc(5, one));
+        assert_eq!(d.route(b"a").unwrap().id, 5);
+        assert_eq!(d.get(5).unwrap().id, 5);
+        assert_eq!(d.overlapping(b"", b"").len(), 1);
     }
 }
