@@ -45,8 +45,8 @@
 //!   sleeping leader: a sleeping follower whose leader's node went silent
 //!   for two election timeouts, or restarted, wakes; its election clock is
 //!   moved to the timeout (the leader's lease ended before that silence
-//!   did, see `replica::lease`), so it grants votes, and the voter with the
-//!   lowest id outside that node campaigns two ticks later; a leader wakes when a
+//!   did, see `replica::lease`), so it grants votes, and one voter outside
+//!   that node (chosen by shard id) campaigns two ticks later; a leader wakes when a
 //!   node holding one of its followers goes, comes back or restarts. Awake
 //!   followers ignore node liveness: raft's timeouts serve them, and a peer
 //!   wrongly called down on an overloaded node must not set off elections.
@@ -451,20 +451,22 @@ impl ReplicaFsm {
         if matches!(event, PeerEvent::Down | PeerEvent::Restarted) {
             self.wake(ctx, event.as_str());
             // The leader's lease ended before the silence did: grant votes
-            // at once. Of the voters elsewhere, the lowest id campaigns
-            // (after two ticks, so that the others' nodes noticed the
-            // silence too and grant); the rest keep their timer as a
-            // fallback. All campaigning at once split the votes: with 3,333
-            // hibernated leaders on a killed node, 5,000 elections and
-            // writes stalled up to 10 s.
-            let first = self
+            // at once. One voter elsewhere campaigns (after two ticks, so
+            // that the others' nodes noticed the silence too and grant),
+            // picked by shard id so new leaders spread over the nodes; the
+            // rest keep their timer as a fallback. All campaigning at once
+            // split the votes: with 3,333 hibernated leaders on a killed
+            // node, 5,000 elections and writes stalled up to 10 s.
+            let mut voters: Vec<ReplicaId> = self
                 .descriptor
                 .replicas
                 .iter()
                 .filter(|r| r.node_id != node && r.role == ReplicaRole::Voter as i32)
                 .map(|r| r.id)
-                .min()
-                == Some(self.replica_id);
+                .collect();
+            voters.sort_unstable();
+            let first = !voters.is_empty()
+                && voters[self.shard_id as usize % voters.len()] == self.replica_id;
             let raft = &mut self.raw_node.raft;
             let timeout = raft.election_timeout();
             raft.election_elapsed = if first {
