@@ -546,9 +546,11 @@ mod tests {
     fn big_append(i: u64) -> RaftMessage {
         let mut msg = Message::default();
         msg.set_msg_type(MessageType::MsgAppend);
-        let mut e = Entry::default();
-        e.index = i;
-        e.data = vec![7u8; 256 << 10].into();
+        let e = Entry {
+            index: i,
+            data: vec![7u8; 256 << 10].into(),
+            ..Default::default()
+        };
         msg.entries = vec![e].into();
         RaftMessage {
             shard_id: 1,
