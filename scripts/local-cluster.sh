@@ -18,7 +18,13 @@ CONFIG=${CONFIG:-etc/flotilla.toml}
 
 grpc_port() { echo $((20160 + $1)); }
 status_port() { echo $((20180 + $1)); }
-alive() { [ -f "$DATA/node$1.pid" ] && kill -0 "$(cat "$DATA/node$1.pid")" 2>/dev/null; }
+# Node $1's recorded process is alive and still a flotilla-server (after a
+# crash or reboot its pid may belong to something else).
+alive() {
+  [ -f "$DATA/node$1.pid" ] || return 1
+  local pid; pid=$(cat "$DATA/node$1.pid")
+  kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q flotilla-server
+}
 # Ids of nodes that have a data dir (or a pid file), ascending.
 known_nodes() {
   ls -d "$DATA"/node* 2>/dev/null | sed -n 's|.*/node\([0-9]*\)\(\.pid\)\{0,1\}$|\1|p' | sort -n | uniq

@@ -14,10 +14,12 @@
 //!    nothing of its own waiting (reads, a former leader's proposals) and no
 //!    snapshot installing, stops ticking and answers `HibernateAck`.
 //! 4. The leader sleeps once every replica answered. If one does not
-//!    within `heartbeat_ticks`, or anything happens meanwhile, it gives up:
-//!    it pings (a heartbeat, which wakes the followers that slept) and counts
-//!    idle ticks again. The wait is short so that a follower that declined
-//!    never goes an election timeout without a heartbeat.
+//!    within half an election timeout (less when heartbeats are sparse), or
+//!    anything happens meanwhile, it gives up: it pings (a heartbeat, which
+//!    wakes the followers that slept) and counts idle ticks again. The wait
+//!    is bounded so that a follower that declined never goes an election
+//!    timeout without a heartbeat; it is not shorter because a loaded node
+//!    (10,000 shards restarting) answers late.
 //!
 //! So a follower sleeps only while its leader does (or is about to): as long
 //! as a leader is awake its followers tick and notice its failure by raft's
@@ -312,8 +314,13 @@ impl ReplicaFsm {
             return false;
         }
         if let Some(a) = &self.announced {
+            // A follower that did not take the request (or whose answer is
+            // late) keeps ticking: it must hear a ping before its election
+            // timeout, counted from the heartbeat before the request.
+            let (hb, et) = (ctx.cfg.heartbeat_ticks, ctx.cfg.election_ticks);
+            let patience = (et / 2).min(et.saturating_sub(hb + 2)).max(1) as u64;
             let waited = self.ticks.saturating_sub(a.at_tick);
-            if waited <= ctx.cfg.heartbeat_ticks.max(1) as u64 && a.term == self.term() {
+            if waited <= patience && a.term == self.term() {
                 return true;
             }
             tracing::debug!(
