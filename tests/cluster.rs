@@ -63,13 +63,7 @@ async fn direct_put(
     key: &[u8],
 ) -> tokio::sync::oneshot::Receiver<flotilla_raftstore::Result<flotilla_raftstore::WriteResult>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let epoch = c
-        .router(node)
-        .meta()
-        .get(shard_id)
-        .unwrap()
-        .descriptor
-        .epoch();
+    let epoch = c.descriptor(node, shard_id).epoch();
     c.router(node).write(WriteRequest {
         shard_id,
         epoch,

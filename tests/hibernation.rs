@@ -22,7 +22,7 @@ fn hibernating(cfg: &mut flotilla_server::Config) {
 
 /// A key inside `shard_id`'s range, as `node` knows it.
 fn key_in(c: &TestCluster, node: NodeId, shard_id: ShardId, tag: &str) -> Bytes {
-    let d = c.router(node).meta().get(shard_id).unwrap().descriptor;
+    let d = c.descriptor(node, shard_id);
     let mut k = d.start_key.to_vec();
     k.push(0);
     k.extend_from_slice(tag.as_bytes());
@@ -101,13 +101,7 @@ async fn direct_leader_read(
     shard_id: ShardId,
     within: Duration,
 ) -> Option<flotilla_raftstore::Result<()>> {
-    let epoch = c
-        .router(node)
-        .meta()
-        .get(shard_id)
-        .unwrap()
-        .descriptor
-        .epoch();
+    let epoch = c.descriptor(node, shard_id).epoch();
     let (tx, rx) = tokio::sync::oneshot::channel();
     c.router(node).read(ReadRequest {
         shard_id,

@@ -297,7 +297,7 @@ async fn malformed_admin_requests_are_refused() {
             .await,
         "to_node_id 9",
     );
-    let before = c.router(1).meta().get(1).unwrap().descriptor;
+    let before = c.descriptor(1, 1);
     assert_eq!(before.epoch().conf_ver, 1, "nothing changed");
     c.shutdown().await;
 }

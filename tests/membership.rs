@@ -103,7 +103,7 @@ async fn a_replica_is_replaced_atomically_and_the_removed_one_cleans_up() {
         client.put(b(format!("k{i:04}")), b("v")).await.unwrap();
     }
     let leader = c.wait_leader(1, &[], WAIT).await;
-    let desc = c.router(leader).meta().get(1).unwrap().descriptor;
+    let desc = c.descriptor(leader, 1);
     let outgoing = desc.replicas.iter().find(|r| r.node_id != leader).unwrap();
 
     c.change_replicas(1, vec![change(Kind::AddLearner, 2001, 4)])
@@ -130,7 +130,7 @@ async fn a_replica_is_replaced_atomically_and_the_removed_one_cleans_up() {
     .unwrap();
     // The joint configuration is left by itself.
     wait_until("joint configuration left", || async {
-        let d = c.router(leader).meta().get(1).unwrap().descriptor;
+        let d = c.descriptor(leader, 1);
         d.replicas
             .iter()
             .all(|r| r.role == ReplicaRole::Voter as i32 || r.role == ReplicaRole::Learner as i32)
@@ -167,7 +167,7 @@ async fn a_replica_is_replaced_atomically_and_the_removed_one_cleans_up() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(c.router(gone).meta().get(1).is_none());
-    let d = c.router(leader).meta().get(1).unwrap().descriptor;
+    let d = c.descriptor(leader, 1);
     assert_eq!(d.replicas.len(), 3);
     assert!(d.replica_on(gone).is_none());
     c.assert_replicas_identical(1).await;
@@ -178,7 +178,7 @@ async fn a_replica_is_replaced_atomically_and_the_removed_one_cleans_up() {
 async fn invalid_membership_changes_are_refused() {
     let c = four_nodes().await;
     let leader = c.wait_leader(1, &[], WAIT).await;
-    let desc = c.router(leader).meta().get(1).unwrap().descriptor;
+    let desc = c.descriptor(leader, 1);
     let leader_replica = desc.replica_on(leader).unwrap().id;
     let other = desc.replicas.iter().find(|r| r.node_id != leader).unwrap();
     // Two replicas on one node.
@@ -209,7 +209,7 @@ async fn invalid_membership_changes_are_refused() {
         c.change_replicas(1, vec![change(Kind::Remove, 0, 4)]).await
     ));
     // Nothing changed.
-    let after = c.router(leader).meta().get(1).unwrap().descriptor;
+    let after = c.descriptor(leader, 1);
     assert_eq!(after.epoch(), desc.epoch());
     c.shutdown().await;
 }

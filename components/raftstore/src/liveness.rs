@@ -70,8 +70,8 @@ struct Peer {
     restarted: bool,
 }
 
-/// Shared by the transport's receiving side (writes) and the node FSM
-/// (polls).
+/// Shared by the transport's receiving side (writes) and the ticker
+/// thread (polls).
 pub struct NodeLiveness {
     /// This process's incarnation, sent in its heartbeats.
     incarnation: u64,

@@ -41,17 +41,17 @@ pub struct ShardHash {
 }
 
 /// The local shards and their counts, kept as they change: status pages
-/// and gauges read the counts every second, and walking 10,000 shards for
+/// and gauges read the counts every tick, and walking 10,000 shards for
 /// them was a third of an idle node's CPU.
 #[derive(Default)]
 struct Shards {
     map: HashMap<ShardId, ShardMeta>,
     /// The shards whose local replica leads (heartbeats report them).
     led: HashSet<ShardId>,
-    /// Shards whose descriptor changed, or whose replica took the lead,
-    /// since the last heartbeat took them: what it must report.
+    /// Shards whose descriptor changed, or whose entry changed while their
+    /// replica leads (taking the lead among those), since the last
+    /// heartbeat took them: what it must report.
     dirty: HashSet<ShardId>,
-    leaders: usize,
     without_leader: usize,
     down_replicas: usize,
 }
@@ -59,7 +59,6 @@ struct Shards {
 impl Shards {
     fn count(&mut self, m: &ShardMeta, add: bool) {
         let f = |n: &mut usize, by: usize| *n = if add { *n + by } else { n.saturating_sub(by) };
-        f(&mut self.leaders, m.is_leader() as usize);
         if m.is_leader() {
             if add {
                 self.led.insert(m.descriptor.id);
@@ -282,7 +281,7 @@ impl StoreMeta {
         let replicas = shards.map.len();
         MetaCounts {
             replicas,
-            leaders: shards.leaders,
+            leaders: shards.led.len(),
             without_leader: shards.without_leader,
             down_replicas: shards.down_replicas,
             asleep: replicas.saturating_sub(self.awake.read().len()),

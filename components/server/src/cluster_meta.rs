@@ -648,8 +648,8 @@ const FULL_HEARTBEAT_EVERY: u64 = 150;
 /// node with thousands of shards sends and reads next to nothing.
 #[derive(Default)]
 pub struct HeartbeatState {
-    /// The directory version (term, revision) this node's copy was read at.
-    directory: Option<(u64, u64)>,
+    /// The directory version this node's copy was read at.
+    directory: Option<DirectoryVersion>,
     beats: u64,
 }
 

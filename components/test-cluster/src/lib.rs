@@ -11,6 +11,7 @@ use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use flotilla_client::{Client, ClientConfig};
+use flotilla_proto::meta::ShardDescriptor;
 use flotilla_raftstore::{NodeId, ShardId, StoreRouter};
 use flotilla_server::{Config, Listeners, Server};
 use flotilla_transport::{Filter, PartitionFilter};
@@ -261,6 +262,16 @@ impl TestCluster {
             s.transport().clear_filters();
         }
         self.filters.clear();
+    }
+
+    /// `shard_id`'s descriptor as `node`'s replica knows it (panics when
+    /// the node hosts none).
+    pub fn descriptor(&self, node: NodeId, shard_id: ShardId) -> ShardDescriptor {
+        self.router(node)
+            .meta()
+            .get(shard_id)
+            .unwrap_or_else(|| panic!("node {node} hosts no replica of shard {shard_id}"))
+            .descriptor
     }
 
     /// The node whose replica leads `shard_id`, among running nodes, as the

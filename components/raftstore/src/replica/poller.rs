@@ -66,7 +66,6 @@ const PARKED_SHARDS: usize = 1024;
 pub struct NodeFsm {
     receiver: Receiver<ControlMsg>,
     meta: Arc<StoreMeta>,
-    ticks: u64,
     /// Messages for unknown shards that may not create a replica (vote
     /// requests): the new shard of a split that the leader's node applied
     /// first campaigns at once, and its votes arrive here before this node
@@ -79,13 +78,8 @@ impl NodeFsm {
         NodeFsm {
             receiver,
             meta,
-            ticks: 0,
             parked: HashMap::new(),
         }
-    }
-
-    fn ticks_per_second(&self, ctx: &PollContext) -> u64 {
-        (1000 / ctx.cfg.tick_interval.as_millis().max(1)).max(1) as u64
     }
 
     fn handle(&mut self, ctx: &PollContext) {
@@ -108,11 +102,6 @@ impl NodeFsm {
                     }
                 }
                 ControlMsg::Tick => {
-                    self.ticks += 1;
-                    // Gauges once a second (counting walks every shard).
-                    if !self.ticks.is_multiple_of(self.ticks_per_second(ctx)) {
-                        continue;
-                    }
                     let c = self.meta.counts();
                     metrics::REPLICAS_HIBERNATED.set(c.asleep as i64);
                     metrics::SHARDS.set(c.replicas as i64);
