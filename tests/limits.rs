@@ -301,3 +301,172 @@ async fn malformed_admin_requests_are_refused() {
     assert_eq!(before.epoch().conf_ver, 1, "nothing changed");
     c.shutdown().await;
 }
+
+/// One `BatchCommands` message mixing good and bad commands: each is
+/// answered once, under its id, as its unary call would be; the bad ones
+/// write nothing and do not stop the others; the stream stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_commands_are_answered_one_by_one() {
+    use command::Cmd;
+    use command_response::Resp;
+    use flotilla_proto::error::error::Kind;
+    let c = TestCluster::builder(1)
+        .shards(1)
+        .configure(|cfg| cfg.limits.max_key_size_bytes = 16)
+        .start()
+        .await;
+    c.wait_all_leaders(Duration::from_secs(20)).await;
+    let client = c.client().await;
+    let shard = client.list_shards().await.unwrap().remove(0).descriptor;
+    let ctx = Some(ShardContext {
+        shard_id: shard.id,
+        epoch: shard.epoch,
+        replica_id: 0,
+        read_mode: 0,
+    });
+    let mut stale = shard.epoch.unwrap();
+    stale.version += 3;
+    let put = |key: &[u8], context| {
+        Some(Cmd::Put(PutRequest {
+            context,
+            key: b(key),
+            value: b("v"),
+        }))
+    };
+    let (requests, requests_rx) = tokio::sync::mpsc::channel(4);
+    let mut kv = KvClient::connect(format!("http://{}", c.grpc_addr(1)))
+        .await
+        .unwrap();
+    let mut answers = kv
+        .batch_commands(tokio_stream::wrappers::ReceiverStream::new(requests_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let commands = vec![
+        Command {
+            id: 1,
+            cmd: put(b"a", ctx),
+        },
+        Command {
+            id: 2,
+            cmd: put(&[7u8; 17], ctx),
+        },
+        Command { id: 3, cmd: None },
+        Command {
+            id: 4,
+            cmd: put(
+                b"b",
+                ctx.map(|c| ShardContext {
+                    epoch: Some(stale),
+                    ..c
+                }),
+            ),
+        },
+        Command {
+            id: 5,
+            cmd: put(b"c", ctx),
+        },
+    ];
+    requests
+        .send(BatchCommandsRequest { commands })
+        .await
+        .unwrap();
+    let mut got = std::collections::BTreeMap::new();
+    while got.len() < 5 {
+        let m = tokio::time::timeout(Duration::from_secs(10), answers.message())
+            .await
+            .expect("answers within 10 s")
+            .unwrap()
+            .expect("the stream stays open");
+        for r in m.responses {
+            assert!(
+                got.insert(r.id, r.resp).is_none(),
+                "id {} answered twice",
+                r.id
+            );
+        }
+    }
+    let ok = |r: &Option<Resp>| matches!(r, Some(Resp::Put(p)) if p.error.is_none());
+    assert!(ok(&got[&1]) && ok(&got[&5]), "{got:?}");
+    let invalid = |r: &Option<Resp>, needle: &str| match r {
+        Some(Resp::Status(s)) => {
+            s.code == Code::InvalidArgument as i32 && s.message.contains(needle)
+        }
+        _ => false,
+    };
+    assert!(
+        invalid(&got[&2], "limits.max-key-size-bytes = 16"),
+        "{got:?}"
+    );
+    assert!(invalid(&got[&3], "no request set"), "{got:?}");
+    assert!(
+        matches!(&got[&4], Some(Resp::Put(p)) if matches!(
+            p.error.as_ref().and_then(|e| e.kind.as_ref()),
+            Some(Kind::EpochNotMatch(_))
+        )),
+        "{got:?}"
+    );
+
+    // The same stream serves the next message; only a and c were written.
+    requests
+        .send(BatchCommandsRequest {
+            commands: vec![Command {
+                id: 6,
+                cmd: Some(Cmd::Scan(ScanRequest {
+                    context: ctx,
+                    start_key: b(""),
+                    end_key: b(""),
+                    limit: 100,
+                    reverse: false,
+                })),
+            }],
+        })
+        .await
+        .unwrap();
+    let m = answers.message().await.unwrap().unwrap();
+    match &m.responses[..] {
+        [CommandResponse {
+            id: 6,
+            resp: Some(Resp::Scan(s)),
+        }] => {
+            let keys: Vec<_> = s.pairs.iter().map(|p| p.key.clone()).collect();
+            assert_eq!(keys, vec![b("a"), b("c")]);
+        }
+        other => panic!("expected the scan's answer, got {other:?}"),
+    }
+    // Closing the request side ends the answers.
+    drop(requests);
+    assert!(answers.message().await.unwrap().is_none());
+    c.shutdown().await;
+}
+
+/// The client's unary mode (`batch_commands: false`) and its default
+/// batched mode read each other's writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unary_and_batched_clients_agree() {
+    let c = TestCluster::builder(1).shards(2).start().await;
+    c.wait_all_leaders(Duration::from_secs(20)).await;
+    let batched = c.client().await;
+    let unary = flotilla_client::Client::connect(flotilla_client::ClientConfig {
+        endpoints: vec![c.grpc_addr(1)],
+        batch_commands: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    unary.put(b("u"), b("1")).await.unwrap();
+    batched.put(b([0xf0]), b("2")).await.unwrap();
+    assert_eq!(batched.get(b("u")).await.unwrap(), Some(b("1")));
+    assert_eq!(unary.get(b([0xf0])).await.unwrap(), Some(b("2")));
+    let cas = unary
+        .compare_and_swap(b("u"), Some(b("1")), Some(b("3")))
+        .await
+        .unwrap();
+    assert!(cas.succeeded);
+    assert_eq!(
+        batched.scan(b(""), b(""), 10, false).await.unwrap().len(),
+        2
+    );
+    assert_eq!(batched.get(b("u")).await.unwrap(), Some(b("3")));
+    c.shutdown().await;
+}

@@ -18,6 +18,7 @@ use rand::Rng;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::conn::{BatchStream, KvConn, NOT_SENT};
 use crate::error::{Error, Result};
 use crate::routes::{CachedShard, RouteCache};
 
@@ -34,6 +35,10 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Largest gRPC message accepted (scan responses).
     pub max_message_bytes: usize,
+    /// Send requests over one `BatchCommands` stream per node (many requests
+    /// per HTTP/2 message when many are in flight) instead of one unary
+    /// call each. See the `conn` module.
+    pub batch_commands: bool,
 }
 
 impl Default for ClientConfig {
@@ -45,6 +50,7 @@ impl Default for ClientConfig {
             backoff_max: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(1),
             max_message_bytes: 64 << 20,
+            batch_commands: true,
         }
     }
 }
@@ -139,7 +145,8 @@ impl Retry {
 pub(crate) fn never_sent(s: &Status) -> bool {
     s.code() == Code::Unavailable && {
         let m = s.message().to_ascii_lowercase();
-        m.contains("tcp connect error")
+        m.starts_with(NOT_SENT)
+            || m.contains("tcp connect error")
             || m.contains("error trying to connect")
             || m.contains("connection refused")
     }
@@ -149,6 +156,7 @@ pub(crate) struct Inner {
     pub(crate) cfg: ClientConfig,
     pub(crate) cache: RwLock<RouteCache>,
     channels: Mutex<HashMap<String, Channel>>,
+    streams: Mutex<HashMap<String, BatchStream>>,
     next_endpoint: AtomicUsize,
 }
 
@@ -176,6 +184,7 @@ impl Client {
                 cfg,
                 cache: RwLock::default(),
                 channels: Mutex::default(),
+                streams: Mutex::default(),
                 next_endpoint: AtomicUsize::new(0),
             }),
             read_mode: ReadMode::Leader,
@@ -217,11 +226,25 @@ impl Client {
         Ok(c)
     }
 
-    fn kv(&self, addr: &str) -> Result<KvClient<Channel>> {
+    fn kv(&self, addr: &str) -> Result<KvConn> {
         let m = self.inner.cfg.max_message_bytes;
-        Ok(KvClient::new(self.channel(addr)?)
-            .max_decoding_message_size(m)
-            .max_encoding_message_size(m))
+        let unary = || -> Result<KvClient<Channel>> {
+            Ok(KvClient::new(self.channel(addr)?)
+                .max_decoding_message_size(m)
+                .max_encoding_message_size(m))
+        };
+        if !self.inner.cfg.batch_commands {
+            return Ok(KvConn::Unary(unary()?));
+        }
+        let mut streams = self.inner.streams.lock();
+        match streams.get(addr) {
+            Some(s) if !s.is_closed() => Ok(KvConn::Batch(s.clone())),
+            _ => {
+                let s = BatchStream::open(unary()?, addr.to_string());
+                streams.insert(addr.to_string(), s.clone());
+                Ok(KvConn::Batch(s))
+            }
+        }
     }
 
     pub(crate) fn admin(&self, addr: &str) -> Result<AdminClient<Channel>> {
@@ -367,7 +390,7 @@ impl Client {
         call: F,
     ) -> std::result::Result<(T, ShardDescriptor), OpError>
     where
-        F: Fn(KvClient<Channel>, ShardContext, ShardDescriptor) -> Fut,
+        F: Fn(KvConn, ShardContext, ShardDescriptor) -> Fut,
         Fut: Future<Output = CallResult<T>>,
     {
         let idempotent = kind == Call::Read;
@@ -518,7 +541,7 @@ impl Client {
 
     async fn single<T, F, Fut>(&self, key: &[u8], kind: Call, call: F) -> Result<T>
     where
-        F: Fn(KvClient<Channel>, ShardContext, ShardDescriptor) -> Fut,
+        F: Fn(KvConn, ShardContext, ShardDescriptor) -> Fut,
         Fut: Future<Output = CallResult<T>>,
     {
         self.on_shard(key, false, kind, |_| true, call)
@@ -538,8 +561,7 @@ impl Client {
                         context: Some(ctx),
                         key,
                     })
-                    .await?
-                    .into_inner();
+                    .await?;
                 Ok((r.error, r.found.then_some(r.value)))
             }
         })
@@ -557,8 +579,7 @@ impl Client {
                         key,
                         value,
                     })
-                    .await?
-                    .into_inner();
+                    .await?;
                 Ok((r.error, ()))
             }
         })
@@ -575,8 +596,7 @@ impl Client {
                         context: Some(ctx),
                         key,
                     })
-                    .await?
-                    .into_inner();
+                    .await?;
                 Ok((r.error, ()))
             }
         })
@@ -602,7 +622,7 @@ impl Client {
                 delete: new.is_none(),
             };
             async move {
-                let r = kv.compare_and_swap(req).await?.into_inner();
+                let r = kv.compare_and_swap(req).await?;
                 Ok((
                     r.error,
                     CasResult {
@@ -675,8 +695,7 @@ impl Client {
                                     context: Some(ctx),
                                     keys,
                                 })
-                                .await?
-                                .into_inner();
+                                .await?;
                             Ok((r.error, r.pairs))
                         }
                     })
@@ -715,8 +734,7 @@ impl Client {
                             context: Some(ctx),
                             pairs,
                         })
-                        .await?
-                        .into_inner();
+                        .await?;
                     Ok((r.error, ()))
                 }
             })
@@ -753,8 +771,7 @@ impl Client {
                                     start_key: start,
                                     end_key: end,
                                 })
-                                .await?
-                                .into_inner();
+                                .await?;
                             Ok((r.error, ()))
                         }
                     },
@@ -810,8 +827,7 @@ impl Client {
                                     limit: want,
                                     reverse,
                                 })
-                                .await?
-                                .into_inner();
+                                .await?;
                             Ok((r.error, (r.pairs, r.more)))
                         }
                     },

@@ -34,6 +34,7 @@
 
 mod admin;
 mod client;
+mod conn;
 mod error;
 mod routes;
 

@@ -7,6 +7,14 @@
 //! confirmation and the replica applied up to it; see
 //! `flotilla_raftstore::replica::read`), then reads a RocksDB snapshot taken
 //! at that moment.
+//!
+//! `BatchCommands` carries many of these requests over one stream: each
+//! command runs through the same handler as its unary RPC (same limits,
+//! metrics and errors) in a task of its own, and answers that finish
+//! together leave in one message. A client with many requests in flight
+//! then pays HTTP/2 framing and a handler wake-up per batch, not per
+//! request: unary calls cost ~30 µs of server CPU each on the 2-core bench
+//! machine, as much as the Raft work of a write.
 
 use std::sync::Arc;
 
@@ -16,18 +24,30 @@ use flotilla_proto::kv::*;
 use flotilla_proto::raftcmd::{self, op, Op, WriteCommand};
 use flotilla_raftstore::KeySpan;
 use flotilla_storage::CF_DEFAULT;
-use tonic::{Request, Response, Status};
+use futures::{Stream, StreamExt};
+use prost::Message;
+use std::pin::Pin;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::limits;
+use crate::metrics;
 use crate::service::{require_context, HandlerError, NodeContext};
 
+#[derive(Clone)]
 pub struct KvService {
     ctx: Arc<NodeContext>,
+    /// Set when the node stops: command streams end (they would otherwise
+    /// hold the server's graceful shutdown open for as long as the client
+    /// keeps them).
+    shutdown: watch::Receiver<bool>,
 }
 
+type Reply<T> = Result<Response<T>, Status>;
+
 impl KvService {
-    pub fn new(ctx: Arc<NodeContext>) -> Self {
-        KvService { ctx }
+    pub fn new(ctx: Arc<NodeContext>, shutdown: watch::Receiver<bool>) -> Self {
+        KvService { ctx, shutdown }
     }
 }
 
@@ -41,12 +61,11 @@ fn internal(e: impl std::fmt::Display) -> HandlerError {
     HandlerError::Status(Status::internal(e.to_string()))
 }
 
-#[tonic::async_trait]
-impl Kv for KvService {
-    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+/// The unary handlers, shared by the unary RPCs and `BatchCommands`.
+impl KvService {
+    async fn handle_get(&self, r: GetRequest) -> Reply<GetResponse> {
         let c = &self.ctx;
-        c.run("Get", async {
-            let r = req.into_inner();
+        c.run("Get", async move {
             let l = &c.cfg.limits;
             limits::check_key(l, "key", &r.key)?;
             let ctx = require_context(r.context)?;
@@ -63,13 +82,9 @@ impl Kv for KvService {
         .await
     }
 
-    async fn batch_get(
-        &self,
-        req: Request<BatchGetRequest>,
-    ) -> Result<Response<BatchGetResponse>, Status> {
+    async fn handle_batch_get(&self, r: BatchGetRequest) -> Reply<BatchGetResponse> {
         let c = &self.ctx;
-        c.run("BatchGet", async {
-            let r = req.into_inner();
+        c.run("BatchGet", async move {
             let l = &c.cfg.limits;
             limits::check_request_size(l, &r)?;
             limits::check_batch(l, "keys", r.keys.len())?;
@@ -99,10 +114,9 @@ impl Kv for KvService {
         .await
     }
 
-    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+    async fn handle_put(&self, r: PutRequest) -> Reply<PutResponse> {
         let c = &self.ctx;
-        c.run("Put", async {
-            let r = req.into_inner();
+        c.run("Put", async move {
             let l = &c.cfg.limits;
             limits::check_request_size(l, &r)?;
             limits::check_key(l, "key", &r.key)?;
@@ -117,13 +131,9 @@ impl Kv for KvService {
         .await
     }
 
-    async fn batch_put(
-        &self,
-        req: Request<BatchPutRequest>,
-    ) -> Result<Response<BatchPutResponse>, Status> {
+    async fn handle_batch_put(&self, r: BatchPutRequest) -> Reply<BatchPutResponse> {
         let c = &self.ctx;
-        c.run("BatchPut", async {
-            let r = req.into_inner();
+        c.run("BatchPut", async move {
             let l = &c.cfg.limits;
             limits::check_request_size(l, &r)?;
             limits::check_batch(l, "pairs", r.pairs.len())?;
@@ -147,13 +157,9 @@ impl Kv for KvService {
         .await
     }
 
-    async fn delete(
-        &self,
-        req: Request<DeleteRequest>,
-    ) -> Result<Response<DeleteResponse>, Status> {
+    async fn handle_delete(&self, r: DeleteRequest) -> Reply<DeleteResponse> {
         let c = &self.ctx;
-        c.run("Delete", async {
-            let r = req.into_inner();
+        c.run("Delete", async move {
             limits::check_key(&c.cfg.limits, "key", &r.key)?;
             let cmd = one_op(op::Op::Delete(raftcmd::Delete { key: r.key }));
             c.propose(r.context, cmd).await?;
@@ -162,13 +168,9 @@ impl Kv for KvService {
         .await
     }
 
-    async fn delete_range(
-        &self,
-        req: Request<DeleteRangeRequest>,
-    ) -> Result<Response<DeleteRangeResponse>, Status> {
+    async fn handle_delete_range(&self, r: DeleteRangeRequest) -> Reply<DeleteRangeResponse> {
         let c = &self.ctx;
-        c.run("DeleteRange", async {
-            let r = req.into_inner();
+        c.run("DeleteRange", async move {
             let l = &c.cfg.limits;
             limits::check_bound(l, "start_key", &r.start_key)?;
             limits::check_bound(l, "end_key", &r.end_key)?;
@@ -183,10 +185,9 @@ impl Kv for KvService {
         .await
     }
 
-    async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+    async fn handle_scan(&self, r: ScanRequest) -> Reply<ScanResponse> {
         let c = &self.ctx;
-        c.run("Scan", async {
-            let r = req.into_inner();
+        c.run("Scan", async move {
             let l = &c.cfg.limits;
             limits::check_bound(l, "start_key", &r.start_key)?;
             limits::check_bound(l, "end_key", &r.end_key)?;
@@ -227,13 +228,12 @@ impl Kv for KvService {
         .await
     }
 
-    async fn compare_and_swap(
+    async fn handle_compare_and_swap(
         &self,
-        req: Request<CompareAndSwapRequest>,
-    ) -> Result<Response<CompareAndSwapResponse>, Status> {
+        r: CompareAndSwapRequest,
+    ) -> Reply<CompareAndSwapResponse> {
         let c = &self.ctx;
-        c.run("CompareAndSwap", async {
-            let r = req.into_inner();
+        c.run("CompareAndSwap", async move {
             let l = &c.cfg.limits;
             limits::check_request_size(l, &r)?;
             limits::check_key(l, "key", &r.key)?;
@@ -256,5 +256,186 @@ impl Kv for KvService {
             })
         })
         .await
+    }
+}
+
+/// Commands of one `BatchCommands` stream being handled at once; past it the
+/// stream is not read further (HTTP/2 flow control then holds the client).
+const BATCH_IN_FLIGHT: usize = 16384;
+/// Most encoded bytes of answers put into one response message (one answer
+/// larger than this still goes, alone).
+const BATCH_RESPONSE_BYTES: usize = 1 << 20;
+
+impl KvService {
+    /// Handles one command of a `BatchCommands` stream as its unary RPC.
+    async fn dispatch(&self, cmd: Command) -> CommandResponse {
+        use command::Cmd;
+        use command_response::Resp;
+        let resp = match cmd.cmd {
+            None => Err(Status::invalid_argument(
+                "command: no request set (get, put, ...)",
+            )),
+            Some(Cmd::Get(r)) => self.handle_get(r).await.map(|r| Resp::Get(r.into_inner())),
+            Some(Cmd::BatchGet(r)) => self
+                .handle_batch_get(r)
+                .await
+                .map(|r| Resp::BatchGet(r.into_inner())),
+            Some(Cmd::Put(r)) => self.handle_put(r).await.map(|r| Resp::Put(r.into_inner())),
+            Some(Cmd::BatchPut(r)) => self
+                .handle_batch_put(r)
+                .await
+                .map(|r| Resp::BatchPut(r.into_inner())),
+            Some(Cmd::Delete(r)) => self
+                .handle_delete(r)
+                .await
+                .map(|r| Resp::Delete(r.into_inner())),
+            Some(Cmd::DeleteRange(r)) => self
+                .handle_delete_range(r)
+                .await
+                .map(|r| Resp::DeleteRange(r.into_inner())),
+            Some(Cmd::Scan(r)) => self
+                .handle_scan(r)
+                .await
+                .map(|r| Resp::Scan(r.into_inner())),
+            Some(Cmd::CompareAndSwap(r)) => self
+                .handle_compare_and_swap(r)
+                .await
+                .map(|r| Resp::CompareAndSwap(r.into_inner())),
+        };
+        let resp = resp.unwrap_or_else(|s| {
+            Resp::Status(CommandStatus {
+                code: s.code() as i32,
+                message: s.message().to_string(),
+            })
+        });
+        CommandResponse {
+            id: cmd.id,
+            resp: Some(resp),
+        }
+    }
+}
+
+/// Reads a `BatchCommands` stream: every command is handled in its own task
+/// (as a unary call would be), holding one of the stream's in-flight
+/// permits until its answer is queued.
+async fn read_commands(
+    svc: KvService,
+    mut incoming: Streaming<BatchCommandsRequest>,
+    answers: mpsc::UnboundedSender<CommandResponse>,
+) {
+    let permits = Arc::new(Semaphore::new(BATCH_IN_FLIGHT));
+    let mut shutdown = svc.shutdown.clone();
+    loop {
+        let next = tokio::select! {
+            m = incoming.message() => m,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let msg = match next {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "a BatchCommands stream broke");
+                return;
+            }
+        };
+        metrics::BATCH_COMMANDS.observe(msg.commands.len() as f64);
+        for cmd in msg.commands {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let (svc, answers) = (svc.clone(), answers.clone());
+            tokio::spawn(async move {
+                let _ = answers.send(svc.dispatch(cmd).await);
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Groups the answers ready at one moment into response messages of at
+/// most `BATCH_RESPONSE_BYTES` (an answer that does not fit waits for the
+/// next message).
+fn answer_stream(
+    answers: mpsc::UnboundedReceiver<CommandResponse>,
+) -> impl Stream<Item = Result<BatchCommandsResponse, Status>> {
+    futures::stream::unfold(
+        (answers, None::<CommandResponse>),
+        |(mut answers, carried)| async move {
+            let first = match carried {
+                Some(a) => a,
+                None => answers.recv().await?,
+            };
+            let mut bytes = first.encoded_len();
+            let mut responses = vec![first];
+            let mut carried = None;
+            while let Ok(a) = answers.try_recv() {
+                bytes += a.encoded_len();
+                if bytes > BATCH_RESPONSE_BYTES {
+                    carried = Some(a);
+                    break;
+                }
+                responses.push(a);
+            }
+            Some((Ok(BatchCommandsResponse { responses }), (answers, carried)))
+        },
+    )
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn get(&self, req: Request<GetRequest>) -> Reply<GetResponse> {
+        self.handle_get(req.into_inner()).await
+    }
+
+    async fn batch_get(&self, req: Request<BatchGetRequest>) -> Reply<BatchGetResponse> {
+        self.handle_batch_get(req.into_inner()).await
+    }
+
+    async fn put(&self, req: Request<PutRequest>) -> Reply<PutResponse> {
+        self.handle_put(req.into_inner()).await
+    }
+
+    async fn batch_put(&self, req: Request<BatchPutRequest>) -> Reply<BatchPutResponse> {
+        self.handle_batch_put(req.into_inner()).await
+    }
+
+    async fn delete(&self, req: Request<DeleteRequest>) -> Reply<DeleteResponse> {
+        self.handle_delete(req.into_inner()).await
+    }
+
+    async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Reply<DeleteRangeResponse> {
+        self.handle_delete_range(req.into_inner()).await
+    }
+
+    async fn scan(&self, req: Request<ScanRequest>) -> Reply<ScanResponse> {
+        self.handle_scan(req.into_inner()).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        req: Request<CompareAndSwapRequest>,
+    ) -> Reply<CompareAndSwapResponse> {
+        self.handle_compare_and_swap(req.into_inner()).await
+    }
+
+    type BatchCommandsStream =
+        Pin<Box<dyn Stream<Item = Result<BatchCommandsResponse, Status>> + Send>>;
+
+    async fn batch_commands(
+        &self,
+        req: Request<Streaming<BatchCommandsRequest>>,
+    ) -> Reply<Self::BatchCommandsStream> {
+        let (answers, answers_rx) = mpsc::unbounded_channel();
+        tokio::spawn(read_commands(self.clone(), req.into_inner(), answers));
+        // On shutdown the answers end at once; commands still running are
+        // then unanswered, which the client reports as it would a broken
+        // connection (writes Indeterminate).
+        let mut shutdown = self.shutdown.clone();
+        let stopped = async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        };
+        Ok(Response::new(Box::pin(
+            answer_stream(answers_rx).take_until(stopped),
+        )))
     }
 }

@@ -5,8 +5,8 @@ use std::sync::LazyLock;
 
 use flotilla_storage::KvEngine;
 use prometheus::{
-    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge_vec,
-    HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
+    register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge_vec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
 };
 
 pub static META_IDS_ALLOCATED: LazyLock<IntCounter> = LazyLock::new(|| {
@@ -60,6 +60,15 @@ pub static GRPC_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
         "gRPC request latency by method.",
         &["method"],
         prometheus::exponential_buckets(0.00005, 2.0, 20).unwrap()
+    )
+    .unwrap()
+});
+
+pub static BATCH_COMMANDS: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "flotilla_grpc_batch_commands",
+        "Commands per BatchCommands request message (how much clients batch).",
+        prometheus::exponential_buckets(1.0, 2.0, 12).unwrap()
     )
     .unwrap()
 });

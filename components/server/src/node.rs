@@ -368,7 +368,8 @@ impl Server {
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(
-                KvServer::new(KvService::new(ctx.clone())).max_decoding_message_size(decode_cap),
+                KvServer::new(KvService::new(ctx.clone(), streams_stop.subscribe()))
+                    .max_decoding_message_size(decode_cap),
             )
             .add_service(AdminServer::new(AdminService::new(
                 ctx.clone(),
