@@ -73,7 +73,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            raft_pollers: 2,
+            raft_pollers: 1,
             apply_pollers: 2,
             max_batch_size: 256,
             messages_per_tick: 4096,

@@ -62,7 +62,7 @@ impl Default for KvConfig {
     fn default() -> Self {
         KvConfig {
             block_cache_size: 256 << 20,
-            write_buffer_size: 64 << 20,
+            write_buffer_size: 16 << 20,
             max_background_jobs: 2,
             max_open_files: 4096,
         }
