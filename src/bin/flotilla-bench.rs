@@ -99,6 +99,10 @@ struct Args {
     /// side-by-side runs with the same workload.
     #[arg(long, value_enum, default_value_t = TargetKind::Flotilla)]
     target: TargetKind,
+    /// Send each Flotilla request as a unary RPC instead of over the
+    /// client's BatchCommands stream (to measure what batching buys).
+    #[arg(long)]
+    unary: bool,
     /// Time the `check` workload may spend searching for a linearization,
     /// in seconds.
     #[arg(long, default_value_t = 60)]
@@ -209,6 +213,7 @@ impl Target {
             TargetKind::Flotilla => {
                 let client = Client::connect(ClientConfig {
                     endpoints: args.endpoints.clone(),
+                    batch_commands: !args.unary,
                     ..Default::default()
                 })
                 .await
@@ -699,6 +704,7 @@ async fn main() -> anyhow::Result<()> {
         "workload": args.workload.to_possible_value().map(|v| v.get_name().to_string()),
         "target": args.target.to_possible_value().map(|v| v.get_name().to_string()),
         "clients": args.clients,
+        "unary": args.unary,
         "duration_s": elapsed,
         "value_size": args.value_size,
         "keys": args.keys,

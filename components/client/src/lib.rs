@@ -7,7 +7,10 @@
 //!    node when known) names the shard of the key; on a miss the client asks
 //!    any node (`Admin.GetRoute`, or `ListShards` to fill the cache).
 //! 2. The request goes to the cached leader's node (or a replica's, when no
-//!    leader is known) with the shard's id and epoch.
+//!    leader is known) with the shard's id and epoch, over the client's one
+//!    `BatchCommands` stream to that node (requests queued together share a
+//!    message; see the `conn` module) or, for batch gets, scans and with
+//!    `ClientConfig::batch_commands = false`, as a unary RPC.
 //! 3. On a routing error the cache is fixed and the request retried with
 //!    exponential backoff (2 ms doubling to 500 ms, jittered) within the
 //!    request's total deadline: `NotLeader` updates the leader (the retry is
