@@ -27,6 +27,16 @@ fn assert_invalid<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Statu
     }
 }
 
+/// The context naming `shard` as the client last saw it.
+fn context_of(shard: &flotilla_proto::meta::ShardDescriptor) -> ShardContext {
+    ShardContext {
+        shard_id: shard.id,
+        epoch: shard.epoch,
+        replica_id: 0,
+        read_mode: 0,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_over_a_limit_are_refused_and_write_nothing() {
     let c = TestCluster::builder(1)
@@ -42,12 +52,7 @@ async fn requests_over_a_limit_are_refused_and_write_nothing() {
     c.wait_all_leaders(Duration::from_secs(20)).await;
     let client = c.client().await;
     let shard = client.list_shards().await.unwrap().remove(0).descriptor;
-    let ctx = Some(ShardContext {
-        shard_id: shard.id,
-        epoch: shard.epoch,
-        replica_id: 0,
-        read_mode: 0,
-    });
+    let ctx = Some(context_of(&shard));
     let mut kv = KvClient::connect(format!("http://{}", c.grpc_addr(1)))
         .await
         .unwrap();
@@ -194,12 +199,7 @@ async fn routing_errors_are_structured() {
     // A key of the second shard sent to the first.
     let r = kv
         .put(PutRequest {
-            context: Some(ShardContext {
-                shard_id: first.id,
-                epoch: first.epoch,
-                replica_id: 0,
-                read_mode: 0,
-            }),
+            context: Some(context_of(first)),
             key: b([0xff]),
             value: b("v"),
         })
@@ -217,10 +217,8 @@ async fn routing_errors_are_structured() {
     let r = kv
         .get(GetRequest {
             context: Some(ShardContext {
-                shard_id: first.id,
                 epoch: Some(stale),
-                replica_id: 0,
-                read_mode: 0,
+                ..context_of(first)
             }),
             key: b([0x01]),
         })
@@ -237,9 +235,7 @@ async fn routing_errors_are_structured() {
         .get(GetRequest {
             context: Some(ShardContext {
                 shard_id: 999,
-                epoch: first.epoch,
-                replica_id: 0,
-                read_mode: 0,
+                ..context_of(first)
             }),
             key: b([0x01]),
         })
@@ -318,12 +314,7 @@ async fn batched_commands_are_answered_one_by_one() {
     c.wait_all_leaders(Duration::from_secs(20)).await;
     let client = c.client().await;
     let shard = client.list_shards().await.unwrap().remove(0).descriptor;
-    let ctx = Some(ShardContext {
-        shard_id: shard.id,
-        epoch: shard.epoch,
-        replica_id: 0,
-        read_mode: 0,
-    });
+    let ctx = Some(context_of(&shard));
     let mut stale = shard.epoch.unwrap();
     stale.version += 3;
     let put = |key: &[u8], context| {
