@@ -162,6 +162,19 @@ struct InFlight {
     closed: Option<Status>,
 }
 
+impl Drop for InFlight {
+    /// The receiver normally fails what is in flight when the stream ends;
+    /// if its task was dropped instead (a runtime shutting down), the
+    /// commands may still have reached the node: never "not sent".
+    fn drop(&mut self) {
+        for (_, a) in self.answers.drain() {
+            let _ = a.send(Err(Status::unknown(
+                "the command stream's task ended before the answer arrived",
+            )));
+        }
+    }
+}
+
 /// The stream's sender loop; its receiver runs in a task of its own.
 async fn run(mut kv: KvClient<Channel>, addr: String, mut queued: mpsc::UnboundedReceiver<Queued>) {
     // An idle client holds no stream.

@@ -27,7 +27,7 @@ use flotilla_storage::CF_DEFAULT;
 use futures::{Stream, StreamExt};
 use prost::Message;
 use std::pin::Pin;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::limits;
@@ -259,8 +259,9 @@ impl KvService {
     }
 }
 
-/// Commands of one `BatchCommands` stream being handled at once; past it the
-/// stream is not read further (HTTP/2 flow control then holds the client).
+/// Commands of one `BatchCommands` stream being handled or answered but not
+/// yet put in a response message; past it the stream is not read further
+/// (HTTP/2 flow control then holds the client).
 const BATCH_IN_FLIGHT: usize = 16384;
 /// Most encoded bytes of answers put into one response message (one answer
 /// larger than this still goes, alone).
@@ -321,7 +322,7 @@ impl KvService {
 async fn read_commands(
     svc: KvService,
     mut incoming: Streaming<BatchCommandsRequest>,
-    answers: mpsc::UnboundedSender<CommandResponse>,
+    answers: mpsc::UnboundedSender<(CommandResponse, OwnedSemaphorePermit)>,
 ) {
     let permits = Arc::new(Semaphore::new(BATCH_IN_FLIGHT));
     let mut shutdown = svc.shutdown.clone();
@@ -340,13 +341,19 @@ async fn read_commands(
         };
         metrics::BATCH_COMMANDS.observe(msg.commands.len() as f64);
         for cmd in msg.commands {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = shutdown.wait_for(|stop| *stop) => return,
             };
             let (svc, answers) = (svc.clone(), answers.clone());
             tokio::spawn(async move {
-                let _ = answers.send(svc.dispatch(cmd).await);
-                drop(permit);
+                // The permit travels with the answer until it is put in a
+                // response message, so answers a slow reader leaves unread
+                // count against the bound too.
+                let _ = answers.send((svc.dispatch(cmd).await, permit));
             });
         }
     }
@@ -356,22 +363,23 @@ async fn read_commands(
 /// most `BATCH_RESPONSE_BYTES` (an answer that does not fit waits for the
 /// next message).
 fn answer_stream(
-    answers: mpsc::UnboundedReceiver<CommandResponse>,
+    answers: mpsc::UnboundedReceiver<(CommandResponse, OwnedSemaphorePermit)>,
 ) -> impl Stream<Item = Result<BatchCommandsResponse, Status>> {
+    type Answer = (CommandResponse, OwnedSemaphorePermit);
     futures::stream::unfold(
-        (answers, None::<CommandResponse>),
+        (answers, None::<Answer>),
         |(mut answers, carried)| async move {
-            let first = match carried {
+            let (first, _permit) = match carried {
                 Some(a) => a,
                 None => answers.recv().await?,
             };
             let mut bytes = first.encoded_len();
             let mut responses = vec![first];
             let mut carried = None;
-            while let Ok(a) = answers.try_recv() {
+            while let Ok((a, permit)) = answers.try_recv() {
                 bytes += a.encoded_len();
                 if bytes > BATCH_RESPONSE_BYTES {
-                    carried = Some(a);
+                    carried = Some((a, permit));
                     break;
                 }
                 responses.push(a);
