@@ -23,7 +23,8 @@
 //! it is exact about what may have reached the node:
 //! - a command still queued, or taken after the stream was known broken, was
 //!   never sent: it fails with a status [`crate::client::never_sent`] accepts,
-//!   and the caller retries;
+//!   and the caller retries; so does a message the transport refused (its
+//!   request channel closed before the message was queued);
 //! - a command handed to the stream fails with the stream's error: a connect
 //!   error if the stream never opened (nothing was sent), else a transport
 //!   error, which makes a write `Indeterminate`.
@@ -220,6 +221,8 @@ async fn run(mut kv: KvClient<Channel>, addr: String, mut queued: mpsc::Unbounde
                 item = queued.try_recv().ok();
             }
         }
+        // Ids are consecutive within a message.
+        let ids = next_id + 1 - answers.len() as u64..=next_id;
         {
             let mut f = in_flight.lock();
             if f.closed.is_some() {
@@ -235,8 +238,17 @@ async fn run(mut kv: KvClient<Channel>, addr: String, mut queued: mpsc::Unbounde
             .await
             .is_err()
         {
-            // The transport dropped the request stream: the receiver is
-            // about to see why and fail what is in flight.
+            // The transport dropped the request stream, so this message
+            // never left: its commands were not sent (unless the receiver
+            // already failed them). The receiver fails the rest.
+            {
+                let mut f = in_flight.lock();
+                for id in ids {
+                    if let Some(a) = f.answers.remove(&id) {
+                        let _ = a.send(Err(not_sent("the stream to the node broke")));
+                    }
+                }
+            }
             let _ = receiver.await;
             return;
         }
