@@ -155,12 +155,12 @@ fn not_sent(why: &str) -> Status {
     Status::unavailable(format!("{NOT_SENT}: {why}"))
 }
 
-/// Commands handed to the stream and not yet answered. `closed` is set,
-/// with the stream's error, when the stream ended.
+/// Commands handed to the stream and not yet answered. `closed` is set
+/// when the stream ended (and what was in flight was failed).
 #[derive(Default)]
 struct InFlight {
     answers: HashMap<u64, Answer>,
-    closed: Option<Status>,
+    closed: bool,
 }
 
 impl Drop for InFlight {
@@ -207,6 +207,7 @@ async fn run(mut kv: KvClient<Channel>, addr: String, mut queued: mpsc::Unbounde
         let mut commands = Vec::new();
         let mut answers = Vec::new();
         let mut bytes = 0;
+        let first_id = next_id + 1;
         let mut item = Some(first);
         while let Some(Queued { cmd, answer }) = item.take() {
             next_id += 1;
@@ -221,11 +222,9 @@ async fn run(mut kv: KvClient<Channel>, addr: String, mut queued: mpsc::Unbounde
                 item = queued.try_recv().ok();
             }
         }
-        // Ids are consecutive within a message.
-        let ids = next_id + 1 - answers.len() as u64..=next_id;
         {
             let mut f = in_flight.lock();
-            if f.closed.is_some() {
+            if f.closed {
                 for (_, a) in answers {
                     let _ = a.send(Err(not_sent("the stream to the node broke")));
                 }
@@ -243,7 +242,7 @@ async fn run(mut kv: KvClient<Channel>, addr: String, mut queued: mpsc::Unbounde
             // already failed them). The receiver fails the rest.
             {
                 let mut f = in_flight.lock();
-                for id in ids {
+                for id in first_id..=next_id {
                     if let Some(a) = f.answers.remove(&id) {
                         let _ = a.send(Err(not_sent("the stream to the node broke")));
                     }
@@ -285,9 +284,9 @@ async fn receive(
     tracing::debug!(addr = %addr, error = %why, "command stream closed");
     let mut f = in_flight.lock();
     for (_, a) in f.answers.drain() {
-        let _ = a.send(Err(Status::new(why.code(), why.message().to_string())));
+        let _ = a.send(Err(why.clone()));
     }
-    f.closed = Some(why);
+    f.closed = true;
 }
 
 fn into_result(resp: Option<Resp>) -> Result<Resp, Status> {

@@ -318,7 +318,7 @@ impl KvService {
 
 /// Reads a `BatchCommands` stream: every command is handled in its own task
 /// (as a unary call would be), holding one of the stream's in-flight
-/// permits until its answer is queued.
+/// permits until its answer is put in a response message.
 async fn read_commands(
     svc: KvService,
     mut incoming: Streaming<BatchCommandsRequest>,
