@@ -122,9 +122,17 @@ impl Retry {
     }
 
     pub(crate) async fn backoff(&mut self, why: String) -> Result<()> {
+        self.backoff_at_most(why, self.max).await
+    }
+
+    /// Backs off, this time for no longer than `cap`.
+    pub(crate) async fn backoff_at_most(&mut self, why: String, cap: Duration) -> Result<()> {
         self.attempts += 1;
         self.last = why;
-        let jittered = self.backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
+        let jittered = self
+            .backoff
+            .min(cap)
+            .mul_f64(rand::thread_rng().gen_range(0.5..1.0));
         if Instant::now() + jittered >= self.deadline {
             return Err(Error::DeadlineExceeded {
                 attempts: self.attempts,
@@ -152,12 +160,47 @@ pub(crate) fn never_sent(s: &Status) -> bool {
     }
 }
 
+/// How long a node that refused a connection is passed over when another
+/// replica can take the request: after a node dies, followers keep naming
+/// it as their leader until they elect a new one, and following those
+/// hints (or the cached leader) would spend the retries on it.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(1);
+
+/// Longest back-off while a replica answers that it knows no leader (an
+/// election is under way): elections take a few hundred milliseconds, and
+/// asking a replica again is one cheap round trip, while the full back-off
+/// (up to `backoff_max`) would leave requests asleep long after the new
+/// leader is elected.
+const ELECTION_BACKOFF_MAX: Duration = Duration::from_millis(100);
+
 pub(crate) struct Inner {
     pub(crate) cfg: ClientConfig,
     pub(crate) cache: RwLock<RouteCache>,
     channels: Mutex<HashMap<String, Channel>>,
     streams: Mutex<HashMap<String, BatchStream>>,
     next_endpoint: AtomicUsize,
+    /// Nodes that recently refused a connection, until when.
+    unreachable: Mutex<HashMap<u64, Instant>>,
+}
+
+impl Inner {
+    fn mark_unreachable(&self, node: u64) {
+        self.unreachable
+            .lock()
+            .insert(node, Instant::now() + UNREACHABLE_FOR);
+    }
+
+    fn is_unreachable(&self, node: u64) -> bool {
+        let mut m = self.unreachable.lock();
+        match m.get(&node) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                m.remove(&node);
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 /// A Flotilla client. Cheap to clone; clones share caches and connections.
@@ -186,6 +229,7 @@ impl Client {
                 channels: Mutex::default(),
                 streams: Mutex::default(),
                 next_endpoint: AtomicUsize::new(0),
+                unreachable: Mutex::default(),
             }),
             read_mode: ReadMode::Leader,
         };
@@ -410,6 +454,7 @@ impl Client {
         };
         let mut followed_hint = false;
         loop {
+            let mut electing = false;
             let shard = if before {
                 self.locate_before(anchor, &mut retry).await?
             } else {
@@ -419,12 +464,22 @@ impl Client {
             if !fits(&desc) {
                 return Err(OpError::Regroup);
             }
-            let node = if shard.leader_node != 0 && !any_replica {
+            let inner = &self.inner;
+            let node = if shard.leader_node != 0
+                && !any_replica
+                && !inner.is_unreachable(shard.leader_node)
+            {
                 shard.leader_node
             } else if desc.replicas.is_empty() {
                 0
             } else {
-                desc.replicas[replica_turn % desc.replicas.len()].node_id
+                // From this turn's replica, the first one not passed over.
+                let n = desc.replicas.len();
+                let turn = (0..n)
+                    .map(|i| (replica_turn + i) % n)
+                    .find(|i| !inner.is_unreachable(desc.replicas[*i].node_id))
+                    .unwrap_or(replica_turn % n);
+                desc.replicas[turn].node_id
             };
             let addr = self.inner.cache.read().nodes.get(&node).cloned();
             let Some(addr) = addr else {
@@ -467,12 +522,16 @@ impl Client {
                         }
                         _ => {}
                     }
-                    if !idempotent && !never_sent(&status) {
+                    let not_sent = never_sent(&status);
+                    if !idempotent && !not_sent {
                         return Err(Error::Indeterminate(format!(
                             "{addr} failed after the request was sent: {}",
                             status.message()
                         ))
                         .into());
+                    }
+                    if not_sent {
+                        self.inner.mark_unreachable(node);
                     }
                     self.inner.cache.write().set_leader(desc.id, 0);
                     replica_turn += 1;
@@ -492,7 +551,9 @@ impl Client {
                     replica_turn += 1
                 }
                 Some(Kind::NotLeader(nl)) => {
-                    let hint = nl.leader.filter(|l| l.node_id != node && l.node_id != 0);
+                    let hint = nl.leader.filter(|l| {
+                        l.node_id != node && l.node_id != 0 && !self.inner.is_unreachable(l.node_id)
+                    });
                     let mut cache = self.inner.cache.write();
                     match hint {
                         Some(l) => {
@@ -504,6 +565,7 @@ impl Client {
                         None => {
                             cache.set_leader(desc.id, 0);
                             replica_turn += 1;
+                            electing = true;
                         }
                     }
                     drop(cache);
@@ -535,7 +597,11 @@ impl Client {
                 }
                 None => return Err(Error::Server(err.message).into()),
             }
-            retry.backoff(why).await?;
+            if electing {
+                retry.backoff_at_most(why, ELECTION_BACKOFF_MAX).await?;
+            } else {
+                retry.backoff(why).await?;
+            }
         }
     }
 

@@ -10,16 +10,22 @@
 //!
 //! The ticker polls this table every tick and turns changes into events
 //! for the replicas that have a replica on that node:
-//! - `Down`: nothing arrived for two election timeouts while another peer
+//! - `Down`: nothing arrived for an election timeout while another peer
 //!   was heard (every peer silent at once means this node is starved or
 //!   cut off; calling them all down would only wake every shard). Sleeping
 //!   followers whose leader lives there wake and grant votes at once (one
-//!   of them campaigns): their leader's last message arrived before that
-//!   silence began, so its lease (shorter than an election timeout, see
+//!   of them campaigns at once): their leader's last message arrived before
+//!   that silence began, so its lease (shorter than an election timeout, see
 //!   `replica::lease`) is over. Awake followers ignore it: raft's own
 //!   election timeout serves them.
-//!   Leaders with a follower there wake, so they count it down and raft's
-//!   check-quorum runs again (a leader cut off from everyone steps down).
+//!   Leaders with a follower there wake one election timeout later (see
+//!   [`tick`]), so they count it down and raft's check-quorum runs again (a
+//!   leader cut off from everyone steps down).
+//!
+//! Replicas also ask this table directly ([`NodeLiveness::silent_for`]): a
+//! follower receiving a vote request while its leader's node has been
+//! silent for longer than the lease bound grants it even if it has not
+//! handled its own `Down` yet (`replica::fsm::hibernate`).
 //! - `Up`: heard again after `Down`. Leaders wake to bring it up to date.
 //! - `Restarted`: its heartbeat carries a new incarnation (the process
 //!   restarted, maybe faster than an election timeout). Its old leaders'
@@ -43,7 +49,7 @@ use crate::meta::StoreMeta;
 use crate::msg::ReplicaMsg;
 use crate::replica::poller::RaftRouter;
 use crate::transport::{RaftMessage, Transport};
-use crate::{metrics, NodeId};
+use crate::{metrics, NodeId, ShardId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PeerEvent {
@@ -160,6 +166,12 @@ impl NodeLiveness {
             .is_some_and(|p| p.last_heard.elapsed() <= within)
     }
 
+    /// How long nothing arrived from `node`; `None` if it was never heard
+    /// (since this process started), which proves nothing.
+    pub fn silent_for(&self, node: NodeId) -> Option<Duration> {
+        self.peers.lock().get(&node).map(|p| p.last_heard.elapsed())
+    }
+
     /// Peers currently considered down.
     pub fn down(&self) -> usize {
         self.peers.lock().values().filter(|p| !p.up).count()
@@ -187,10 +199,25 @@ pub fn send_heartbeats(
     transport.flush();
 }
 
+/// `Down` events held back for the replicas that need not hear at once.
+pub struct Deferred {
+    due: Instant,
+    node: NodeId,
+    shards: Vec<ShardId>,
+}
+
 /// One tick of node liveness, on the ticker thread: the peers' changes
 /// (down, up, restarted) logged, counted and, with `wake_replicas`
 /// (hibernation on; ticking followers notice a dead leader by themselves),
 /// sent to the replicas they concern.
+///
+/// A `Down` reaches the followers of the leaders that lived there at once
+/// and everyone else one `timeout` later (from `deferred`): those elections
+/// are what clients wait for, while waking every leader with a follower
+/// there (a third of a node's shards on three nodes) only makes them tick
+/// and heartbeat again, and on a node with thousands of shards that work
+/// would queue in front of the elections. An `Up` or `Restarted` of the
+/// node before then replaces its deferred `Down`.
 pub fn tick(
     node_id: NodeId,
     liveness: &NodeLiveness,
@@ -198,20 +225,23 @@ pub fn tick(
     router: &RaftRouter,
     timeout: Duration,
     wake_replicas: bool,
+    deferred: &mut Vec<Deferred>,
 ) {
     for (node, event) in liveness.poll(timeout) {
-        let shards = meta.shards_with_replica_on(node);
+        let (led_there, others) = meta.shards_with_replica_on(node);
+        let shards = led_there.len() + others.len();
         match event {
             PeerEvent::Down => tracing::warn!(
                 node_id,
                 peer = node,
-                shards = shards.len(),
-                "peer node silent for two election timeouts; waking the replicas it concerns"
+                shards,
+                led_there = led_there.len(),
+                "peer node silent for an election timeout; waking the replicas it concerns"
             ),
             _ => tracing::info!(
                 node_id,
                 peer = node,
-                shards = shards.len(),
+                shards,
                 event = event.as_str(),
                 "peer node is back"
             ),
@@ -219,9 +249,29 @@ pub fn tick(
         metrics::PEER_NODE_EVENTS
             .with_label_values(&[event.as_str()])
             .inc();
-        if wake_replicas {
-            router.send_each(shards, || ReplicaMsg::PeerNode { node, event });
+        deferred.retain(|d| d.node != node);
+        if !wake_replicas {
+            continue;
         }
+        let make = || ReplicaMsg::PeerNode { node, event };
+        router.send_each(led_there, make);
+        if event == PeerEvent::Down {
+            deferred.push(Deferred {
+                due: Instant::now() + timeout,
+                node,
+                shards: others,
+            });
+        } else {
+            router.send_each(others, make);
+        }
+    }
+    let now = Instant::now();
+    for d in deferred.extract_if(.., |d| d.due <= now) {
+        let node = d.node;
+        router.send_each(d.shards, || ReplicaMsg::PeerNode {
+            node,
+            event: PeerEvent::Down,
+        });
     }
     metrics::PEER_NODES_DOWN.set(liveness.down() as i64);
 }

@@ -169,15 +169,23 @@ impl StoreMeta {
         self.awake.read().iter().copied().collect()
     }
 
-    /// Local shards with a replica on `node`.
-    pub fn shards_with_replica_on(&self, node: NodeId) -> Vec<ShardId> {
-        self.shards
-            .read()
-            .map
-            .values()
-            .filter(|m| m.descriptor.replica_on(node).is_some())
-            .map(|m| m.descriptor.id)
-            .collect()
+    /// Local shards with a replica on `node`: those led from there (or
+    /// whose leader is not known here), then the others.
+    pub fn shards_with_replica_on(&self, node: NodeId) -> (Vec<ShardId>, Vec<ShardId>) {
+        let shards = self.shards.read();
+        let mut led_there = Vec::new();
+        let mut others = Vec::new();
+        for m in shards.map.values() {
+            if m.descriptor.replica_on(node).is_none() {
+                continue;
+            }
+            if m.leader().is_none_or(|l| l.node_id == node) {
+                led_there.push(m.descriptor.id);
+            } else {
+                others.push(m.descriptor.id);
+            }
+        }
+        (led_there, others)
     }
 
     /// The other nodes holding replicas of local shards.
@@ -379,5 +387,22 @@ mod tests {
         m.remove(1);
         m.remove(2);
         assert_eq!(c(&m), (0, 0, 0, 0));
+    }
+
+    #[test]
+    fn shards_on_a_node_put_those_it_leads_first() {
+        let m = StoreMeta::default();
+        for id in 1..=4 {
+            m.insert(shard(id, &[1, 2, 3]));
+        }
+        m.insert(shard(5, &[1, 3, 4]));
+        m.set_leader(1, 12, 2); // led from node 2
+        m.set_leader(2, 21, 2); // led here
+        m.set_leader(3, 33, 2); // led from node 3
+                                // Shard 4's leader is unknown here: it might be on node 2.
+        let (mut first, mut rest) = m.shards_with_replica_on(2);
+        first.sort_unstable();
+        rest.sort_unstable();
+        assert_eq!((first, rest), (vec![1, 4], vec![2, 3]));
     }
 }

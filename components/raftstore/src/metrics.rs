@@ -293,7 +293,7 @@ pub static WAKEUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static PEER_NODE_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "flotilla_peer_node_events_total",
-        "Peer nodes this node found silent for two election timeouts, heard again, or restarted.",
+        "Peer nodes this node found silent for an election timeout, heard again, or restarted.",
         &["event"]
     )
     .unwrap()
@@ -302,7 +302,7 @@ pub static PEER_NODE_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static PEER_NODES_DOWN: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "flotilla_peer_nodes_down",
-        "Peer nodes this node has not heard from within two election timeouts."
+        "Peer nodes this node has not heard from within an election timeout."
     )
     .unwrap()
 });

@@ -373,11 +373,13 @@ impl Store {
             liveness: liveness.clone(),
             transport: ctx.transport.clone(),
             interval: cfg.tick_interval,
-            // Two election timeouts: a peer's heartbeat may wait behind a
-            // burst of raft traffic on the same stream (thousands of shards
-            // electing at once), and a false "down" wakes every shard it
-            // concerns.
-            silence: 2 * cfg.election_timeout(),
+            // One election timeout, five heartbeat intervals: the sleeping
+            // followers of a dead node's leaders then elect new ones within
+            // about the time raft gives awake followers (1-2 s). Any raft
+            // message counts as a sign of life, so a heartbeat queued behind
+            // a burst of raft traffic on the same stream is no silence. A
+            // false "down" costs elections, never safety (the lease ended).
+            silence: cfg.election_timeout(),
             hibernate: cfg.hibernate,
             heartbeat_ticks: cfg.heartbeat_ticks.max(1) as u64,
         });
@@ -454,6 +456,7 @@ fn spawn_ticker(t: Ticker) -> (JoinHandle<()>, Sender<()>) {
         .spawn(move || {
             let mut next = Instant::now() + t.interval;
             let mut ticks: u64 = 0;
+            let mut deferred = Vec::new();
             loop {
                 let wait = next.saturating_duration_since(Instant::now());
                 match stop_rx.recv_timeout(wait) {
@@ -480,6 +483,7 @@ fn spawn_ticker(t: Ticker) -> (JoinHandle<()>, Sender<()>) {
                     &t.router,
                     t.silence,
                     t.hibernate,
+                    &mut deferred,
                 );
                 // Only replicas that tick: an idle node's ticking costs
                 // nothing per hosted shard (hibernated ones are left out).

@@ -763,6 +763,9 @@ impl ReplicaFsm {
             );
         }
         self.peer_nodes.insert(m.from_replica, m.from_node);
+        if self.holds_off_vote(&m.msg) {
+            self.end_lease_by_silence(m.from_node, ctx);
+        }
         if self.was_leader {
             self.last_heard.insert(m.from_replica, self.ticks);
         }
