@@ -2,13 +2,23 @@
 //!
 //! One poll round, on one poller thread:
 //!
-//! 1. fetch: block for one scheduled FSM, then take more without blocking,
-//!    up to `max_batch_size`;
+//! 1. fetch: block for one scheduled FSM, yield the CPU `round_yields`
+//!    times, then take more without blocking, up to `max_batch_size`;
 //! 2. `begin`, `handle_control` (if the control FSM came), `handle_normal`
 //!    for each normal FSM, then `end` with the whole batch;
 //! 3. release: a stopped FSM is dropped; an FSM that asked to keep processing
 //!    is put back at the tail of the queue; any other FSM is released to its
 //!    mailbox, and rescheduled at once if a message arrived meanwhile.
+//!
+//! The yields make rounds bigger on a busy machine without a timed wait:
+//! a yield returns at once when no other thread wants the CPU, and
+//! otherwise lets the threads that are delivering more messages (gRPC
+//! workers, other pollers) run first, so those messages join the round.
+//! The raft pool yields twice (`raftstore.raft-round-yields`): its rounds
+//! each end in one fsync, and under load the yields cut fsyncs per write by
+//! a quarter. A 200 µs sleep instead cut them by less and cost 11 % of the
+//! throughput; parking at once instead of crossbeam's spin-and-yield
+//! before blocking made rounds smaller and cost 20 %.
 
 use std::thread::JoinHandle;
 
@@ -152,6 +162,7 @@ struct Poller<N: Fsm, C: Fsm, H> {
     router: Router<N, C>,
     handler: H,
     max_batch_size: usize,
+    round_yields: usize,
 }
 
 impl<N: Fsm, C: Fsm, H: PollHandler<N, C>> Poller<N, C, H> {
@@ -176,6 +187,9 @@ impl<N: Fsm, C: Fsm, H: PollHandler<N, C>> Poller<N, C, H> {
                 }
             };
             running = batch.push(first);
+            for _ in 0..self.round_yields {
+                std::thread::yield_now();
+            }
             while running && batch.len() < self.max_batch_size {
                 match self.queue.try_recv() {
                     Ok(t) => running = batch.push(t),
@@ -282,6 +296,7 @@ impl<N: Fsm, C: Fsm> BatchSystem<N, C> {
                 router: self.router.clone(),
                 handler: builder.build(),
                 max_batch_size: self.config.max_batch_size.max(1),
+                round_yields: self.config.round_yields,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("{}-{}", self.name, i))

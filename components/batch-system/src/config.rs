@@ -10,6 +10,9 @@ pub struct Config {
     /// Soft capacity of each normal FSM's mailbox, in messages: `Router::send`
     /// refuses past it.
     pub mailbox_capacity: usize,
+    /// Times a poller yields its CPU between taking the first FSM of a
+    /// round and taking the rest (see `batch`).
+    pub round_yields: usize,
 }
 
 impl Default for Config {
@@ -18,6 +21,7 @@ impl Default for Config {
             pool_size: 2,
             max_batch_size: 256,
             mailbox_capacity: 40960,
+            round_yields: 0,
         }
     }
 }

@@ -144,6 +144,8 @@ fn start(pool_size: usize, fsms: u64, per_round: usize, dwell: Duration) -> Test
         pool_size,
         max_batch_size: 8,
         mailbox_capacity: 1 << 20,
+        // Exercised here; yields change timing, never what is handled.
+        round_yields: 2,
     };
     let (ctx, crx) = crossbeam_channel::unbounded();
     let control_handled = Arc::new(AtomicUsize::new(0));
@@ -327,6 +329,7 @@ fn full_mailbox_refuses_but_force_send_delivers() {
         pool_size: 1,
         max_batch_size: 8,
         mailbox_capacity: 2,
+        round_yields: 0,
     };
     let (ctx, crx) = crossbeam_channel::unbounded();
     let control = Box::new(Control {

@@ -12,6 +12,9 @@ pub struct Config {
     pub apply_pollers: usize,
     /// Most FSMs handled in one poll round.
     pub max_batch_size: usize,
+    /// Times a raft poller yields the CPU after the first replica of a
+    /// round is ready, before taking the rest (bigger rounds under load).
+    pub raft_round_yields: usize,
     /// Most messages a replica handles in one round before yielding.
     pub messages_per_tick: usize,
     /// Soft capacity of each replica's mailbox, in messages.
@@ -76,6 +79,7 @@ impl Default for Config {
             raft_pollers: 1,
             apply_pollers: 2,
             max_batch_size: 256,
+            raft_round_yields: 2,
             messages_per_tick: 4096,
             mailbox_capacity: 40960,
             tick_interval: Duration::from_millis(100),

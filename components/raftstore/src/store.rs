@@ -237,6 +237,7 @@ impl Store {
             pool_size: cfg.raft_pollers,
             max_batch_size: cfg.max_batch_size,
             mailbox_capacity: cfg.mailbox_capacity,
+            round_yields: cfg.raft_round_yields,
         };
         let (raft_router, mut raft_system) = create_system(
             "raft",
@@ -250,6 +251,8 @@ impl Store {
             max_batch_size: cfg.max_batch_size,
             // Apply mailboxes only carry committed entries: never refuse.
             mailbox_capacity: usize::MAX,
+            // Apply rounds end in no fsync: nothing to share.
+            round_yields: 0,
         };
         let (apply_router, mut apply_system): (ApplyRouter, _) = create_system(
             "apply",
