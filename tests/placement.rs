@@ -363,3 +363,30 @@ async fn replicas_spread_over_zones_first() {
         .all(|n| n.node.as_ref().unwrap().labels.contains_key("zone")));
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leaders_come_back_to_a_restarted_node_without_overshooting() {
+    let shards = 24;
+    let mut c = cluster(3, shards, 600_000).await;
+    c.stop_node(3).await;
+    for s in 1..=shards as u64 {
+        c.wait_leader(s, &[1, 2], WAIT).await;
+    }
+    c.restart_node(3).await;
+    wait_until("leaders spread over the three nodes again", || {
+        let (_, leaders) = counts(&c);
+        async move { leaders.len() == 3 && within(&leaders, shards, 0.0) }
+    })
+    .await;
+    // Balanced, it stays so: no round moves more leaders than the imbalance
+    // it sees (led lists lag the transfers a round started or finished).
+    for _ in 0..40 {
+        let (_, leaders) = counts(&c);
+        assert!(
+            leaders.values().all(|&n| n <= shards / 3 + 2),
+            "a node took more than its share: {leaders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.shutdown().await;
+}

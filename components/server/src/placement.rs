@@ -14,7 +14,11 @@
 //!    moves from the node holding the most to the node holding the fewest
 //!    while they differ by more than 5 % of the mean (at least 1).
 //! 3. **Leader balance**: leadership moves from the node leading the most
-//!    shards to one leading the fewest while they differ by more than 1.
+//!    shards to one leading the fewest while they differ by more than 1,
+//!    up to `max-operators` transfers a round. The nodes' led lists are up
+//!    to a heartbeat interval old, so transfers running or finished within
+//!    the cool-down count as done: a round never moves more than the
+//!    imbalance left.
 //!
 //! Targets are UP nodes heard from within two heartbeat intervals; a target
 //! in a zone (label `zone`) the shard does not use yet wins, then the one
@@ -50,7 +54,7 @@ use crate::config::PlacementSection;
 use crate::service::{HandlerError, NodeContext};
 
 /// Finished operators kept for `operator list`.
-const KEEP_FINISHED: usize = 64;
+const KEEP_FINISHED: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -335,6 +339,22 @@ impl Placement {
             }
         }
         leaders.insert(META_SHARD_ID, self.ctx.node_id);
+        // Led lists are up to a heartbeat interval old: count the transfers
+        // this driver has running, or finished within the cool-down, as done,
+        // so that a round moves no more leaders than the imbalance left
+        // (before, a round saw the imbalance as it was before the last
+        // rounds' transfers, and could only start 4 at a time safely).
+        {
+            let ops = self.ops.lock();
+            let recent = ops.finished.iter().filter(|op| {
+                op.status == "done" && op.finished.is_some_and(|t| t.elapsed() < cool_down)
+            });
+            for op in ops.running.values().chain(recent) {
+                if let Kind::TransferLeader { to, .. } = op.kind {
+                    leaders.insert(op.shard_id, to);
+                }
+            }
+        }
 
         self.finish_decommissions(&nodes, &shards).await?;
 
@@ -374,7 +394,7 @@ impl Placement {
             .values()
             .any(|o| !matches!(o.kind, Kind::TransferLeader { .. }));
         if started.is_empty() && !moving {
-            while started.len() < budget.min(4) {
+            while started.len() < budget {
                 match plan.balance_leaders(&shards, &mut leaders) {
                     Some((id, kind)) => started.push((id, kind, "balance-leaders")),
                     None => break,
