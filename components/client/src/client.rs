@@ -160,6 +160,18 @@ pub(crate) fn never_sent(s: &Status) -> bool {
     }
 }
 
+/// Whether a call failed to connect at all (the node is down or not
+/// listening), as opposed to a stream that broke or a request that was
+/// queued on one: only then is the node passed over for a while.
+fn refused_connection(s: &Status) -> bool {
+    s.code() == Code::Unavailable && {
+        let m = s.message().to_ascii_lowercase();
+        m.contains("tcp connect error")
+            || m.contains("error trying to connect")
+            || m.contains("connection refused")
+    }
+}
+
 /// How long a node that refused a connection is passed over when another
 /// replica can take the request: after a node dies, followers keep naming
 /// it as their leader until they elect a new one, and following those
@@ -188,6 +200,10 @@ impl Inner {
         self.unreachable
             .lock()
             .insert(node, Instant::now() + UNREACHABLE_FOR);
+    }
+
+    fn clear_unreachable(&self, node: u64) {
+        self.unreachable.lock().remove(&node);
     }
 
     fn is_unreachable(&self, node: u64) -> bool {
@@ -522,15 +538,14 @@ impl Client {
                         }
                         _ => {}
                     }
-                    let not_sent = never_sent(&status);
-                    if !idempotent && !not_sent {
+                    if !idempotent && !never_sent(&status) {
                         return Err(Error::Indeterminate(format!(
                             "{addr} failed after the request was sent: {}",
                             status.message()
                         ))
                         .into());
                     }
-                    if not_sent {
+                    if refused_connection(&status) {
                         self.inner.mark_unreachable(node);
                     }
                     self.inner.cache.write().set_leader(desc.id, 0);
@@ -551,15 +566,19 @@ impl Client {
                     replica_turn += 1
                 }
                 Some(Kind::NotLeader(nl)) => {
-                    let hint = nl.leader.filter(|l| {
-                        l.node_id != node && l.node_id != 0 && !self.inner.is_unreachable(l.node_id)
-                    });
+                    let named = nl.leader.filter(|l| l.node_id != node && l.node_id != 0);
                     let mut cache = self.inner.cache.write();
+                    if let Some(l) = named.filter(|_| !nl.leader_address.is_empty()) {
+                        // A node back on a new address is no longer the one
+                        // that refused.
+                        if cache.nodes.get(&l.node_id) != Some(&nl.leader_address) {
+                            cache.nodes.insert(l.node_id, nl.leader_address.clone());
+                            self.inner.clear_unreachable(l.node_id);
+                        }
+                    }
+                    let hint = named.filter(|l| !self.inner.is_unreachable(l.node_id));
                     match hint {
                         Some(l) => {
-                            if !nl.leader_address.is_empty() {
-                                cache.nodes.insert(l.node_id, nl.leader_address.clone());
-                            }
                             cache.set_leader(desc.id, l.node_id);
                         }
                         None => {

@@ -350,8 +350,12 @@ impl Placement {
                 op.status == "done" && op.finished.is_some_and(|t| t.elapsed() < cool_down)
             });
             for op in ops.running.values().chain(recent) {
-                if let Kind::TransferLeader { to, .. } = op.kind {
-                    leaders.insert(op.shard_id, to);
+                // Only over the old holder: a list already showing another
+                // node is newer than the transfer (the target crashed, say).
+                if let Kind::TransferLeader { from, to } = op.kind {
+                    if leaders.get(&op.shard_id) == Some(&from) {
+                        leaders.insert(op.shard_id, to);
+                    }
                 }
             }
         }

@@ -493,7 +493,19 @@ impl ReplicaFsm {
             voters.sort_unstable();
             let first = !voters.is_empty()
                 && voters[self.shard_id as usize % voters.len()] == self.replica_id;
-            let campaign_now = first && event == PeerEvent::Down && !self.data_in_flux();
+            // (`first` is a voter by the descriptor, which apply keeps equal
+            // to raft's configuration; raft's `campaign` does not check.)
+            let mut campaign_now = first && event == PeerEvent::Down && !self.data_in_flux();
+            if campaign_now {
+                let _ = self.raw_node.campaign();
+                // Raft declines while a configuration change is pending.
+                campaign_now = self.raw_node.raft.state != StateRole::Follower;
+                if campaign_now {
+                    // Pre-candidacy keeps the election clock: without this
+                    // it would campaign again at the next tick.
+                    self.raw_node.raft.election_elapsed = 0;
+                }
+            }
             if first && !campaign_now {
                 let raft = &mut self.raw_node.raft;
                 raft.election_elapsed = raft
@@ -511,12 +523,6 @@ impl ReplicaFsm {
                 first,
                 "the leader's node is gone; its lease is over"
             );
-            if campaign_now {
-                let _ = self.raw_node.campaign();
-                // Pre-candidacy keeps the election clock: without this it
-                // would campaign again at the next tick.
-                self.raw_node.raft.election_elapsed = 0;
-            }
         }
     }
 
@@ -571,7 +577,8 @@ impl ReplicaFsm {
         let raft = &mut self.raw_node.raft;
         let timeout = raft.election_timeout();
         raft.election_elapsed = raft.election_elapsed.max(timeout);
-        // Within raft's range [timeout, 2 * timeout).
+        // Within raft's range [timeout, 2 * timeout): the raft config sets
+        // no other min/max election ticks (raft asserts the range).
         let hold = timeout + timeout / 2;
         if raft.randomized_election_timeout() < hold {
             raft.set_randomized_election_timeout(hold);
