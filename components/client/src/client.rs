@@ -146,18 +146,14 @@ impl Retry {
 }
 
 /// Whether a failed call certainly never reached the server (so even a
-/// non-idempotent command can be retried): only a failure to connect. A
+/// non-idempotent command can be retried): a failure to connect, or a
+/// command the client's stream never sent (`conn::NOT_SENT`). A
 /// connection reset or closed after the request went out ("connection
 /// reset", "connection closed") may follow its execution, so it does not
 /// count: retrying a compare-and-swap then could apply it twice.
 pub(crate) fn never_sent(s: &Status) -> bool {
-    s.code() == Code::Unavailable && {
-        let m = s.message().to_ascii_lowercase();
-        m.starts_with(NOT_SENT)
-            || m.contains("tcp connect error")
-            || m.contains("error trying to connect")
-            || m.contains("connection refused")
-    }
+    refused_connection(s)
+        || s.code() == Code::Unavailable && s.message().to_ascii_lowercase().starts_with(NOT_SENT)
 }
 
 /// Whether a call failed to connect at all (the node is down or not

@@ -112,4 +112,11 @@ impl Config {
     pub fn election_timeout(&self) -> Duration {
         self.tick_interval * self.election_ticks as u32
     }
+
+    /// `(election_ticks - 1) * tick_interval`: the least real time a
+    /// follower holds off other candidates after hearing from its leader,
+    /// which the leader lease stays below (`replica::lease`).
+    pub fn lease_bound(&self) -> Duration {
+        self.tick_interval * self.election_ticks.saturating_sub(1) as u32
+    }
 }

@@ -21,16 +21,16 @@
 //!   Leaders with a follower there wake one election timeout later (see
 //!   [`tick`]), so they count it down and raft's check-quorum runs again (a
 //!   leader cut off from everyone steps down).
-//!
-//! Replicas also ask this table directly ([`NodeLiveness::silent_for`]): a
-//! follower receiving a vote request while its leader's node has been
-//! silent for longer than the lease bound grants it even if it has not
-//! handled its own `Down` yet (`replica::fsm::hibernate`).
 //! - `Up`: heard again after `Down`. Leaders wake to bring it up to date.
 //! - `Restarted`: its heartbeat carries a new incarnation (the process
 //!   restarted, maybe faster than an election timeout). Its old leaders'
 //!   leases died with the process: sleeping followers of leaders there act
 //!   as on `Down`; leaders wake to heartbeat its new replicas.
+//!
+//! Replicas also ask this table directly ([`NodeLiveness::silent_for`]): a
+//! follower receiving a vote request while its leader's node has been
+//! silent for longer than the lease bound grants it even if it has not
+//! handled its own `Down` yet (`replica::fsm::hibernate`).
 //!
 //! Liveness is one-way: this node hearing a peer says nothing of the peer
 //! hearing it; the peer decides for itself, as raft's followers do.

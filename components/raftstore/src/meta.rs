@@ -396,10 +396,11 @@ mod tests {
             m.insert(shard(id, &[1, 2, 3]));
         }
         m.insert(shard(5, &[1, 3, 4]));
-        m.set_leader(1, 12, 2); // led from node 2
-        m.set_leader(2, 21, 2); // led here
-        m.set_leader(3, 33, 2); // led from node 3
-                                // Shard 4's leader is unknown here: it might be on node 2.
+        // Shard 1 is led from node 2, shard 2 from here, shard 3 from node
+        // 3; shard 4's leader is unknown here (it might be on node 2).
+        m.set_leader(1, 12, 2);
+        m.set_leader(2, 21, 2);
+        m.set_leader(3, 33, 2);
         let (mut first, mut rest) = m.shards_with_replica_on(2);
         first.sort_unstable();
         rest.sort_unstable();

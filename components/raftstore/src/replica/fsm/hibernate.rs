@@ -495,24 +495,23 @@ impl ReplicaFsm {
                 && voters[self.shard_id as usize % voters.len()] == self.replica_id;
             // (`first` is a voter by the descriptor, which apply keeps equal
             // to raft's configuration; raft's `campaign` does not check.)
-            let mut campaign_now = first && event == PeerEvent::Down && !self.data_in_flux();
-            if campaign_now {
+            // Raft declines to campaign while a configuration change is
+            // pending: the replica then stays a follower.
+            let campaigned = first && event == PeerEvent::Down && !self.data_in_flux() && {
                 let _ = self.raw_node.campaign();
-                // Raft declines while a configuration change is pending.
-                campaign_now = self.raw_node.raft.state != StateRole::Follower;
-                if campaign_now {
-                    // Pre-candidacy keeps the election clock: without this
-                    // it would campaign again at the next tick.
-                    self.raw_node.raft.election_elapsed = 0;
-                }
-            }
-            if first && !campaign_now {
-                let raft = &mut self.raw_node.raft;
+                self.raw_node.raft.state != StateRole::Follower
+            };
+            let raft = &mut self.raw_node.raft;
+            if campaigned {
+                // Pre-candidacy keeps the election clock: without this it
+                // would campaign again at the next tick.
+                raft.election_elapsed = 0;
+            } else if first {
                 raft.election_elapsed = raft
                     .randomized_election_timeout()
                     .saturating_sub(2)
                     .max(raft.election_timeout());
-            } else if !first {
+            } else {
                 self.grant_votes();
             }
             tracing::debug!(
@@ -547,11 +546,10 @@ impl ReplicaFsm {
         if leader_node == from_node || leader_node == ctx.node_id {
             return;
         }
-        let bound = ctx.cfg.tick_interval * ctx.cfg.election_ticks.saturating_sub(1) as u32;
         if ctx
             .liveness
             .silent_for(leader_node)
-            .is_none_or(|silent| silent < bound)
+            .is_none_or(|silent| silent < ctx.cfg.lease_bound())
         {
             return;
         }
