@@ -5,8 +5,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flotilla_proto::raftcmd::{op, Op, Put, WriteCommand};
-use flotilla_raftstore::{Error as StoreError, WriteRequest};
+use flotilla_raftstore::Error as StoreError;
 use flotilla_test_cluster::TestCluster;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -53,33 +52,6 @@ async fn wait_local_value(c: &TestCluster, node: u64, key: &[u8], value: Option<
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// A write sent straight to one node's replica, bypassing the client.
-async fn direct_put(
-    c: &TestCluster,
-    node: u64,
-    shard_id: u64,
-    key: &[u8],
-) -> tokio::sync::oneshot::Receiver<flotilla_raftstore::Result<flotilla_raftstore::WriteResult>> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let epoch = c.descriptor(node, shard_id).epoch();
-    c.router(node).write(WriteRequest {
-        shard_id,
-        epoch,
-        command: WriteCommand {
-            ops: vec![Op {
-                op: Some(op::Op::Put(Put {
-                    key: b(key),
-                    value: b("direct"),
-                })),
-            }],
-        },
-        cb: Box::new(move |r| {
-            let _ = tx.send(r);
-        }),
-    });
-    rx
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -233,7 +205,7 @@ async fn isolated_leader_is_replaced_and_its_pending_proposals_fail() {
 
     c.isolate(old);
     // The old leader accepts a proposal it can no longer commit.
-    let pending = direct_put(&c, old, 1, b"orphan").await;
+    let pending = c.direct_put(old, 1, b"orphan", b"direct");
 
     let others: Vec<_> = c.node_ids().into_iter().filter(|n| *n != old).collect();
     let new = c.wait_leader(1, &others, WAIT).await;
@@ -291,7 +263,7 @@ async fn a_minority_side_cannot_write() {
 /// Sends a put to the minority node's replica directly and waits for the
 /// outcome.
 async fn minority_put(c: &TestCluster, node: u64) -> flotilla_raftstore::Result<()> {
-    let rx = direct_put(c, node, 1, b"minority").await;
+    let rx = c.direct_put(node, 1, b"minority", b"direct");
     match tokio::time::timeout(WAIT, rx).await {
         Ok(Ok(r)) => r.map(|_| ()),
         Ok(Err(_)) => Err(StoreError::Shutdown),

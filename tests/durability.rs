@@ -301,3 +301,72 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers() {
     assert_eq!(client.get(b("after")).await.unwrap(), Some(b("3")));
     c.shutdown().await;
 }
+
+/// A leader cut off right after its followers appended a write, before it
+/// heard them: the new leader commits the write and compacts its log past
+/// it, and the old leader catches up by snapshot. The snapshot holds the
+/// write, so its waiter must not be told "not applied" (StaleCommand, which
+/// a client retries: a retried compare-and-swap would then fail against its
+/// own first success).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_proposal_covered_by_a_snapshot_is_not_answered_as_not_applied() {
+    let mut c = TestCluster::builder(3)
+        .shards(1)
+        .configure(|cfg| {
+            small_logs(cfg);
+            // Only the snapshot may answer the old leader's proposal.
+            cfg.raftstore.abandon_proposals_after_ticks = 100_000;
+        })
+        .start()
+        .await;
+    let old = c.wait_leader(1, &[], WAIT).await;
+    write_keys(&c, 0, 20).await;
+    // The followers' acknowledgements never reach the leader.
+    c.add_filter(Arc::new(move |m: &RaftMessage| {
+        if m.to_node == old && m.msg.get_msg_type() == MessageType::MsgAppendResponse {
+            FilterDecision::Drop
+        } else {
+            FilterDecision::Pass
+        }
+    }));
+    let before = c.replica_status(old, 1).await.last_index;
+    let pending = c.direct_put(old, 1, b"covered", b"1");
+    let others: Vec<_> = c.node_ids().into_iter().filter(|n| *n != old).collect();
+    for &n in &others {
+        wait_until("followers appended the write", || async {
+            c.replica_status(n, 1).await.last_index > before
+        })
+        .await;
+    }
+    c.isolate(old);
+    let new = c.wait_leader(1, &others, WAIT).await;
+    // Writes the client first sends to the old leader wait there (nothing is
+    // abandoned in this test) until the client gives up on them.
+    let client = c.client_with_timeout(Duration::from_secs(1)).await;
+    for i in 20..400 {
+        let key = format!("key{i:05}");
+        flotilla_test_cluster::put_acked(&client, b(&key), b(&key)).await;
+    }
+    wait_until("new leader compacted past the write", || async {
+        c.replica_status(new, 1).await.truncated_index > before + 1
+    })
+    .await;
+
+    c.heal();
+    let answer = tokio::time::timeout(WAIT, pending)
+        .await
+        .expect("the proposal is answered")
+        .expect("callback not dropped");
+    wait_until("old leader installed a snapshot", || async {
+        c.replica_status(old, 1).await.truncated_index > before + 1
+    })
+    .await;
+    // The write committed under the new leader.
+    assert_eq!(client.get(b("covered")).await.unwrap(), Some(b("1")));
+    match answer {
+        Ok(_) | Err(flotilla_raftstore::Error::Indeterminate(_)) => {}
+        other => panic!("an applied write was answered {other:?}"),
+    }
+    c.assert_replicas_identical(1).await;
+    c.shutdown().await;
+}

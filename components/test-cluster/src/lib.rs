@@ -365,6 +365,38 @@ impl TestCluster {
         );
     }
 
+    /// A put sent straight to `node`'s replica of `shard_id`, bypassing the
+    /// client (which would retry or redirect it); the receiver gets the
+    /// store's answer.
+    pub fn direct_put(
+        &self,
+        node: NodeId,
+        shard_id: ShardId,
+        key: &[u8],
+        value: &[u8],
+    ) -> tokio::sync::oneshot::Receiver<flotilla_raftstore::Result<flotilla_raftstore::WriteResult>>
+    {
+        use flotilla_proto::raftcmd::{op, Op, Put, WriteCommand};
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let epoch = self.descriptor(node, shard_id).epoch();
+        self.router(node).write(flotilla_raftstore::WriteRequest {
+            shard_id,
+            epoch,
+            command: WriteCommand {
+                ops: vec![Op {
+                    op: Some(op::Op::Put(Put {
+                        key: bytes::Bytes::copy_from_slice(key),
+                        value: bytes::Bytes::copy_from_slice(value),
+                    })),
+                }],
+            },
+            cb: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        rx
+    }
+
     /// A replica's own view of itself.
     pub async fn replica_status(
         &self,

@@ -171,10 +171,11 @@ impl ApplyFsm {
                 return;
             }
         }
-        // Every proposal handed over has an index within the entries (or
-        // comes after this replica's removal).
+        // Every proposal handed over has an index within the entries, or
+        // comes after this replica's removal: the remaining members may
+        // still commit those, so their outcome is unknown here.
         for p in proposals {
-            answer_stale(p, ctx);
+            answer_unknown(p, "this replica was removed from the shard", ctx);
         }
     }
 
@@ -215,7 +216,14 @@ impl ApplyFsm {
                 break;
             }
             let p = proposals.pop_front().unwrap();
-            if p.index < entry.index || p.term != entry.term {
+            if p.index < entry.index {
+                // Its entry never reached this FSM: a snapshot covered its
+                // index, and whether the snapshot holds its command or a
+                // newer leader's entry is not known here.
+                answer_unknown(p, "its log entry was covered by a snapshot", ctx);
+                continue;
+            }
+            if p.term != entry.term {
                 answer_stale(p, ctx);
                 continue;
             }
@@ -730,11 +738,23 @@ fn put_normal_state(ctx: &mut ApplyCtx, shard: &ShardDescriptor, replica_id: Rep
     );
 }
 
+/// Answers a proposal whose index committed with another term: its command
+/// was never applied and can be retried.
 fn answer_stale(p: Proposal, ctx: &mut ApplyCtx) {
-    metrics::PROPOSALS_DROPPED
-        .with_label_values(&["stale"])
-        .inc_by(p.callbacks.len() as u64);
     let err = || Error::StaleCommand("its log entry was replaced by a newer leader".into());
+    answer_err(p, "stale", err, ctx);
+}
+
+/// Answers a proposal whose command may or may not have been applied.
+fn answer_unknown(p: Proposal, why: &str, ctx: &mut ApplyCtx) {
+    let err = || Error::Indeterminate(format!("outcome unknown: {why}"));
+    answer_err(p, "indeterminate", err, ctx);
+}
+
+fn answer_err(p: Proposal, label: &str, err: impl Fn() -> Error, ctx: &mut ApplyCtx) {
+    metrics::PROPOSALS_DROPPED
+        .with_label_values(&[label])
+        .inc_by(p.callbacks.len() as u64);
     match p.callbacks {
         ProposalCallbacks::Writes(cbs) => {
             for cb in cbs {

@@ -18,9 +18,12 @@
 //!   answered `NotLeader` with the leader it knows. Follower and stale
 //!   reads are served by any initialized replica (`replica::read`); lease
 //!   reads only by a leader holding a lease (`replica::lease`).
-//! - Every callback is answered exactly once: on apply (success or
-//!   StaleCommand), at proposal time (an error), or when the node shuts down
-//!   (dropped, which the caller sees as cancellation).
+//! - Every callback is answered exactly once: on apply (success, or
+//!   StaleCommand when its index committed with another term), at proposal
+//!   time (an error), Indeterminate when its index is passed over any other
+//!   way (abandoned, covered by a snapshot, reused by a later term, replica
+//!   removed), or when the node shuts down (dropped, which the caller sees
+//!   as cancellation).
 //! - A leader that lost leadership keeps its proposals for
 //!   `abandon_proposals_after_ticks`: if their entries commit (kept by the new
 //!   leader) or are replaced, apply answers them exactly. Only the ones still
@@ -1010,13 +1013,18 @@ impl ReplicaFsm {
                 .inc_by(n);
             metrics::PROPOSAL_ENTRIES.inc();
         }
-        metrics::PENDING_PROPOSALS.inc();
-        self.proposals.push(Proposal {
+        let displaced = self.proposals.push(Proposal {
             index,
             term: self.raw_node.raft.term,
             callbacks,
             proposed_at: Instant::now(),
         });
+        metrics::PENDING_PROPOSALS.add(1 - displaced as i64);
+        if displaced > 0 {
+            metrics::PROPOSALS_DROPPED
+                .with_label_values(&["indeterminate"])
+                .inc_by(displaced as u64);
+        }
     }
 
     /// Issues one ReadIndex for every read gathered so far, once the leader
@@ -1776,6 +1784,7 @@ impl ReplicaFsm {
             keys = data.keys,
             "installing a snapshot from the leader"
         );
+        self.answer_covered_proposals(index);
         self.raw_node
             .mut_store()
             .apply_snapshot(index, term, &data, &mut round.log_batch);
@@ -1785,6 +1794,40 @@ impl ReplicaFsm {
         }
         metrics::SNAPSHOTS.with_label_values(&["received"]).inc();
         self.pending_install = Some(SnapshotInstall { index, term, data });
+    }
+
+    /// A former leader's proposals at or below a snapshot's index: the
+    /// snapshot may hold their commands (committed by the new leader) or
+    /// another leader's entries, and does not say which. Answered
+    /// Indeterminate now rather than left for apply, which never sees
+    /// those entries.
+    fn answer_covered_proposals(&mut self, snapshot_index: Index) {
+        let covered = self.proposals.take_upto(snapshot_index);
+        if covered.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            shard_id = self.shard_id,
+            replica_id = self.replica_id,
+            proposals = covered.len(),
+            snapshot_index,
+            "a snapshot covers pending proposals; their outcome is unknown"
+        );
+        metrics::PENDING_PROPOSALS.sub(covered.len() as i64);
+        metrics::PROPOSALS_DROPPED
+            .with_label_values(&["indeterminate"])
+            .inc_by(covered.len() as u64);
+        let shard_id = self.shard_id;
+        for p in covered {
+            p.callbacks.fail(|| {
+                Error::Indeterminate(format!(
+                    "shard {shard_id}: a snapshot covered the command's log entry before its outcome was known"
+                ))
+            });
+        }
+        if self.proposals.is_empty() {
+            self.ticks_since_stepdown = None;
+        }
     }
 
     /// Called after the round's raft-engine write is durable.

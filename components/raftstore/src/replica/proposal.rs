@@ -4,7 +4,14 @@
 //! was appended to the leader's log; (index, term) names a log entry
 //! uniquely, so when an entry commits, the proposal at its index either has
 //! the same term (its command was applied) or not (its entry was replaced by
-//! a newer leader's: StaleCommand). The queue is ordered by index.
+//! a newer leader's: StaleCommand, which a client may retry). The queue is
+//! ordered by index.
+//!
+//! StaleCommand is only ever answered from that comparison. A proposal whose
+//! index is left behind any other way is answered Indeterminate: its entry
+//! may still be in some replica's log and commit there (a leader re-elected
+//! after its log was cut back, or a snapshot that covered the index without
+//! saying which entry it holds there).
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -18,7 +25,9 @@ pub struct ProposalQueue {
 }
 
 impl ProposalQueue {
-    pub fn push(&mut self, p: Proposal) {
+    /// Queues `p`; returns how many earlier proposals it displaced (answered
+    /// Indeterminate).
+    pub fn push(&mut self, p: Proposal) -> usize {
         if let Some(last) = self.queue.back() {
             assert!(
                 (last.term, last.index) < (p.term, p.index),
@@ -29,15 +38,21 @@ impl ProposalQueue {
                 last.index
             );
         }
-        // A new leader may reuse indexes of proposals that a previous term
-        // left behind; those can no longer commit with their own term.
+        // A leader re-elected after its log was cut back reuses indexes of
+        // its earlier term's proposals. Their entries left this log, but
+        // another replica may still hold one and later lead and commit it.
+        let mut displaced = 0;
         while self.queue.back().is_some_and(|last| last.index >= p.index) {
-            let stale = self.queue.pop_back().unwrap();
-            stale
-                .callbacks
-                .fail(|| Error::StaleCommand("a newer leader term reused its log index".into()));
+            displaced += 1;
+            let left = self.queue.pop_back().unwrap();
+            left.callbacks.fail(|| {
+                Error::Indeterminate(
+                    "outcome unknown: a newer term of this leader reused its log index".into(),
+                )
+            });
         }
         self.queue.push_back(p);
+        displaced
     }
 
     /// Removes and returns the proposals with index <= `index`.
@@ -68,5 +83,50 @@ impl ProposalQueue {
         for p in self.queue.drain(..) {
             p.callbacks.fail(&err);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::msg::ProposalCallbacks;
+
+    type Answers = Arc<Mutex<Vec<(Index, String)>>>;
+
+    fn proposal(index: Index, term: Term, answers: &Answers) -> Proposal {
+        let answers = answers.clone();
+        Proposal {
+            index,
+            term,
+            callbacks: ProposalCallbacks::Writes(vec![Box::new(move |r| {
+                let what = match r {
+                    Ok(_) => "ok".to_string(),
+                    Err(e) => format!("{e:?}"),
+                };
+                answers.lock().unwrap().push((index, what));
+            })]),
+            proposed_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_reused_index_leaves_the_displaced_outcome_unknown() {
+        let answers = Answers::default();
+        let mut q = ProposalQueue::default();
+        assert_eq!(q.push(proposal(5, 1, &answers)), 0);
+        assert_eq!(q.push(proposal(6, 1, &answers)), 0);
+        // Re-elected at term 3 with its log cut back to 4.
+        assert_eq!(q.push(proposal(5, 3, &answers)), 2);
+        assert_eq!(q.len(), 1);
+        let answers = answers.lock().unwrap();
+        let indexes: Vec<_> = answers.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indexes, vec![6, 5]);
+        // Another replica may still hold and commit them: never "not applied".
+        assert!(
+            answers.iter().all(|(_, a)| a.starts_with("Indeterminate")),
+            "{answers:?}"
+        );
     }
 }
