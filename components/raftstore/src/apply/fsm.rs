@@ -276,7 +276,9 @@ impl ApplyFsm {
     }
 
     fn exec_command(&mut self, entry: &Entry, ctx: &mut ApplyCtx) -> EntryOutcome {
-        let cmd = RaftCommand::decode(&entry.data[..]).unwrap_or_else(|e| {
+        // Decoded from the entry's `Bytes`: keys and values are slices of
+        // it, not copies (they only live until the batch is written).
+        let cmd = RaftCommand::decode(entry.data.clone()).unwrap_or_else(|e| {
             panic!(
                 "shard {} entry {}: undecodable command: {e}",
                 self.shard_id, entry.index
