@@ -320,7 +320,8 @@ async fn a_proposal_covered_by_a_snapshot_is_not_answered_as_not_applied() {
         .start()
         .await;
     let old = c.wait_leader(1, &[], WAIT).await;
-    write_keys(&c, 0, 20).await;
+    // (No writes before: the log is too short for a compaction entry to be
+    // pending, so the pending proposal waited for below is the write.)
     // The followers' acknowledgements never reach the leader.
     c.add_filter(Arc::new(move |m: &RaftMessage| {
         if m.to_node == old && m.msg.get_msg_type() == MessageType::MsgAppendResponse {
@@ -329,12 +330,17 @@ async fn a_proposal_covered_by_a_snapshot_is_not_answered_as_not_applied() {
             FilterDecision::Pass
         }
     }));
-    let before = c.replica_status(old, 1).await.last_index;
     let pending = c.direct_put(old, 1, b"covered", b"1");
+    wait_until("the old leader appended the write", || async {
+        c.replica_status(old, 1).await.pending_proposals > 0
+    })
+    .await;
+    // At or past the write's index (a log compaction entry may follow it).
+    let before = c.replica_status(old, 1).await.last_index;
     let others: Vec<_> = c.node_ids().into_iter().filter(|n| *n != old).collect();
     for &n in &others {
         wait_until("followers appended the write", || async {
-            c.replica_status(n, 1).await.last_index > before
+            c.replica_status(n, 1).await.last_index >= before
         })
         .await;
     }

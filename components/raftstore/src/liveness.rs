@@ -16,16 +16,17 @@
 //!   followers whose leader lives there wake and grant votes at once (one
 //!   of them campaigns at once): their leader's last message arrived before
 //!   that silence began, so its lease (shorter than an election timeout, see
-//!   `replica::lease`) is over. Awake followers ignore it: raft's own
-//!   election timeout serves them.
+//!   `replica::lease`) is over. Awake followers that missed their leader's
+//!   heartbeats do the same (so their own timers do not race the chosen
+//!   voter); awake ones still hearing it ignore the event.
 //!   Leaders with a follower there wake one election timeout later (see
 //!   [`tick`]), so they count it down and raft's check-quorum runs again (a
 //!   leader cut off from everyone steps down).
 //! - `Up`: heard again after `Down`. Leaders wake to bring it up to date.
 //! - `Restarted`: its heartbeat carries a new incarnation (the process
 //!   restarted, maybe faster than an election timeout). Its old leaders'
-//!   leases died with the process: sleeping followers of leaders there act
-//!   as on `Down`; leaders wake to heartbeat its new replicas.
+//!   leases died with the process: followers of leaders there act as on
+//!   `Down`; leaders wake to heartbeat its new replicas.
 //!
 //! Replicas also ask this table directly ([`NodeLiveness::silent_for`]): a
 //! follower receiving a vote request while its leader's node has been

@@ -983,6 +983,15 @@ impl ReplicaFsm {
     fn propose(&mut self, payload: Payload, callbacks: ProposalCallbacks) {
         let n = callbacks.len() as u64;
         let is_write = matches!(callbacks, ProposalCallbacks::Writes(_));
+        // raft-rs 0.7 forwards a follower's proposal to the leader and
+        // returns Ok: answered NotLeader, a client would retry a command
+        // the leader may commit. Callers check leadership first; this keeps
+        // it true by construction.
+        if !self.is_leader() {
+            let err = self.not_leader();
+            callbacks.fail(|| err.clone());
+            return;
+        }
         let last_before = self.raw_node.raft.raft_log.last_index();
         let result = match payload {
             Payload::Command(cmd) => self.raw_node.propose(vec![], cmd.encode_to_vec()),
@@ -1816,7 +1825,7 @@ impl ReplicaFsm {
         metrics::PENDING_PROPOSALS.sub(covered.len() as i64);
         metrics::PROPOSALS_DROPPED
             .with_label_values(&["indeterminate"])
-            .inc_by(covered.len() as u64);
+            .inc_by(covered.iter().map(|p| p.callbacks.len() as u64).sum());
         let shard_id = self.shard_id;
         for p in covered {
             p.callbacks.fail(|| {
