@@ -65,7 +65,7 @@
 //! - A sleeping shard whose leader's node dies waits out node liveness's
 //!   election timeout before electing: with 3,333 such shards on one node,
 //!   new leaders are elected 1.0-1.7 s after a kill -9 and writes resume
-//!   within 1.2 s at the median, 1.8 s at most (README figures). Detection
+//!   within 1.2-1.5 s at the median, 1.8 s at most (README figures). Detection
 //!   faster than one election timeout would need the lease to be shorter.
 //! - The meta shard never sleeps (every node's heartbeat reads it).
 //! - A shard with a replica down never sleeps (as in TiKV).
