@@ -55,7 +55,11 @@ run() { # target endpoints workload clients [extra flags]; DUR overrides BENCH_S
 }
 
 start_etcd
-scripts/local-cluster.sh start >/dev/null
+if ! scripts/local-cluster.sh start >"$OUT/cluster-start.log" 2>&1; then
+  cat "$OUT/cluster-start.log"
+  echo "the Flotilla cluster did not start (is something else on ports 20161-20163?)"
+  exit 1
+fi
 echo "loading $KEYS records into each"
 DUR=1 run flotilla "$FLOTILLA_EPS" ycsb-c 1 --load --operations 1
 DUR=1 run etcd "$ETCD_EPS" ycsb-c 1 --load --operations 1

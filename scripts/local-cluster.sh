@@ -10,6 +10,14 @@
 # 127.0.0.1:(20180+i) for status; its data and log live in .flotilla/.
 set -euo pipefail
 
+# Why a node exited: its startup error (without a backtrace), else its log's tail.
+exit_reason() {
+  local err
+  # (The error is at the log's end: the process exits right after it.)
+  err=$(tail -n 200 "$1" | awk '/^Error: /{buf=""; on=1} on && /^(Stack backtrace:|  *0: )/{on=0} on{buf=buf $0 "\n"} END{printf "%s", buf}')
+  if [ -n "$err" ]; then printf '%s\n' "$err" | head -n 12; else tail -n 20 "$1"; fi
+}
+
 cmd=${1:-status}
 NODES=${NODES:-3}
 BIN=${BIN:-bin}
@@ -56,7 +64,7 @@ wait_ready() {
     local ready=1
     for i in "$@"; do
       if ! alive "$i"; then
-        echo; echo "node $i exited; last lines of $DATA/node$i.log:"; tail -n 20 "$DATA/node$i.log"; exit 1
+        echo; echo "node $i exited; from $DATA/node$i.log:"; exit_reason "$DATA/node$i.log"; exit 1
       fi
       curl -sf "http://127.0.0.1:$(status_port "$i")/ready" >/dev/null 2>&1 || ready=0
     done
