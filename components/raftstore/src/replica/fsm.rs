@@ -615,12 +615,6 @@ impl ReplicaFsm {
 
     /// Proposes an admin command; `cb` gets the entry's index once applied.
     fn propose_admin(&mut self, cmd: admin_command::Cmd, cb: Option<AdminCallback>) {
-        if !self.is_leader() {
-            if let Some(cb) = cb {
-                cb(Err(self.not_leader()));
-            }
-            return;
-        }
         let cmd = RaftCommand {
             header: Some(CmdHeader {
                 shard_id: self.shard_id,
@@ -954,14 +948,8 @@ impl ReplicaFsm {
         }
         let writes = std::mem::take(&mut self.pending_writes);
         self.pending_write_bytes = 0;
-        if !self.is_leader() {
-            // Leadership changed while the round stepped a message.
-            let err = self.not_leader();
-            for (_, cb) in writes {
-                cb(Err(err.clone()));
-            }
-            return;
-        }
+        // (`propose` answers NotLeader if leadership changed while the
+        // round stepped a message.)
         let (commands, callbacks): (Vec<_>, Vec<_>) = writes.into_iter().unzip();
         let cmd = RaftCommand {
             header: Some(CmdHeader {
@@ -985,8 +973,7 @@ impl ReplicaFsm {
         let is_write = matches!(callbacks, ProposalCallbacks::Writes(_));
         // raft-rs 0.7 forwards a follower's proposal to the leader and
         // returns Ok: answered NotLeader, a client would retry a command
-        // the leader may commit. Callers check leadership first; this keeps
-        // it true by construction.
+        // the leader may commit. So it is refused here, before raft.
         if !self.is_leader() {
             let err = self.not_leader();
             callbacks.fail(|| err.clone());
@@ -1022,18 +1009,12 @@ impl ReplicaFsm {
                 .inc_by(n);
             metrics::PROPOSAL_ENTRIES.inc();
         }
-        let displaced = self.proposals.push(Proposal {
+        self.proposals.push(Proposal {
             index,
             term: self.raw_node.raft.term,
             callbacks,
             proposed_at: Instant::now(),
         });
-        metrics::PENDING_PROPOSALS.add(1 - displaced as i64);
-        if displaced > 0 {
-            metrics::PROPOSALS_DROPPED
-                .with_label_values(&["indeterminate"])
-                .inc_by(displaced as u64);
-        }
     }
 
     /// Issues one ReadIndex for every read gathered so far, once the leader
@@ -1230,7 +1211,6 @@ impl ReplicaFsm {
         metrics::PROPOSALS_DROPPED
             .with_label_values(&["indeterminate"])
             .inc_by(n as u64);
-        metrics::PENDING_PROPOSALS.sub(n as i64);
         let shard_id = self.shard_id;
         self.proposals.fail_all(|| {
             Error::Indeterminate(format!(
@@ -1563,8 +1543,6 @@ impl ReplicaFsm {
         );
         self.stopped = true;
         let shard_id = self.shard_id;
-        let n = self.proposals.len();
-        metrics::PENDING_PROPOSALS.sub(n as i64);
         // A former leader's proposals may still commit through the new
         // leader: their outcome is unknown, not "no such shard" (which a
         // client would take as not applied and retry).
@@ -1702,7 +1680,6 @@ impl ReplicaFsm {
         let Some(last) = entries.last() else { return };
         let proposals = self.proposals.take_upto(last.index);
         if !proposals.is_empty() {
-            metrics::PENDING_PROPOSALS.sub(proposals.len() as i64);
             if flotilla_storage::metrics::detailed() {
                 for p in &proposals {
                     metrics::COMMIT_DURATION.observe(p.proposed_at.elapsed().as_secs_f64());
@@ -1822,7 +1799,6 @@ impl ReplicaFsm {
             snapshot_index,
             "a snapshot covers pending proposals; their outcome is unknown"
         );
-        metrics::PENDING_PROPOSALS.sub(covered.len() as i64);
         metrics::PROPOSALS_DROPPED
             .with_label_values(&["indeterminate"])
             .inc_by(covered.iter().map(|p| p.callbacks.len() as u64).sum());

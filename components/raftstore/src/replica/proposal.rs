@@ -12,12 +12,15 @@
 //! may still be in some replica's log and commit there (a leader re-elected
 //! after its log was cut back, or a snapshot that covered the index without
 //! saying which entry it holds there).
+//!
+//! The queue keeps `flotilla_raft_pending_proposals` itself: every proposal
+//! is counted while it is in here, whichever way it leaves.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
 use crate::msg::Proposal;
-use crate::{Error, Index, Term};
+use crate::{metrics, Error, Index, Term};
 
 #[derive(Default)]
 pub struct ProposalQueue {
@@ -25,9 +28,9 @@ pub struct ProposalQueue {
 }
 
 impl ProposalQueue {
-    /// Queues `p`; returns how many earlier proposals it displaced (answered
-    /// Indeterminate).
-    pub fn push(&mut self, p: Proposal) -> usize {
+    /// Queues `p`. Earlier proposals at or past its index are answered
+    /// Indeterminate.
+    pub fn push(&mut self, p: Proposal) {
         if let Some(last) = self.queue.back() {
             assert!(
                 (last.term, last.index) < (p.term, p.index),
@@ -41,23 +44,26 @@ impl ProposalQueue {
         // A leader re-elected after its log was cut back reuses indexes of
         // its earlier term's proposals. Their entries left this log, but
         // another replica may still hold one and later lead and commit it.
-        let mut displaced = 0;
         while self.queue.back().is_some_and(|last| last.index >= p.index) {
-            displaced += 1;
             let left = self.queue.pop_back().unwrap();
+            metrics::PENDING_PROPOSALS.dec();
+            metrics::PROPOSALS_DROPPED
+                .with_label_values(&["indeterminate"])
+                .inc();
             left.callbacks.fail(|| {
                 Error::Indeterminate(
                     "outcome unknown: a newer term of this leader reused its log index".into(),
                 )
             });
         }
+        metrics::PENDING_PROPOSALS.inc();
         self.queue.push_back(p);
-        displaced
     }
 
     /// Removes and returns the proposals with index <= `index`.
     pub fn take_upto(&mut self, index: Index) -> Vec<Proposal> {
         let n = self.queue.iter().take_while(|p| p.index <= index).count();
+        metrics::PENDING_PROPOSALS.sub(n as i64);
         self.queue.drain(..n).collect()
     }
 
@@ -80,6 +86,7 @@ impl ProposalQueue {
 
     /// Answers every proposal with an error made by `err`.
     pub fn fail_all(&mut self, err: impl Fn() -> Error) {
+        metrics::PENDING_PROPOSALS.sub(self.queue.len() as i64);
         for p in self.queue.drain(..) {
             p.callbacks.fail(&err);
         }
@@ -115,10 +122,12 @@ mod tests {
     fn a_reused_index_leaves_the_displaced_outcome_unknown() {
         let answers = Answers::default();
         let mut q = ProposalQueue::default();
-        assert_eq!(q.push(proposal(5, 1, &answers)), 0);
-        assert_eq!(q.push(proposal(6, 1, &answers)), 0);
-        // Re-elected at term 3 with its log cut back to 4.
-        assert_eq!(q.push(proposal(5, 3, &answers)), 2);
+        q.push(proposal(5, 1, &answers));
+        q.push(proposal(6, 1, &answers));
+        assert!(answers.lock().unwrap().is_empty());
+        assert_eq!(q.len(), 2);
+        // Re-elected at term 3 with its log cut back to 4: both displaced.
+        q.push(proposal(5, 3, &answers));
         assert_eq!(q.len(), 1);
         let answers = answers.lock().unwrap();
         let indexes: Vec<_> = answers.iter().map(|(i, _)| *i).collect();
