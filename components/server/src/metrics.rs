@@ -73,6 +73,15 @@ pub static BATCH_COMMANDS: LazyLock<Histogram> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static BATCH_RESPONSES: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "flotilla_grpc_batch_responses",
+        "Answers per BatchCommands response message (how much the node batches).",
+        prometheus::exponential_buckets(1.0, 2.0, 12).unwrap()
+    )
+    .unwrap()
+});
+
 pub static PLACEMENT_OPERATORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "flotilla_placement_operators_total",
