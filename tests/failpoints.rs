@@ -174,3 +174,124 @@ async fn a_torn_raft_log_tail_is_tolerated() {
     }
     common::assert_replicas_identical(&mut cluster, &client).await;
 }
+
+/// A write on a `BatchCommands` stream that does not apply within
+/// `server.request-timeout-ms` is answered Indeterminate at the timeout,
+/// once: the apply that comes later answers nothing more. Writes still
+/// waiting when the client closes its side are answered before the answers
+/// end. In-process (the fail point is armed in this test's process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_write_that_outlives_the_request_timeout_is_indeterminate_once() {
+    use flotilla_proto::error::error::Kind;
+    use flotilla_proto::kv::kv_client::KvClient;
+    use flotilla_proto::kv::{command::Cmd, command_response::Resp, *};
+    use flotilla_test_cluster::TestCluster;
+
+    let c = TestCluster::builder(1)
+        .shards(1)
+        .configure(|cfg| cfg.server.request_timeout_ms = 1000)
+        .start()
+        .await;
+    c.wait_all_leaders(Duration::from_secs(20)).await;
+    let client = c.client().await;
+    let shard = client.list_shards().await.unwrap().remove(0).descriptor;
+    let context = Some(ShardContext {
+        shard_id: shard.id,
+        epoch: shard.epoch,
+        replica_id: 0,
+        read_mode: 0,
+    });
+    let put = |id: u64, k: &'static str| BatchCommandsRequest {
+        commands: vec![Command {
+            id,
+            cmd: Some(Cmd::Put(PutRequest {
+                context,
+                key: Bytes::from(k),
+                value: Bytes::from("v"),
+            })),
+        }],
+    };
+    let (requests, requests_rx) = tokio::sync::mpsc::channel(4);
+    let mut kv = KvClient::connect(format!("http://{}", c.grpc_addr(1)))
+        .await
+        .unwrap();
+    let mut answers = kv
+        .batch_commands(tokio_stream::wrappers::ReceiverStream::new(requests_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let kind = |r: &CommandResponse| match &r.resp {
+        Some(Resp::Put(p)) => p
+            .error
+            .as_ref()
+            .map(|e| (e.kind.clone(), e.message.clone())),
+        other => panic!("expected a put's answer, got {other:?}"),
+    };
+
+    // Applies stall for 2.5 s each from now.
+    fail::cfg("apply_before_write", "sleep(2500)").unwrap();
+    let sent = std::time::Instant::now();
+    requests.send(put(1, "late")).await.unwrap();
+    let m = next_answer(&mut answers)
+        .await
+        .expect("the stream stays open");
+    let waited = sent.elapsed();
+    fail::remove("apply_before_write");
+    assert_eq!(m.responses.len(), 1, "{m:?}");
+    assert_eq!(m.responses[0].id, 1);
+    match kind(&m.responses[0]) {
+        Some((Some(Kind::Indeterminate(_)), msg)) => {
+            assert!(msg.contains("server.request-timeout-ms = 1000"), "{msg}")
+        }
+        other => panic!("expected Indeterminate at the timeout, got {other:?}"),
+    }
+    assert!(
+        waited >= Duration::from_millis(1000) && waited < Duration::from_millis(2400),
+        "answered at the timeout, not at the apply: {waited:?}"
+    );
+
+    // The write applies after the stall; its answer is not sent again: the
+    // next answer on the stream is the next write's.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client.get(Bytes::from("late")).await.unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled write applies"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    requests.send(put(2, "next")).await.unwrap();
+    let m = next_answer(&mut answers)
+        .await
+        .expect("the stream stays open");
+    let ids: Vec<u64> = m.responses.iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![2], "{m:?}");
+    assert_eq!(kind(&m.responses[0]), None, "{m:?}");
+
+    // A write still waiting when the client closes its side is answered
+    // before the answers end.
+    fail::cfg("apply_before_write", "1*sleep(300)->off").unwrap();
+    requests.send(put(3, "closing")).await.unwrap();
+    drop(requests);
+    let m = next_answer(&mut answers)
+        .await
+        .expect("the last write is answered");
+    let ids: Vec<u64> = m.responses.iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![3], "{m:?}");
+    assert_eq!(kind(&m.responses[0]), None, "{m:?}");
+    assert!(
+        next_answer(&mut answers).await.is_none(),
+        "then the answers end"
+    );
+    fail::remove("apply_before_write");
+    c.shutdown().await;
+}
+
+async fn next_answer(
+    answers: &mut tonic::Streaming<flotilla_proto::kv::BatchCommandsResponse>,
+) -> Option<flotilla_proto::kv::BatchCommandsResponse> {
+    tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("an answer within 10 s")
+        .unwrap()
+}

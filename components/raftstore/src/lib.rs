@@ -74,7 +74,8 @@ pub use config::Config;
 pub use error::{Error, Result};
 pub use meta::{ShardMeta, StoreMeta};
 pub use msg::{
-    CasOutcome, KeySpan, ReadMode, ReadRequest, ReplicaStatus, WriteRequest, WriteResult,
+    CasOutcome, KeySpan, ReadMode, ReadRequest, ReplicaStatus, WriteCallback, WriteRequest,
+    WriteResult,
 };
 pub use store::{Engines, Store, StoreRouter};
 pub use transport::{Extra, RaftMessage, Transport};

@@ -14,7 +14,8 @@ use flotilla_proto::error as pb;
 use flotilla_proto::kv::ShardContext;
 use flotilla_proto::raftcmd::WriteCommand;
 use flotilla_raftstore::{
-    Error as StoreError, KeySpan, ReadMode, ReadRequest, StoreRouter, WriteRequest, WriteResult,
+    Error as StoreError, KeySpan, ReadMode, ReadRequest, StoreRouter, WriteCallback, WriteRequest,
+    WriteResult,
 };
 use flotilla_storage::kv::KvSnapshot;
 use flotilla_storage::{DiskStatus, KvEngine, RaftLogEngine};
@@ -99,13 +100,33 @@ impl NodeContext {
         body: impl Future<Output = Result<R, HandlerError>>,
     ) -> Result<Response<R>, Status> {
         let started = Instant::now();
+        let out = match self.refuse_if_removed() {
+            Err(s) => Err(s.into()),
+            Ok(()) => body.await,
+        };
+        self.conclude(method, started, out)
+    }
+
+    /// A node the registry removed serves no more requests.
+    pub fn refuse_if_removed(&self) -> Result<(), Status> {
         if self.removed.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Status::failed_precondition(format!(
                 "node {} was removed from the cluster",
                 self.node_id
             )));
         }
-        let (code, out) = match body.await {
+        Ok(())
+    }
+
+    /// Turns a handler's outcome into its response (a routing error into
+    /// the response's `error` field), counting and timing it.
+    pub fn conclude<R: WithError>(
+        &self,
+        method: &'static str,
+        started: Instant,
+        out: Result<R, HandlerError>,
+    ) -> Result<Response<R>, Status> {
+        let (code, out) = match out {
             Ok(r) => ("ok", Ok(Response::new(r))),
             Err(HandlerError::Status(s)) => (status_label(&s), Err(s)),
             Err(HandlerError::Store(e)) => match self.to_pb_error(e) {
@@ -220,27 +241,49 @@ impl NodeContext {
         ctx: ShardContext,
         command: WriteCommand,
     ) -> Result<WriteResult, HandlerError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(
+            ctx,
+            command,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )?;
+        match tokio::time::timeout(self.request_timeout(), rx).await {
+            Err(_) => Err(self.timed_out().into()),
+            Ok(Err(_)) => Err(StoreError::Shutdown.into()),
+            Ok(Ok(r)) => Ok(r?),
+        }
+    }
+
+    /// Hands a write to its shard's replica; `cb` gets its outcome (always,
+    /// once) unless this returns an error. The caller bounds the wait by
+    /// `request_timeout` and answers [`NodeContext::timed_out`] past it.
+    pub fn submit(
+        &self,
+        ctx: ShardContext,
+        command: WriteCommand,
+        cb: WriteCallback,
+    ) -> Result<(), HandlerError> {
         if let Some(why) = self.disk.refusal() {
             return Err(Status::resource_exhausted(why).into());
         }
-        let (tx, rx) = oneshot::channel();
         self.router.write(WriteRequest {
             shard_id: ctx.shard_id,
             epoch: ctx.epoch.unwrap_or_default(),
             command,
-            cb: Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
+            cb,
         });
-        match tokio::time::timeout(self.request_timeout(), rx).await {
-            Err(_) => Err(StoreError::Indeterminate(format!(
-                "the command did not apply within server.request-timeout-ms = {}",
-                self.cfg.server.request_timeout_ms
-            ))
-            .into()),
-            Ok(Err(_)) => Err(StoreError::Shutdown.into()),
-            Ok(Ok(r)) => Ok(r?),
-        }
+        Ok(())
+    }
+
+    /// The answer to a write not applied within `request_timeout`: it may
+    /// still apply.
+    pub fn timed_out(&self) -> StoreError {
+        StoreError::Indeterminate(format!(
+            "the command did not apply within server.request-timeout-ms = {}",
+            self.cfg.server.request_timeout_ms
+        ))
     }
 
     /// Waits until this replica may serve a read of `spans` from its applied
