@@ -39,9 +39,21 @@ start_etcd() {
 }
 
 stop_etcd() {
+  local pids=() i p alive
   for i in 1 2 3; do
-    [ -f "$OUT/etcd$i.pid" ] && kill "$(cat "$OUT/etcd$i.pid")" 2>/dev/null || true
+    if [ -f "$OUT/etcd$i.pid" ]; then
+      pids+=("$(cat "$OUT/etcd$i.pid")")
+      kill "${pids[-1]}" 2>/dev/null || true
+    fi
     rm -f "$OUT/etcd$i.pid"
+  done
+  # Wait until they exited (up to 10 s): a run started right after this one
+  # must find the ports and data directories free.
+  for _ in $(seq 1 100); do
+    alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && return 0
+    sleep 0.1
   done
 }
 trap stop_etcd EXIT
