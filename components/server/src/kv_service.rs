@@ -356,7 +356,7 @@ impl KvService {
         cmd: Command,
         permit: OwnedSemaphorePermit,
         answers: &mpsc::UnboundedSender<Answer>,
-        writes: &StreamWrites,
+        writes: &Arc<StreamWrites>,
     ) {
         use command::Cmd;
         use command_response::Resp;
@@ -399,7 +399,7 @@ impl KvService {
         r: W,
         permit: OwnedSemaphorePermit,
         answers: &mpsc::UnboundedSender<Answer>,
-        writes: &StreamWrites,
+        writes: &Arc<StreamWrites>,
     ) {
         let c = &self.ctx;
         let started = Instant::now();
@@ -424,16 +424,23 @@ impl KvService {
             started,
             expire: write_answer_timed_out::<W>,
         });
-        let taken = slot.clone();
+        let (taken, stream) = (slot.clone(), writes.clone());
         let (node, weak) = (self.ctx.clone(), answers.downgrade());
         let cb = Box::new(move |result: Result<WriteResult, StoreError>| {
+            // Held before the slot is taken: `expire_writes` (which holds
+            // the stream open) ends only after it saw every slot taken, so
+            // the stream cannot end between the take and the send. None:
+            // the stream ended already, nobody to answer.
+            let answers = weak.upgrade();
             let Some(w) = taken.lock().take() else {
                 return; // answered at the timeout already
             };
             let resp = write_answer::<W>(&node, started, result.map(W::answer).map_err(Into::into));
-            // Gone once the stream ended: nobody to answer.
-            if let Some(answers) = weak.upgrade() {
+            if let Some(answers) = answers {
                 let _ = answers.send((command_response(w.id, resp), w.permit));
+            }
+            if stream.reading_done.load(Ordering::SeqCst) {
+                stream.changed.notify_one(); // maybe the last: end the stream now
             }
         });
         if let Err(e) = c.submit(ctx, cmd, cb) {
@@ -495,6 +502,13 @@ impl StreamWrites {
         slots.push_back(slot.clone());
         if slots.len() == 1 {
             self.changed.notify_one();
+        }
+        // Answered slots behind one that waits (a shard without quorum
+        // holds its writes for the whole timeout) stay until it is answered;
+        // at most BATCH_IN_FLIGHT wait, so past twice that most are
+        // answered: forget them now (amortized O(1) per write).
+        if slots.len() > 2 * BATCH_IN_FLIGHT {
+            slots.retain(|s| s.lock().is_some());
         }
         slot
     }
@@ -634,9 +648,10 @@ fn answer_stream(
                 Some(a) => a,
                 None => answers.recv().await?,
             };
-            // One apply round answers many commands at once, each in its
-            // own task: one turn of the scheduler lets the tasks woken with
-            // this answer queue theirs, which then leave in this message.
+            // One apply round answers many commands at once (callbacks on
+            // the apply poller, or tasks woken by it): one turn of the
+            // scheduler lets the rest queue theirs, which then leave in this
+            // message.
             // Measured at 256 clients: ~20 answers per message with it, a
             // message for nearly every answer without.
             tokio::task::yield_now().await;
