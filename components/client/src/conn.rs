@@ -15,8 +15,9 @@
 //! callers queued while the previous message was being written, or that
 //! became runnable with the first one (the sender loop yields once before it
 //! drains the queue), goes out in the next message, so batches grow with
-//! concurrency by themselves and a lone request waits for no timer. The stream opens on the first request and is
-//! replaced on the first request after it broke.
+//! concurrency by themselves and a lone request waits for no timer. The
+//! stream opens on the first request and is replaced on the first request
+//! after it broke.
 //!
 //! # What a caller learns when the stream breaks
 //!

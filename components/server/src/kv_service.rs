@@ -490,7 +490,8 @@ type Slot = Arc<Mutex<Option<Waiting>>>;
 #[derive(Default)]
 struct StreamWrites {
     slots: Mutex<VecDeque<Slot>>,
-    /// A write was added to an empty queue, or reading ended.
+    /// A write was added to an empty queue, reading ended, or a write was
+    /// answered after reading ended (maybe the last: the stream may end).
     changed: Notify,
     reading_done: std::sync::atomic::AtomicBool,
 }
