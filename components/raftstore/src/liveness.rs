@@ -2,8 +2,9 @@
 //!
 //! Hibernated replicas do not tick (`replica::fsm::hibernate`), so a
 //! follower cannot notice by itself that its leader went away. The node
-//! notices instead, once for all its replicas: every raft heartbeat
-//! interval (`heartbeat-ticks`) the ticker sends a tiny `NodeHeartbeat` to
+//! notices instead, once for all its replicas: three times per election
+//! timeout (every `election-ticks / 3` ticks, at least every raft heartbeat
+//! interval) the ticker sends a tiny `NodeHeartbeat` to
 //! every peer node that shares a shard with it, and the transport's
 //! receiving side records when anything last arrived from each peer
 //! ([`NodeLiveness::heard_from`]).
@@ -185,8 +186,8 @@ impl Default for NodeLiveness {
     }
 }
 
-/// A heartbeat to every peer node (on the ticker thread, every raft
-/// heartbeat interval: far more often than the silence that counts as down).
+/// A heartbeat to every peer node (on the ticker thread, three times per
+/// silence that counts as down).
 pub fn send_heartbeats(
     node_id: NodeId,
     liveness: &NodeLiveness,

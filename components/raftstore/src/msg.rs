@@ -308,6 +308,8 @@ pub enum ReplicaMsg {
 pub enum ControlMsg {
     /// A raft message for a shard this node does not host.
     UnknownShard(Box<RaftMessage>),
+    /// Once per election timeout from the ticker: forget parked votes that
+    /// waited too long.
     Tick,
     /// A split applied here created this replica of the shard `shard`
     /// (its shard and apply states are on disk).

@@ -239,12 +239,8 @@ impl Store {
             mailbox_capacity: cfg.mailbox_capacity,
             round_yields: cfg.raft_round_yields,
         };
-        let (raft_router, mut raft_system) = create_system(
-            "raft",
-            &raft_bs_cfg,
-            ctl_tx,
-            Box::new(NodeFsm::new(ctl_rx, meta.clone())),
-        );
+        let (raft_router, mut raft_system) =
+            create_system("raft", &raft_bs_cfg, ctl_tx, Box::new(NodeFsm::new(ctl_rx)));
         let (actl_tx, actl_rx) = crossbeam_channel::unbounded();
         let apply_bs_cfg = flotilla_batch_system::Config {
             pool_size: cfg.apply_pollers,
@@ -376,15 +372,21 @@ impl Store {
             liveness: liveness.clone(),
             transport: ctx.transport.clone(),
             interval: cfg.tick_interval,
-            // One election timeout, five heartbeat intervals: the sleeping
-            // followers of a dead node's leaders then elect new ones within
-            // about the time raft gives awake followers (1-2 s). Any raft
-            // message counts as a sign of life, so a heartbeat queued behind
-            // a burst of raft traffic on the same stream is no silence. A
-            // false "down" costs elections, never safety (the lease ended).
+            // One election timeout: the sleeping followers of a dead node's
+            // leaders then elect new ones within about the time raft gives
+            // awake followers (1-2 s). Any raft message counts as a sign of
+            // life, so a heartbeat queued behind a burst of raft traffic on
+            // the same stream is no silence. A false "down" costs elections,
+            // never safety (the lease ended).
             silence: cfg.election_timeout(),
             hibernate: cfg.hibernate,
-            heartbeat_ticks: cfg.heartbeat_ticks.max(1) as u64,
+            // Three node heartbeats per silence (300 ms by default): a peer
+            // is called down only after three in a row went missing. Not the
+            // raft heartbeat interval (200 ms): on an idle node with
+            // thousands of sleeping shards these heartbeats are most of what
+            // the node does, and each costs a wakeup at both ends.
+            heartbeat_ticks: (cfg.election_ticks / 3).max(cfg.heartbeat_ticks).max(1) as u64,
+            election_ticks: cfg.election_ticks.max(1) as u64,
         });
         tracing::info!(
             node_id,
@@ -450,6 +452,17 @@ struct Ticker {
     hibernate: bool,
     /// Ticks between node heartbeats.
     heartbeat_ticks: u64,
+    /// Ticks between the control FSM's ticks.
+    election_ticks: u64,
+}
+
+/// The node-wide replica gauges, from the shared table (no poller).
+fn set_store_gauges(meta: &StoreMeta) {
+    let c = meta.counts();
+    metrics::REPLICAS_HIBERNATED.set(c.asleep as i64);
+    metrics::SHARDS.set(c.replicas as i64);
+    metrics::SHARDS_WITHOUT_LEADER.set(c.without_leader as i64);
+    metrics::REPLICAS_DOWN.set(c.down_replicas as i64);
 }
 
 fn spawn_ticker(t: Ticker) -> (JoinHandle<()>, Sender<()>) {
@@ -491,7 +504,13 @@ fn spawn_ticker(t: Ticker) -> (JoinHandle<()>, Sender<()>) {
                 // Only replicas that tick: an idle node's ticking costs
                 // nothing per hosted shard (hibernated ones are left out).
                 t.router.send_each(t.meta.awake(), || ReplicaMsg::Tick);
-                let _ = t.router.send_control(ControlMsg::Tick);
+                set_store_gauges(&t.meta);
+                // The control FSM only forgets old parked votes: waking a
+                // raft poller for it every tick was most of an idle node's
+                // poller work.
+                if ticks.is_multiple_of(t.election_ticks) {
+                    let _ = t.router.send_control(ControlMsg::Tick);
+                }
             }
         })
         .expect("spawn ticker");

@@ -60,12 +60,11 @@ const PARKED_PER_SHARD: usize = 8;
 const PARKED_SHARDS: usize = 1024;
 
 /// The node's control FSM on the raft pollers: messages for shards the node
-/// does not host, replicas created by splits, and node-wide periodic work.
+/// does not host and replicas created by splits.
 /// It is the only place replicas are created after start-up, so creation
 /// by a message and creation by a split never race.
 pub struct NodeFsm {
     receiver: Receiver<ControlMsg>,
-    meta: Arc<StoreMeta>,
     /// Messages for unknown shards that may not create a replica (vote
     /// requests): the new shard of a split that the leader's node applied
     /// first campaigns at once, and its votes arrive here before this node
@@ -74,10 +73,9 @@ pub struct NodeFsm {
 }
 
 impl NodeFsm {
-    pub fn new(receiver: Receiver<ControlMsg>, meta: Arc<StoreMeta>) -> Self {
+    pub fn new(receiver: Receiver<ControlMsg>) -> Self {
         NodeFsm {
             receiver,
-            meta,
             parked: HashMap::new(),
         }
     }
@@ -102,11 +100,6 @@ impl NodeFsm {
                     }
                 }
                 ControlMsg::Tick => {
-                    let c = self.meta.counts();
-                    metrics::REPLICAS_HIBERNATED.set(c.asleep as i64);
-                    metrics::SHARDS.set(c.replicas as i64);
-                    metrics::SHARDS_WITHOUT_LEADER.set(c.without_leader as i64);
-                    metrics::REPLICAS_DOWN.set(c.down_replicas as i64);
                     self.parked.retain(|_, msgs| {
                         msgs.retain(|(at, _)| at.elapsed() < PARK_FOR);
                         !msgs.is_empty()
