@@ -3,6 +3,8 @@
 //! writes; writes go on; the node restarts on its data; every acknowledged
 //! write is read back. A node that joins with `--join` gets replicas while
 //! writes go on, and a decommissioned node is emptied and may not rejoin.
+//! Every node paused at once (SIGSTOP, as a VM pause does) calls no peer
+//! down once resumed.
 
 mod common;
 
@@ -211,4 +213,57 @@ async fn a_joining_node_gets_replicas_and_a_decommissioned_one_is_emptied() {
     let status = n.wait_exit(Duration::from_secs(30));
     assert!(!status.success());
     assert!(n.log_text().contains("already taken"), "{}", n.log_text());
+}
+
+/// One series' value in a node's /metrics.
+fn metric(node: &common::Node, series: &str) -> f64 {
+    let (code, text) = node.http_get("/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+}
+
+/// After a pause of the whole cluster, each node reads its peers' buffered
+/// heartbeats one after the other: the first peer heard must not get the
+/// other called down (its followers would wake and campaign against a
+/// healthy leader).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pausing_every_node_at_once_calls_no_peer_down() {
+    let mut cluster = ProcCluster::new(3, 4, "");
+    cluster.start_all();
+    let client = cluster.client(Duration::from_secs(20)).await;
+    client
+        .put(Bytes::from("before"), Bytes::from("1"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..3 {
+        for n in cluster.nodes.iter_mut() {
+            n.signal("STOP");
+        }
+        // Two election timeouts (1 s by default).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        for n in cluster.nodes.iter_mut() {
+            n.signal("CONT");
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let downs: Vec<f64> = cluster
+        .nodes
+        .iter()
+        .map(|n| metric(n, "flotilla_peer_node_events_total{event=\"node_down\"}"))
+        .collect();
+    assert_eq!(
+        downs, [0.0; 3],
+        "peers called down after the pauses, by node"
+    );
+    for n in &cluster.nodes {
+        let stalls = metric(n, "flotilla_liveness_stalls_total");
+        assert!(stalls >= 1.0, "node {} saw no stall", n.id);
+    }
+    client
+        .put(Bytes::from("after"), Bytes::from("2"))
+        .await
+        .unwrap();
 }

@@ -84,6 +84,8 @@ pub struct NodeLiveness {
     /// This process's incarnation, sent in its heartbeats.
     incarnation: u64,
     peers: Mutex<HashMap<NodeId, Peer>>,
+    /// When [`NodeLiveness::poll`] last ran.
+    last_poll: Mutex<Option<Instant>>,
 }
 
 impl NodeLiveness {
@@ -96,6 +98,7 @@ impl NodeLiveness {
         NodeLiveness {
             incarnation: (nanos ^ ((std::process::id() as u64) << 48)).max(1),
             peers: Mutex::default(),
+            last_poll: Mutex::default(),
         }
     }
 
@@ -133,10 +136,31 @@ impl NodeLiveness {
 
     /// The changes since the last poll: peers silent for `timeout` are
     /// down, down peers heard again are up, restarted peers say so.
+    ///
+    /// A poll coming a whole `timeout` after the previous one means this
+    /// node itself stood still (stopped, paused with its VM, starved of
+    /// CPU): the stall does not count as the peers' silence. Without that,
+    /// the peer whose buffered heartbeat happens to be read first after the
+    /// stall would get every other peer called down. Counting less silence
+    /// only delays a `Down`; it never makes a follower grant a vote sooner
+    /// ([`NodeLiveness::silent_for`]).
     pub fn poll(&self, timeout: Duration) -> Vec<(NodeId, PeerEvent)> {
         let now = Instant::now();
         let mut events = Vec::new();
         let mut peers = self.peers.lock();
+        let last_poll = self.last_poll.lock().replace(now);
+        if let Some(gap) = last_poll.map(|t| now.saturating_duration_since(t)) {
+            if gap >= timeout {
+                tracing::warn!(
+                    stalled_ms = gap.as_millis() as u64,
+                    "node liveness was not polled for an election timeout; the stall does not count as peer silence"
+                );
+                metrics::LIVENESS_STALLS.inc();
+                for p in peers.values_mut() {
+                    p.last_heard = (p.last_heard + gap).min(now);
+                }
+            }
+        }
         // Every peer silent at once says more about this node (its
         // receiving side starved, or itself cut off, where waking replicas
         // cannot help) than about the peers: nobody is called down then.
@@ -282,28 +306,61 @@ pub fn tick(
 mod tests {
     use super::*;
 
+    const TIMEOUT: Duration = Duration::from_millis(200);
+
+    /// Polls every 10 ms (as the ticker does) for `d`, hearing from
+    /// `voices` before each poll; returns the events.
+    fn poll_for(l: &NodeLiveness, d: Duration, voices: &[NodeId]) -> Vec<(NodeId, PeerEvent)> {
+        let end = Instant::now() + d;
+        let mut events = Vec::new();
+        while Instant::now() < end {
+            for v in voices {
+                l.heard_from(*v);
+            }
+            events.extend(l.poll(TIMEOUT));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        events
+    }
+
     #[test]
     fn silence_down_voice_up_new_incarnation_restarted() {
         let l = NodeLiveness::new();
-        let timeout = Duration::from_millis(30);
         l.heartbeat(2, 7);
         l.heard_from(3);
-        assert!(l.poll(timeout).is_empty(), "first contact is no event");
-        std::thread::sleep(Duration::from_millis(40));
+        assert!(l.poll(TIMEOUT).is_empty(), "first contact is no event");
         assert!(
-            l.poll(timeout).is_empty(),
+            poll_for(&l, TIMEOUT + TIMEOUT / 4, &[]).is_empty(),
             "all silent: this node is the suspect"
         );
         l.heard_from(3);
-        assert_eq!(l.poll(timeout), vec![(2, PeerEvent::Down)]);
+        assert_eq!(l.poll(TIMEOUT), vec![(2, PeerEvent::Down)]);
         assert_eq!(l.down(), 1);
-        assert!(l.poll(timeout).is_empty(), "an event fires once");
+        assert!(l.poll(TIMEOUT).is_empty(), "an event fires once");
         l.heartbeat(2, 7);
-        assert_eq!(l.poll(timeout), vec![(2, PeerEvent::Up)]);
+        assert_eq!(l.poll(TIMEOUT), vec![(2, PeerEvent::Up)]);
         l.heartbeat(2, 8);
-        assert_eq!(l.poll(timeout), vec![(2, PeerEvent::Restarted)]);
+        assert_eq!(l.poll(TIMEOUT), vec![(2, PeerEvent::Restarted)]);
         l.heartbeat(2, 8);
-        assert!(l.poll(timeout).is_empty());
+        assert!(l.poll(TIMEOUT).is_empty());
         assert_eq!(l.down(), 0);
+    }
+
+    #[test]
+    fn a_stall_of_this_node_is_not_the_peers_silence() {
+        let l = NodeLiveness::new();
+        l.heartbeat(2, 7);
+        l.heard_from(3);
+        assert!(l.poll(TIMEOUT).is_empty());
+        // This node stands still for more than a timeout (no polls), then
+        // reads peer 3's buffered heartbeat first.
+        std::thread::sleep(TIMEOUT + TIMEOUT / 4);
+        l.heard_from(3);
+        assert!(l.poll(TIMEOUT).is_empty(), "peer 2 was not silent: we were");
+        let silent = l.silent_for(2).unwrap();
+        assert!(silent < TIMEOUT, "the stall is forgiven: {silent:?}");
+        // A peer that stays silent once this node runs again is down.
+        let events = poll_for(&l, 2 * TIMEOUT, &[3]);
+        assert_eq!(events, vec![(2, PeerEvent::Down)]);
     }
 }

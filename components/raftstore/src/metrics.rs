@@ -290,6 +290,14 @@ pub static WAKEUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static LIVENESS_STALLS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "flotilla_liveness_stalls_total",
+        "Times this node's peer liveness check ran an election timeout late (the node itself stood still); the stall is not counted as peer silence.",
+    )
+    .unwrap()
+});
+
 pub static PEER_NODE_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "flotilla_peer_node_events_total",
@@ -418,6 +426,7 @@ pub fn register() {
     );
     LazyLock::force(&REPLICAS_HIBERNATED);
     LazyLock::force(&PEER_NODES_DOWN);
+    LazyLock::force(&LIVENESS_STALLS);
     LazyLock::force(&PROPOSALS);
     LazyLock::force(&PROPOSAL_ENTRIES);
     LazyLock::force(&PROPOSALS_DROPPED);
