@@ -3,11 +3,10 @@
 //! Hibernated replicas do not tick (`replica::fsm::hibernate`), so a
 //! follower cannot notice by itself that its leader went away. The node
 //! notices instead, once for all its replicas: three times per election
-//! timeout (every `election-ticks / 3` ticks, at least every raft heartbeat
-//! interval) the ticker sends a tiny `NodeHeartbeat` to
-//! every peer node that shares a shard with it, and the transport's
-//! receiving side records when anything last arrived from each peer
-//! ([`NodeLiveness::heard_from`]).
+//! timeout (every `election-ticks / 3` ticks) the ticker sends a tiny
+//! `NodeHeartbeat` to every peer node that shares a shard with it, and the
+//! transport's receiving side records when anything last arrived from each
+//! peer ([`NodeLiveness::heard_from`]).
 //!
 //! The ticker polls this table every tick and turns changes into events
 //! for the replicas that have a replica on that node:

@@ -385,7 +385,7 @@ impl Store {
             // raft heartbeat interval (200 ms): on an idle node with
             // thousands of sleeping shards these heartbeats are most of what
             // the node does, and each costs a wakeup at both ends.
-            heartbeat_ticks: (cfg.election_ticks / 3).max(cfg.heartbeat_ticks).max(1) as u64,
+            heartbeat_ticks: (cfg.election_ticks / 3).max(1) as u64,
             election_ticks: cfg.election_ticks.max(1) as u64,
         });
         tracing::info!(
