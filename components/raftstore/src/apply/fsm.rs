@@ -431,10 +431,15 @@ impl ApplyFsm {
                     state = ?existing.map(|s| s.state),
                     "split: the new shard's replica on this node is gone; dropping its data"
                 );
-                let cf = data_cf(self.shard_id);
-                ctx.kv
-                    .delete_range(&mut ctx.wb, cf, &right.start_key, &right.end_key)
-                    .unwrap_or_else(|e| panic!("apply: reading RocksDB failed: {e}"));
+                // Through the round's overlay: writes to that half earlier
+                // in this round are only in the batch, and with an open end
+                // the database alone does not say how far the range goes.
+                delete_range(
+                    ctx,
+                    data_cf(self.shard_id),
+                    right.start_key.clone(),
+                    right.end_key.clone(),
+                );
                 None
             }
         };

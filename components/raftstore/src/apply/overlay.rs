@@ -30,6 +30,10 @@ impl Overlay {
     }
 
     pub fn delete_range(&mut self, start: Bytes, end: Bytes) {
+        if !end.is_empty() && start >= end {
+            // Empty (and a BTreeMap range would panic on it).
+            return;
+        }
         let upper = if end.is_empty() {
             std::ops::Bound::Unbounded
         } else {
