@@ -234,6 +234,27 @@ async fn decommission_empties_a_node_that_may_never_come_back() {
             Some(b("v"))
         );
     }
+    // The node hears it from its next heartbeat and refuses requests: the
+    // registry write invalidated the record the meta leader answered its
+    // heartbeats with.
+    let mut kv =
+        flotilla_proto::kv::kv_client::KvClient::connect(format!("http://{}", c.grpc_addr(1)))
+            .await
+            .unwrap();
+    wait_until("node 1 refuses requests", || {
+        let mut kv = kv.clone();
+        async move {
+            let get = flotilla_proto::kv::GetRequest {
+                context: None,
+                key: b("k0000"),
+            };
+            kv.get(get)
+                .await
+                .is_err_and(|s| s.message().contains("was removed from the cluster"))
+        }
+    })
+    .await;
+    drop(kv);
     // The removed id cannot join again, even with an empty data dir.
     c.stop_node(1).await;
     let err = c.join_node(1, "").await.unwrap_err().to_string();
@@ -388,5 +409,27 @@ async fn leaders_come_back_to_a_restarted_node_without_overshooting() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    c.shutdown().await;
+}
+
+/// Idle nodes' heartbeats bring the registry records the meta leader last
+/// confirmed: they are answered without reading (and so waking) the meta
+/// shard, except every tenth interval; a change still reaches the node (see
+/// the decommission test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_heartbeats_leave_the_meta_shard_unread() {
+    let c = cluster(3, 2, 60_000).await;
+    let checks = |answer: &str| {
+        flotilla_server::metrics::META_REGISTRY_CHECKS
+            .with_label_values(&[answer])
+            .get()
+    };
+    // Other tests of this binary run clusters too: only growth counts.
+    let cached = checks("cached");
+    wait_until(
+        "30 heartbeats answered from the confirmed records",
+        || async { checks("cached") >= cached + 30 },
+    )
+    .await;
     c.shutdown().await;
 }

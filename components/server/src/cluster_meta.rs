@@ -28,8 +28,10 @@
 //!   therefore answers routes for shards it does not host, at most one
 //!   interval behind. An idle node sends no descriptors and reads no
 //!   directory, but the ids it leads go in every heartbeat (~10 KB for
-//!   3,333), and the meta leader's read of the registry wakes the sleeping
-//!   meta shard each time (`flotilla_raftstore` hibernate notes).
+//!   3,333). The meta leader answers it from the registry record it last
+//!   confirmed, reading the record again (which wakes the sleeping meta
+//!   shard) only after a registry write, a new term, or every
+//!   `REGISTRY_READ_EVERY` intervals (`MetaStore::register`).
 //!
 //! Not done yet: a directory read is whole (no delta), which matters only
 //! when something changed; the led ids could be sent only when they
@@ -104,6 +106,19 @@ pub struct Liveness {
 /// `MetaStore::directory_version`.
 type DirectoryVersion = (u64, u64);
 
+/// Heartbeats between two linearizable reads of a node's registry record
+/// when nothing changed (see `MetaStore::register`).
+const REGISTRY_READ_EVERY: u32 = 10;
+
+/// A node's registry record as `register` last read (or wrote) it.
+struct Registered {
+    /// `directory_version` before that read: any registry write by this
+    /// leader since, or a new term, changes it.
+    version: DirectoryVersion,
+    record: Node,
+    at: std::time::Instant,
+}
+
 /// Meta operations served by the node leading the meta shard.
 pub struct MetaStore {
     ctx: Arc<NodeContext>,
@@ -119,6 +134,8 @@ pub struct MetaStore {
     /// The last directory read and the version it was read at: the
     /// placement driver looks at it every round.
     cached: parking_lot::Mutex<Option<(DirectoryVersion, Arc<GetDirectoryResponse>)>>,
+    /// What `register` last confirmed, per node.
+    registered: parking_lot::Mutex<std::collections::HashMap<u64, Registered>>,
 }
 
 impl MetaStore {
@@ -130,6 +147,7 @@ impl MetaStore {
             led_generation: Default::default(),
             revision: Default::default(),
             cached: Default::default(),
+            registered: Default::default(),
         }
     }
 
@@ -289,9 +307,35 @@ impl MetaStore {
 
     /// Records a node's address and labels; its state stays what the
     /// registry holds (UP for a node new to it). Returns that state.
+    ///
+    /// A heartbeat that brings the record this leader last confirmed, with
+    /// no registry write by this leader and no new term since, is answered
+    /// from that without a read. The read would wake the sleeping meta
+    /// shard (a ReadIndex round, then a new hibernation handshake) on every
+    /// heartbeat of every node, for a record that did not change. Only this
+    /// leader writes the registry while it leads, and every write it makes
+    /// changes `directory_version`, so the answer is what a read would say,
+    /// as long as this node still leads. That last part is what a read
+    /// checks: a leader cut off from the other meta replicas while its
+    /// shard sleeps learns of its successor only on waking. So a record is
+    /// read again at least every `REGISTRY_READ_EVERY` heartbeat intervals;
+    /// until then, such a deposed leader may answer heartbeats of nodes
+    /// that reach it (the successor, which starts with a grace period, does
+    /// not count a node down for minutes).
     async fn register(&self, node: Node) -> Result<NodeState, HandlerError> {
+        if let Some(state) = self.registered_unchanged(&node) {
+            crate::metrics::META_REGISTRY_CHECKS
+                .with_label_values(&["cached"])
+                .inc();
+            return Ok(state);
+        }
+        crate::metrics::META_REGISTRY_CHECKS
+            .with_label_values(&["read"])
+            .inc();
         let key = cluster::node_key(node.id);
         for _ in 0..CAS_ATTEMPTS {
+            let version = self.directory_version();
+            let at = std::time::Instant::now();
             let snap = self.read().await?;
             let held = Self::get(&snap, &key)?;
             let state = match &held {
@@ -303,15 +347,40 @@ impl MetaStore {
             let mut want = node.clone();
             want.set_state(state);
             let bytes = want.encode_to_vec();
-            if held.as_deref() == Some(&bytes[..]) {
-                return Ok(state);
+            let confirmed = held.as_deref() == Some(&bytes[..]);
+            if !confirmed && !self.cas(key.clone(), held, bytes.into()).await? {
+                continue;
             }
-            if self.cas(key.clone(), held, bytes.into()).await? {
+            if !confirmed {
                 tracing::info!(node_id = node.id, address = %node.address, labels = ?node.labels, "node registered");
-                return Ok(state);
             }
+            // After a write of its own the version has moved on: the next
+            // heartbeat reads once more, then relies on this.
+            self.registered.lock().insert(
+                node.id,
+                Registered {
+                    version,
+                    record: want,
+                    at,
+                },
+            );
+            return Ok(state);
         }
         Err(Status::aborted("the node registry was contended; retry").into())
+    }
+
+    /// The node's state, if `register` confirmed this very record under the
+    /// current directory version and recently enough.
+    fn registered_unchanged(&self, node: &Node) -> Option<NodeState> {
+        let version = self.directory_version();
+        let registered = self.registered.lock();
+        let r = registered.get(&node.id)?;
+        let fresh =
+            r.at.elapsed() < self.ctx.cfg.placement.heartbeat_interval() * REGISTRY_READ_EVERY;
+        let mut same = node.clone();
+        same.set_state(r.record.state());
+        (version.0 != 0 && r.version == version && fresh && same == r.record)
+            .then(|| r.record.state())
     }
 
     /// Moves a node from one of `from` to `to`; returns the record.
@@ -403,6 +472,7 @@ impl MetaStore {
     /// leader term hears is all that counts).
     pub fn forget_liveness(&self) {
         self.live.lock().clear();
+        self.registered.lock().clear();
         self.led_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }

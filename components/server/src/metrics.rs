@@ -45,6 +45,15 @@ pub static META_HEARTBEATS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static META_REGISTRY_CHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_meta_registry_checks_total",
+        "On the meta leader: node heartbeats' registry checks, by how they were answered (read: a linearizable read of the meta shard, which wakes it; cached: what this leader last read, unchanged since).",
+        &["answer"]
+    )
+    .unwrap()
+});
+
 pub static GRPC_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "flotilla_grpc_requests_total",
@@ -196,6 +205,9 @@ pub fn register() {
     LazyLock::force(&META_DIRECTORY_UPDATES);
     for result in ["ok", "failed"] {
         META_HEARTBEATS.with_label_values(&[result]);
+    }
+    for answer in ["read", "cached"] {
+        META_REGISTRY_CHECKS.with_label_values(&[answer]);
     }
     for kind in ["change_replicas", "transfer_leader", "split", "auto_split"] {
         for outcome in ["ok", "not_leader", "rejected", "error"] {

@@ -67,13 +67,14 @@
 //!   new leaders are elected 1.0-1.7 s after a kill -9 and writes resume
 //!   within 1.2-1.5 s at the median, 1.8 s at most (README figures). Detection
 //!   faster than one election timeout would need the lease to be shorter.
-//! - The meta shard sleeps between node heartbeats and each heartbeat's
-//!   read wakes it (a ReadIndex round, then ticks and a new handshake):
-//!   about one wake-up every 2 s with three nodes, some 1/4 of an idle
-//!   10,000-shard cluster's CPU. A sleeping follower could answer its
-//!   sleeping leader's ReadIndex heartbeat without waking, and the leader
-//!   could serve the read and stay asleep (with a timeout of its own for a
-//!   round that never completes).
+//! - The meta shard sleeps between the reads that node heartbeats make
+//!   now and then (each wakes it: a ReadIndex round, then ticks and a new
+//!   handshake). The meta leader answers most heartbeats from the registry
+//!   record it last confirmed (`flotilla_server::cluster_meta`), so with
+//!   three nodes that is one wake-up every ~7 s; it used to be one every
+//!   2 s. A sleeping follower could answer its sleeping leader's ReadIndex
+//!   heartbeat without waking, and the leader could serve the read and stay
+//!   asleep (with a timeout of its own for a round that never completes).
 //! - A shard with a replica down never sleeps (as in TiKV).
 //!
 //! # Safety
