@@ -84,7 +84,11 @@ fn main() -> anyhow::Result<()> {
         std::process::abort();
     }));
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if cfg.server.grpc_threads > 0 {
+        runtime.worker_threads(cfg.server.grpc_threads);
+    }
+    let runtime = runtime
         .enable_all()
         .thread_name("grpc")
         .build()

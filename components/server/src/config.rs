@@ -111,6 +111,9 @@ pub struct ServerSection {
     /// sizes). Off saves their cost on the hot path; counters and gauges
     /// stay.
     pub detailed_metrics: bool,
+    /// Threads of the async runtime that serves gRPC (client requests and
+    /// Raft messages between nodes); 0 = one per CPU.
+    pub grpc_threads: usize,
 }
 
 impl Default for ServerSection {
@@ -128,6 +131,7 @@ impl Default for ServerSection {
             reserve_space_bytes: 512 << 20,
             disk_check_interval_ms: 500,
             detailed_metrics: true,
+            grpc_threads: 0,
         }
     }
 }
