@@ -237,10 +237,9 @@ async fn decommission_empties_a_node_that_may_never_come_back() {
     // The node hears it from its next heartbeat and refuses requests: the
     // registry write invalidated the record the meta leader answered its
     // heartbeats with.
-    let mut kv =
-        flotilla_proto::kv::kv_client::KvClient::connect(format!("http://{}", c.grpc_addr(1)))
-            .await
-            .unwrap();
+    let kv = flotilla_proto::kv::kv_client::KvClient::connect(format!("http://{}", c.grpc_addr(1)))
+        .await
+        .unwrap();
     wait_until("node 1 refuses requests", || {
         let mut kv = kv.clone();
         async move {
