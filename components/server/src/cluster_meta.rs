@@ -130,7 +130,7 @@ pub struct MetaStore {
     led_generation: std::sync::atomic::AtomicU64,
     /// Directory and registry writes this node made (see
     /// `directory_version`).
-    revision: std::sync::atomic::AtomicU64,
+    revision: Arc<std::sync::atomic::AtomicU64>,
     /// The last directory read and the version it was read at: the
     /// placement driver looks at it every round.
     cached: parking_lot::Mutex<Option<(DirectoryVersion, Arc<GetDirectoryResponse>)>>,
@@ -211,10 +211,22 @@ impl MetaStore {
                 })),
             }],
         };
-        let r = self.ctx.propose_in(meta_context(), cmd).await;
-        // Any attempt may have changed the directory or registry (even one
-        // whose outcome is unknown): nodes read them again.
-        if directory {
+        // Any write may have changed the directory or registry: nodes (and
+        // `register`) read them again. Counted once its outcome is known,
+        // after it applied, even if this call timed out first: a write that
+        // commits late must still outdate what was read before it.
+        let revision = self.revision.clone();
+        let r = self
+            .ctx
+            .propose_in_then(meta_context(), cmd, move || {
+                if directory {
+                    revision.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            })
+            .await;
+        if directory && r.is_err() {
+            // Not proposed, or the outcome is not known yet: count it now
+            // too (the version only has to change, not count writes).
             self.revision
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
@@ -370,8 +382,12 @@ impl MetaStore {
     }
 
     /// The node's state, if `register` confirmed this very record under the
-    /// current directory version and recently enough.
+    /// current directory version and recently enough, and this node still
+    /// leads as far as it knows (a check-quorum step-down keeps the term).
     fn registered_unchanged(&self, node: &Node) -> Option<NodeState> {
+        if !self.is_leader() {
+            return None;
+        }
         let version = self.directory_version();
         let registered = self.registered.lock();
         let r = registered.get(&node.id)?;

@@ -241,11 +241,25 @@ impl NodeContext {
         ctx: ShardContext,
         command: WriteCommand,
     ) -> Result<WriteResult, HandlerError> {
+        self.propose_in_then(ctx, command, || {}).await
+    }
+
+    /// [`Self::propose_in`], and `on_outcome` runs on the apply poller
+    /// when the write's outcome is known, even if this call timed out or
+    /// was dropped by then (a proposal that commits after its caller gave
+    /// up still takes effect).
+    pub async fn propose_in_then(
+        &self,
+        ctx: ShardContext,
+        command: WriteCommand,
+        on_outcome: impl FnOnce() + Send + 'static,
+    ) -> Result<WriteResult, HandlerError> {
         let (tx, rx) = oneshot::channel();
         self.submit(
             ctx,
             command,
             Box::new(move |r| {
+                on_outcome();
                 let _ = tx.send(r);
             }),
         )?;
