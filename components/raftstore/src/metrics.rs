@@ -31,7 +31,7 @@ pub static PROPOSAL_ENTRIES: LazyLock<IntCounter> = LazyLock::new(|| {
 pub static PROPOSALS_DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "flotilla_raft_proposals_dropped_total",
-        "Proposals answered without applying, by reason.",
+        "Requests answered without their command applying (each waiter of a batched proposal counts), by reason: stale (its entry was replaced; not applied) or indeterminate (outcome unknown).",
         &["reason"]
     )
     .unwrap()

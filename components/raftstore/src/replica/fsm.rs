@@ -1208,15 +1208,15 @@ impl ReplicaFsm {
             proposals = n,
             "leadership lost; pending proposals have an unknown outcome"
         );
-        metrics::PROPOSALS_DROPPED
-            .with_label_values(&["indeterminate"])
-            .inc_by(n as u64);
         let shard_id = self.shard_id;
-        self.proposals.fail_all(|| {
+        let answered = self.proposals.fail_all(|| {
             Error::Indeterminate(format!(
                 "shard {shard_id} lost leadership before the command committed"
             ))
         });
+        metrics::PROPOSALS_DROPPED
+            .with_label_values(&["indeterminate"])
+            .inc_by(answered as u64);
     }
 
     fn on_applied(&mut self, res: ApplyResult, ctx: &PollContext) {
@@ -1546,11 +1546,14 @@ impl ReplicaFsm {
         // A former leader's proposals may still commit through the new
         // leader: their outcome is unknown, not "no such shard" (which a
         // client would take as not applied and retry).
-        self.proposals.fail_all(|| {
+        let answered = self.proposals.fail_all(|| {
             Error::Indeterminate(format!(
                 "replica of shard {shard_id} was removed before the command's outcome was known"
             ))
         });
+        metrics::PROPOSALS_DROPPED
+            .with_label_values(&["indeterminate"])
+            .inc_by(answered as u64);
         self.reads
             .fail_unconfirmed(|| Error::ShardNotFound(shard_id));
         for (_, cb) in self.pending_writes.drain(..) {

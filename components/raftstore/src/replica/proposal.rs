@@ -49,7 +49,7 @@ impl ProposalQueue {
             metrics::PENDING_PROPOSALS.dec();
             metrics::PROPOSALS_DROPPED
                 .with_label_values(&["indeterminate"])
-                .inc();
+                .inc_by(left.callbacks.len() as u64);
             left.callbacks.fail(|| {
                 Error::Indeterminate(
                     "outcome unknown: a newer term of this leader reused its log index".into(),
@@ -84,12 +84,16 @@ impl ProposalQueue {
         self.queue.is_empty()
     }
 
-    /// Answers every proposal with an error made by `err`.
-    pub fn fail_all(&mut self, err: impl Fn() -> Error) {
+    /// Answers every proposal with an error made by `err`; returns how many
+    /// waiters that answered (a batched proposal has several).
+    pub fn fail_all(&mut self, err: impl Fn() -> Error) -> usize {
         metrics::PENDING_PROPOSALS.sub(self.queue.len() as i64);
+        let mut answered = 0;
         for p in self.queue.drain(..) {
+            answered += p.callbacks.len();
             p.callbacks.fail(&err);
         }
+        answered
     }
 }
 
@@ -137,5 +141,22 @@ mod tests {
             answers.iter().all(|(_, a)| a.starts_with("Indeterminate")),
             "{answers:?}"
         );
+    }
+
+    #[test]
+    fn failing_all_counts_every_waiter() {
+        let answers = Answers::default();
+        let mut q = ProposalQueue::default();
+        let mut batched = proposal(7, 1, &answers);
+        if let (ProposalCallbacks::Writes(mine), ProposalCallbacks::Writes(more)) =
+            (&mut batched.callbacks, proposal(7, 1, &answers).callbacks)
+        {
+            mine.extend(more);
+        }
+        q.push(batched);
+        q.push(proposal(8, 1, &answers));
+        assert_eq!(q.fail_all(|| Error::Indeterminate("x".into())), 3);
+        assert_eq!(answers.lock().unwrap().len(), 3);
+        assert!(q.is_empty());
     }
 }
