@@ -1209,14 +1209,11 @@ impl ReplicaFsm {
             "leadership lost; pending proposals have an unknown outcome"
         );
         let shard_id = self.shard_id;
-        let answered = self.proposals.fail_all(|| {
+        self.proposals.fail_all_indeterminate(|| {
             Error::Indeterminate(format!(
                 "shard {shard_id} lost leadership before the command committed"
             ))
         });
-        metrics::PROPOSALS_DROPPED
-            .with_label_values(&["indeterminate"])
-            .inc_by(answered as u64);
     }
 
     fn on_applied(&mut self, res: ApplyResult, ctx: &PollContext) {
@@ -1546,14 +1543,11 @@ impl ReplicaFsm {
         // A former leader's proposals may still commit through the new
         // leader: their outcome is unknown, not "no such shard" (which a
         // client would take as not applied and retry).
-        let answered = self.proposals.fail_all(|| {
+        self.proposals.fail_all_indeterminate(|| {
             Error::Indeterminate(format!(
                 "replica of shard {shard_id} was removed before the command's outcome was known"
             ))
         });
-        metrics::PROPOSALS_DROPPED
-            .with_label_values(&["indeterminate"])
-            .inc_by(answered as u64);
         self.reads
             .fail_unconfirmed(|| Error::ShardNotFound(shard_id));
         for (_, cb) in self.pending_writes.drain(..) {

@@ -84,15 +84,20 @@ impl ProposalQueue {
         self.queue.is_empty()
     }
 
-    /// Answers every proposal with an error made by `err`; returns how many
-    /// waiters that answered (a batched proposal has several).
-    pub fn fail_all(&mut self, err: impl Fn() -> Error) -> usize {
+    /// Answers every proposal with an error made by `err`, whose outcome is
+    /// unknown (the commands may still commit through another leader), and
+    /// counts the waiters that answered (a batched proposal has several).
+    /// Returns that count.
+    pub fn fail_all_indeterminate(&mut self, err: impl Fn() -> Error) -> usize {
         metrics::PENDING_PROPOSALS.sub(self.queue.len() as i64);
         let mut answered = 0;
         for p in self.queue.drain(..) {
             answered += p.callbacks.len();
             p.callbacks.fail(&err);
         }
+        metrics::PROPOSALS_DROPPED
+            .with_label_values(&["indeterminate"])
+            .inc_by(answered as u64);
         answered
     }
 }
@@ -155,7 +160,10 @@ mod tests {
         }
         q.push(batched);
         q.push(proposal(8, 1, &answers));
-        assert_eq!(q.fail_all(|| Error::Indeterminate("x".into())), 3);
+        assert_eq!(
+            q.fail_all_indeterminate(|| Error::Indeterminate("x".into())),
+            3
+        );
         assert_eq!(answers.lock().unwrap().len(), 3);
         assert!(q.is_empty());
     }
