@@ -281,6 +281,7 @@ pub struct RaftEngineSection {
     pub purge_threshold_bytes: u64,
     pub batch_compression_threshold_bytes: u64,
     pub enable_log_recycle: bool,
+    pub prefill_bytes: u64,
 }
 
 impl Default for RaftEngineSection {
@@ -291,6 +292,7 @@ impl Default for RaftEngineSection {
             purge_threshold_bytes: d.purge_threshold,
             batch_compression_threshold_bytes: d.batch_compression_threshold,
             enable_log_recycle: d.enable_log_recycle,
+            prefill_bytes: d.prefill_bytes,
         }
     }
 }
@@ -484,6 +486,9 @@ impl Config {
                 re.purge_threshold_bytes,
                 re.target_file_size_bytes
             );
+        }
+        if re.prefill_bytes > 0 && !re.enable_log_recycle {
+            bail!("raft-engine.prefill-bytes needs raft-engine.enable-log-recycle = true (prefilled files are recycled files)");
         }
         Ok(())
     }

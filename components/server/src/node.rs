@@ -127,6 +127,7 @@ fn open_engines(cfg: &Config) -> anyhow::Result<Engines> {
         purge_threshold: cfg.raft_engine.purge_threshold_bytes,
         batch_compression_threshold: cfg.raft_engine.batch_compression_threshold_bytes,
         enable_log_recycle: cfg.raft_engine.enable_log_recycle,
+        prefill_bytes: cfg.raft_engine.prefill_bytes,
     };
     let raft = RaftLogEngine::open(&dir.join("raft"), &raft_cfg).context("opening raft-engine")?;
     let snap_mgr = Arc::new(SnapManager::open(&dir.join("snap")).context("opening snap/")?);

@@ -105,6 +105,16 @@ pub struct RaftLogConfig {
     pub batch_compression_threshold: u64,
     /// Reuse purged files instead of creating new ones.
     pub enable_log_recycle: bool,
+    /// Log files (in bytes of them, 0 = none) written full of zeros when the
+    /// engine is first created, for appends to reuse as recycled files.
+    /// Appending into a fresh file writes into fallocated, unwritten
+    /// extents: every fdatasync then also writes the inode's extent changes
+    /// (a second, synchronous I/O). A prefilled file has written extents,
+    /// so a sync writes data only; recycled files behave the same once
+    /// purging starts, prefilling gives a new node that from the first
+    /// write. Needs `enable_log_recycle`; costs the bytes on disk and the
+    /// time to write them at first start.
+    pub prefill_bytes: u64,
 }
 
 impl Default for RaftLogConfig {
@@ -114,6 +124,7 @@ impl Default for RaftLogConfig {
             purge_threshold: 256 << 20,
             batch_compression_threshold: 8 << 10,
             enable_log_recycle: true,
+            prefill_bytes: 0,
         }
     }
 }
@@ -134,6 +145,10 @@ impl RaftLogEngine {
             purge_threshold: ReadableSize(cfg.purge_threshold),
             batch_compression_threshold: ReadableSize(cfg.batch_compression_threshold),
             enable_log_recycle: cfg.enable_log_recycle,
+            prefill_for_recycle: cfg.enable_log_recycle && cfg.prefill_bytes > 0,
+            // raft-engine prepares 1.5 times the limit.
+            prefill_limit: (cfg.enable_log_recycle && cfg.prefill_bytes > 0)
+                .then(|| ReadableSize((cfg.prefill_bytes * 2 / 3).max(cfg.target_file_size))),
             format_version: raft_engine::Version::V2,
             ..Default::default()
         };
