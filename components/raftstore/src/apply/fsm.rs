@@ -455,6 +455,7 @@ impl ApplyFsm {
         );
         self.descriptor = left.clone();
         self.split_off = Some(right.clone());
+        ctx.sync = true;
         self.exec.push(ExecResult::Split {
             left,
             right,
@@ -520,6 +521,7 @@ impl ApplyFsm {
         put_normal_state(ctx, &desc, self.replica_id);
         self.removed = desc.replica(self.replica_id).is_none();
         self.descriptor = desc.clone();
+        ctx.sync = true;
         self.exec.push(ExecResult::ConfChange { cc, shard: desc });
         EntryOutcome::Admin
     }

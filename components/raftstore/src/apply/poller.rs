@@ -56,6 +56,12 @@ pub struct ApplyCtx {
     pub answers: Vec<Answer>,
     pub results: Vec<(ShardId, ApplyResult)>,
     pub entries: u64,
+    /// The round applied a split or a membership change: its batch is
+    /// written with sync. The raft side acts on those outside RocksDB (a new
+    /// shard's raft state, a removed replica's destruction), so they must
+    /// not be lost to a crash that keeps those effects: the WAL is buffered
+    /// in memory between syncs (`manual_wal_flush`, see `KvEngine::open`).
+    pub sync: bool,
 }
 
 pub struct ApplyPoller {
@@ -85,7 +91,7 @@ impl PollHandler<ApplyFsm, ApplyControlFsm> for ApplyPoller {
         if !ctx.wb.is_empty() {
             fail::fail_point!("apply_before_write");
             let wb = std::mem::take(&mut ctx.wb);
-            if let Err(e) = ctx.kv.write(wb, false) {
+            if let Err(e) = ctx.kv.write(wb, std::mem::take(&mut ctx.sync)) {
                 // The entries are committed; skipping them would diverge
                 // this replica from the others.
                 tracing::error!(error = %e, "applying committed entries to RocksDB failed; stopping the node");
@@ -145,6 +151,7 @@ impl HandlerBuilder<ApplyFsm, ApplyControlFsm> for ApplyPollerBuilder {
                 answers: Vec::new(),
                 results: Vec::new(),
                 entries: 0,
+                sync: false,
             },
             raft_router: self.raft_router.clone(),
             started: Instant::now(),
