@@ -63,8 +63,8 @@ pub struct Config {
     pub split_size: u64,
     /// Keys past which a shard splits at its middle.
     pub split_keys: u64,
-    /// Requests per second (over a check interval) past which a leader
-    /// splits its shard at the median key of its requests (0 = off).
+    /// Reads per second (over a check interval) past which a leader splits
+    /// its shard at the median key of its reads (0 = off).
     pub split_qps: u64,
     /// Idle shards stop ticking (`replica::fsm::hibernate`).
     pub hibernate: bool,

@@ -35,9 +35,10 @@ pub struct PlacementSection {
     pub split_size_bytes: u64,
     /// A shard holding more keys than this is split in two.
     pub split_keys: u64,
-    /// A shard whose leader serves more requests per second than this
-    /// (over a split-check interval) is split at the median key of its
-    /// requests (0 turns load-based splitting off).
+    /// A shard whose leader serves more reads per second than this (over a
+    /// split-check interval) is split at the median key of its reads (0
+    /// turns load-based splitting off). Writes do not count: see
+    /// `flotilla_raftstore::replica::load`.
     pub split_qps: u64,
     /// How often the placement driver (on the meta shard's leader) looks
     /// at the cluster and starts operators.

@@ -824,11 +824,7 @@ impl ReplicaFsm {
             (req.cb)(Err(e));
             return;
         }
-        if ctx.cfg.split_qps > 0 {
-            if let Some(span) = crate::msg::write_spans(&req.command).next() {
-                self.load.record(span.first_key());
-            }
-        }
+        // Writes do not count towards load-based splits (see replica::load).
         let size = req.command.encoded_len();
         if self.pending_write_bytes + size > ctx.cfg.max_entry_size
             && !self.pending_writes.is_empty()
