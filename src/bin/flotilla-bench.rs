@@ -481,7 +481,7 @@ enum Op {
 /// enough to cost the load generator ~5 % of its CPU.
 #[derive(Default)]
 struct Stats {
-    /// At most one entry per operation name, in first-recorded order.
+    /// At most one entry per operation name.
     ops: Vec<(&'static str, Histogram<u64>, u64)>,
 }
 
@@ -676,7 +676,10 @@ async fn main() -> anyhow::Result<()> {
     for t in tasks {
         t.await?;
     }
-    let stats = std::mem::take(&mut *stats.lock().unwrap());
+    let mut stats = std::mem::take(&mut *stats.lock().unwrap());
+    // Rows by operation name, as before the stats were shared (first
+    // recorded depends on which task ran first).
+    stats.ops.sort_by_key(|(op, ..)| *op);
     let elapsed = started.elapsed().as_secs_f64();
     let fsyncs_after = fsyncs(&metrics_eps).await;
     let fsync_per_write = match (fsyncs_before, fsyncs_after) {

@@ -138,6 +138,7 @@ impl RaftLogEngine {
     /// Opens (recovering) or creates the log store in `dir`. Recovery
     /// tolerates a torn tail (a crash in the middle of a write).
     pub fn open(dir: &Path, cfg: &RaftLogConfig) -> Result<Arc<Self>> {
+        let prefill = cfg.enable_log_recycle && cfg.prefill_bytes > 0;
         let ecfg = raft_engine::Config {
             dir: dir.to_string_lossy().into_owned(),
             recovery_mode: raft_engine::RecoveryMode::TolerateTailCorruption,
@@ -145,9 +146,9 @@ impl RaftLogEngine {
             purge_threshold: ReadableSize(cfg.purge_threshold),
             batch_compression_threshold: ReadableSize(cfg.batch_compression_threshold),
             enable_log_recycle: cfg.enable_log_recycle,
-            prefill_for_recycle: cfg.enable_log_recycle && cfg.prefill_bytes > 0,
+            prefill_for_recycle: prefill,
             // raft-engine prepares 1.5 times the limit.
-            prefill_limit: (cfg.enable_log_recycle && cfg.prefill_bytes > 0)
+            prefill_limit: prefill
                 .then(|| ReadableSize((cfg.prefill_bytes * 2 / 3).max(cfg.target_file_size))),
             format_version: raft_engine::Version::V2,
             ..Default::default()

@@ -14,7 +14,7 @@
 //! A write-hot shard is balanced by moving its leader instead.
 //!
 //! Sampling is a reservoir of `CAPACITY` keys per check interval (each
-//! request's first key), so a check costs a sort of a few dozen keys.
+//! read's first key), so a check costs a sort of a few dozen keys.
 
 use bytes::Bytes;
 use flotilla_proto::meta::ShardDescriptor;
