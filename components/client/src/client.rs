@@ -39,6 +39,18 @@ pub struct ClientConfig {
     /// per HTTP/2 message when many are in flight) instead of one unary
     /// call each. See the `conn` module.
     pub batch_commands: bool,
+    /// How long a node that refused a connection is passed over when
+    /// another replica can take the request: after a node dies, followers
+    /// keep naming it as their leader until they elect a new one, and
+    /// following those hints (or the cached leader) would spend the
+    /// retries on it.
+    pub unreachable_for: Duration,
+    /// Longest back-off while a replica answers that it knows no leader (an
+    /// election is under way): elections take a few hundred milliseconds,
+    /// and asking a replica again is one cheap round trip, while the full
+    /// back-off (up to `backoff_max`) would leave requests asleep long
+    /// after the new leader is elected.
+    pub election_backoff_max: Duration,
 }
 
 impl Default for ClientConfig {
@@ -51,6 +63,8 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(1),
             max_message_bytes: 64 << 20,
             batch_commands: true,
+            unreachable_for: Duration::from_secs(1),
+            election_backoff_max: Duration::from_millis(100),
         }
     }
 }
@@ -168,24 +182,13 @@ fn refused_connection(s: &Status) -> bool {
     }
 }
 
-/// How long a node that refused a connection is passed over when another
-/// replica can take the request: after a node dies, followers keep naming
-/// it as their leader until they elect a new one, and following those
-/// hints (or the cached leader) would spend the retries on it.
-const UNREACHABLE_FOR: Duration = Duration::from_secs(1);
-
-/// Longest back-off while a replica answers that it knows no leader (an
-/// election is under way): elections take a few hundred milliseconds, and
-/// asking a replica again is one cheap round trip, while the full back-off
-/// (up to `backoff_max`) would leave requests asleep long after the new
-/// leader is elected.
-const ELECTION_BACKOFF_MAX: Duration = Duration::from_millis(100);
-
 pub(crate) struct Inner {
     pub(crate) cfg: ClientConfig,
     pub(crate) cache: RwLock<RouteCache>,
     channels: Mutex<HashMap<String, Channel>>,
-    streams: Mutex<HashMap<String, BatchStream>>,
+    /// Behind an `Arc`: every call takes its node's stream, and cloning
+    /// the stream itself would clone its unary client too.
+    streams: Mutex<HashMap<String, Arc<BatchStream>>>,
     next_endpoint: AtomicUsize,
     /// Nodes that recently refused a connection, until when.
     unreachable: Mutex<HashMap<u64, Instant>>,
@@ -195,7 +198,7 @@ impl Inner {
     fn mark_unreachable(&self, node: u64) {
         self.unreachable
             .lock()
-            .insert(node, Instant::now() + UNREACHABLE_FOR);
+            .insert(node, Instant::now() + self.cfg.unreachable_for);
     }
 
     fn clear_unreachable(&self, node: u64) {
@@ -296,7 +299,7 @@ impl Client {
         match streams.get(addr) {
             Some(s) if !s.is_closed() => Ok(KvConn::Batch(s.clone())),
             _ => {
-                let s = BatchStream::open(unary()?, addr.to_string());
+                let s = Arc::new(BatchStream::open(unary()?, addr.to_string()));
                 streams.insert(addr.to_string(), s.clone());
                 Ok(KvConn::Batch(s))
             }
@@ -446,7 +449,7 @@ impl Client {
         call: F,
     ) -> std::result::Result<(T, ShardDescriptor), OpError>
     where
-        F: Fn(KvConn, ShardContext, ShardDescriptor) -> Fut,
+        F: Fn(KvConn, ShardContext, &ShardDescriptor) -> Fut,
         Fut: Future<Output = CallResult<T>>,
     {
         let idempotent = kind == Call::Read;
@@ -472,16 +475,17 @@ impl Client {
             } else {
                 self.locate(anchor, &mut retry).await?
             };
-            let desc = shard.desc.clone();
+            let CachedShard {
+                desc,
+                leader_node: cached_leader,
+            } = shard;
             if !fits(&desc) {
                 return Err(OpError::Regroup);
             }
             let inner = &self.inner;
-            let node = if shard.leader_node != 0
-                && !any_replica
-                && !inner.is_unreachable(shard.leader_node)
+            let node = if cached_leader != 0 && !any_replica && !inner.is_unreachable(cached_leader)
             {
-                shard.leader_node
+                cached_leader
             } else if desc.replicas.is_empty() {
                 0
             } else {
@@ -507,7 +511,7 @@ impl Client {
             };
             let kv = self.kv(&addr)?;
             let outcome =
-                tokio::time::timeout(retry.remaining(), call(kv, ctx, desc.clone())).await;
+                tokio::time::timeout(retry.remaining(), call(kv, ctx, &desc)).await;
             let err = match outcome {
                 Err(_) if !idempotent => {
                     return Err(Error::Indeterminate(format!(
@@ -613,7 +617,9 @@ impl Client {
                 None => return Err(Error::Server(err.message).into()),
             }
             if electing {
-                retry.backoff_at_most(why, ELECTION_BACKOFF_MAX).await?;
+                retry
+                    .backoff_at_most(why, self.inner.cfg.election_backoff_max)
+                    .await?;
             } else {
                 retry.backoff(why).await?;
             }
@@ -622,7 +628,7 @@ impl Client {
 
     async fn single<T, F, Fut>(&self, key: &[u8], kind: Call, call: F) -> Result<T>
     where
-        F: Fn(KvConn, ShardContext, ShardDescriptor) -> Fut,
+        F: Fn(KvConn, ShardContext, &ShardDescriptor) -> Fut,
         Fut: Future<Output = CallResult<T>>,
     {
         self.on_shard(key, false, kind, |_| true, call)

@@ -61,7 +61,7 @@ pub(crate) const NOT_SENT: &str = "request not sent";
 /// A connection to one node's Kv service.
 #[derive(Clone)]
 pub(crate) enum KvConn {
-    Batch(BatchStream),
+    Batch(Arc<BatchStream>),
     Unary(KvClient<Channel>),
 }
 
