@@ -11,7 +11,7 @@ PROFILE_FLAGS := --release
 BIN_DIR := bin
 BINARIES := flotilla-server flotilla-ctl flotilla-bench
 
-.PHONY: bench-compare deps test-deps build run cluster-up node-add node-remove stop status clean-data test crash-test chaos fmt-check clippy bench clean monitor monitor-stop
+.PHONY: bench-compare bench-scale deps test-deps build run cluster-up node-add node-remove stop status clean-data test crash-test chaos fmt-check clippy bench clean monitor monitor-stop
 
 deps:
 	@scripts/install-deps.sh
@@ -95,6 +95,11 @@ bench: build
 bench-compare: build
 	@scripts/install-deps.sh etcd-server
 	@scripts/bench-compare.sh
+
+# 10,000 shards on a fresh 3-node cluster: idle CPU, RSS, a write to a
+# sleeping shard, failover after kill -9 of a leader, restart to ready.
+bench-scale: build
+	@scripts/scale-bench.sh
 
 clean:
 	rm -rf $(BIN_DIR)

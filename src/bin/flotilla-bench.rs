@@ -7,7 +7,8 @@
 //! requests), or `latest` (Zipfian over the most recently inserted keys).
 //!
 //! Workloads: `put`, `get`, `mixed` (half each), `check` (linearizability,
-//! see check.rs), and YCSB's core workloads with their own mixes and
+//! see check.rs), `wake` and `failover` (sleeping shards and a killed
+//! leader, see scale.rs), and YCSB's core workloads with their own mixes and
 //! default distributions:
 //!
 //! | workload | mix | default keys |
@@ -43,6 +44,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[path = "flotilla-bench/check.rs"]
 mod check;
+#[path = "flotilla-bench/scale.rs"]
+mod scale;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Load generator for Flotilla")]
@@ -107,6 +110,16 @@ struct Args {
     /// in seconds.
     #[arg(long, default_value_t = 60)]
     check_budget: u64,
+    /// wake and failover: how many shards to write to (spread evenly over
+    /// the shard list; failover takes them among the killed node's).
+    #[arg(long, default_value_t = 200)]
+    shards: usize,
+    /// failover: the node whose server --kill-pid is.
+    #[arg(long)]
+    kill_node: Option<u64>,
+    /// failover: the server process to `kill -9`.
+    #[arg(long)]
+    kill_pid: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -133,6 +146,12 @@ enum Workload {
     YcsbE,
     /// YCSB F: 50 % read, 50 % read-modify-write (zipfian).
     YcsbF,
+    /// One put to each of --shards shards, --clients at a time: on a
+    /// cluster whose shards sleep, the latency of waking one with a write.
+    Wake,
+    /// Kills --kill-pid (kill -9), then times one put to each of up to
+    /// --shards shards that --kill-node led, from the kill.
+    Failover,
 }
 
 impl Workload {
@@ -148,15 +167,20 @@ impl Workload {
             Workload::YcsbD => [95, 0, 5, 0, 0],
             Workload::YcsbE => [0, 0, 5, 95, 0],
             Workload::YcsbF => [50, 0, 0, 0, 50],
-            Workload::Check => unreachable!("check has its own loop"),
+            Workload::Check | Workload::Wake | Workload::Failover => {
+                unreachable!("{self:?} has its own loop")
+            }
         }
     }
 
     fn default_distribution(self) -> Distribution {
         match self {
-            Workload::Put | Workload::Get | Workload::Mixed | Workload::Check => {
-                Distribution::Uniform
-            }
+            Workload::Put
+            | Workload::Get
+            | Workload::Mixed
+            | Workload::Check
+            | Workload::Wake
+            | Workload::Failover => Distribution::Uniform,
             Workload::YcsbD => Distribution::Latest,
             _ => Distribution::Zipfian,
         }
@@ -567,6 +591,35 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         std::process::exit(if ok { 0 } else { 1 });
     }
+    if matches!(args.workload, Workload::Wake | Workload::Failover) {
+        let Target::Flotilla { client, .. } = &target else {
+            anyhow::bail!("the wake and failover workloads drive Flotilla only");
+        };
+        let scale_args = scale::ScaleArgs {
+            shards: args.shards,
+            clients: args.clients,
+            value_size: args.value_size,
+            seed: args.seed,
+            duration: Duration::from_secs(args.duration),
+        };
+        let started = Instant::now();
+        let stats = if args.workload == Workload::Wake {
+            scale::wake(client, scale_args).await?
+        } else {
+            let (Some(node), Some(pid)) = (args.kill_node, args.kill_pid) else {
+                anyhow::bail!("the failover workload needs --kill-node and --kill-pid");
+            };
+            scale::failover(client, node, pid, scale_args).await?
+        };
+        report(
+            &args,
+            Distribution::Uniform,
+            stats,
+            started.elapsed().as_secs_f64(),
+            None,
+        );
+        return Ok(());
+    }
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
 
@@ -676,16 +729,28 @@ async fn main() -> anyhow::Result<()> {
     for t in tasks {
         t.await?;
     }
-    let mut stats = std::mem::take(&mut *stats.lock().unwrap());
-    // Rows by operation name, as before the stats were shared (first
-    // recorded depends on which task ran first).
-    stats.ops.sort_by_key(|(op, ..)| *op);
+    let stats = std::mem::take(&mut *stats.lock().unwrap());
     let elapsed = started.elapsed().as_secs_f64();
     let fsyncs_after = fsyncs(&metrics_eps).await;
     let fsync_per_write = match (fsyncs_before, fsyncs_after) {
         (Some(b), Some(a)) if stats.writes() > 0 => Some((a - b) / stats.writes() as f64),
         _ => None,
     };
+    report(&args, distribution, stats, elapsed, fsync_per_write);
+    Ok(())
+}
+
+/// Prints the summary: a table, or one JSON object with `-o json`.
+fn report(
+    args: &Args,
+    distribution: Distribution,
+    mut stats: Stats,
+    elapsed: f64,
+    fsync_per_write: Option<f64>,
+) {
+    // Rows by operation name, as before the stats were shared (first
+    // recorded depends on which task ran first).
+    stats.ops.sort_by_key(|(op, ..)| *op);
 
     let row = |name: &str, h: &Histogram<u64>, errors: u64| {
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
@@ -721,7 +786,7 @@ async fn main() -> anyhow::Result<()> {
     });
     if args.output == Output::Json {
         println!("{summary}");
-        return Ok(());
+        return;
     }
     let mut t = comfy_table::Table::new();
     t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
@@ -743,14 +808,21 @@ async fn main() -> anyhow::Result<()> {
         ]);
     }
     println!("{t}");
-    println!(
-        "{} clients, {:.1}s, {}-byte values, {} keys",
-        args.clients, elapsed, args.value_size, args.keys
-    );
+    if matches!(args.workload, Workload::Wake | Workload::Failover) {
+        let shards: u64 = stats.ops.iter().map(|(_, h, e)| h.len() + e).sum();
+        println!(
+            "{shards} shards, one put each, {:.1}s, {}-byte values",
+            elapsed, args.value_size
+        );
+    } else {
+        println!(
+            "{} clients, {:.1}s, {}-byte values, {} keys",
+            args.clients, elapsed, args.value_size, args.keys
+        );
+    }
     if let Some(f) = fsync_per_write {
         println!("raft-engine fsyncs per acknowledged write: {f:.4}");
     }
-    Ok(())
 }
 
 #[cfg(test)]
