@@ -32,7 +32,7 @@ start_etcd() {
   done
   echo -n "waiting for etcd"
   for _ in $(seq 1 60); do
-    if curl -sf http://127.0.0.1:23791/health | grep -q true; then echo " up."; return 0; fi
+    if grep -q true <<<"$(curl -sf http://127.0.0.1:23791/health)"; then echo " up."; return 0; fi
     echo -n "."; sleep 0.5
   done
   echo; echo "etcd did not start; see $OUT/etcd*.log"; exit 1

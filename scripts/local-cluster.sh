@@ -31,7 +31,7 @@ status_port() { echo $((20180 + $1)); }
 alive() {
   [ -f "$DATA/node$1.pid" ] || return 1
   local pid; pid=$(cat "$DATA/node$1.pid")
-  kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q flotilla-server
+  kill -0 "$pid" 2>/dev/null && grep -qa flotilla-server "/proc/$pid/cmdline" 2>/dev/null
 }
 # Ids of nodes that have a data dir (or a pid file), ascending.
 known_nodes() {
@@ -63,7 +63,10 @@ wait_ready() {
   for _ in $(seq 1 120); do
     local ready=1
     for i in "$@"; do
-      if ! alive "$i"; then
+      # Only whether the process is gone: one just launched may not have
+      # exec'd yet (its command line is still this script's), which `alive`
+      # would take for a stale pid file.
+      if ! kill -0 "$(cat "$DATA/node$i.pid")" 2>/dev/null; then
         echo; echo "node $i exited; from $DATA/node$i.log:"; exit_reason "$DATA/node$i.log"; exit 1
       fi
       curl -sf "http://127.0.0.1:$(status_port "$i")/ready" >/dev/null 2>&1 || ready=0
@@ -139,7 +142,7 @@ remove() {
   ctl node decommission "$id"
   echo -n "waiting for node $id's replicas to move away"
   for _ in $(seq 1 1200); do
-    if ctl -o json node list 2>/dev/null | grep -q "\"id\":$id,[^}]*\"state\":\"removed\""; then
+    if grep -q "\"id\":$id,[^}]*\"state\":\"removed\"" <<<"$(ctl -o json node list 2>/dev/null)"; then
       echo " done."
       kill "$(cat "$DATA/node$id.pid")"
       for _ in $(seq 1 100); do alive "$id" || break; sleep 0.1; done
