@@ -41,6 +41,13 @@ cleanup() {
   for i in $NODES; do
     [ -n "${PID[$i]:-}" ] && kill -9 "${PID[$i]}" 2>/dev/null || true
   done
+  # Gone (ports free) before the next run starts.
+  for i in $NODES; do
+    for _ in $(seq 1 100); do
+      kill -0 "${PID[$i]:-0}" 2>/dev/null || break
+      sleep 0.05
+    done
+  done
   if [ "${KEEP:-0}" = 1 ]; then echo "data kept in $DATA"; else rm -rf "$DATA"; fi
 }
 trap cleanup EXIT

@@ -566,6 +566,14 @@ async fn fsyncs(endpoints: &[String]) -> Option<f64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The client's retries, with RUST_LOG=flotilla_client=debug.
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let target = Target::connect(&args).await?;
 
     if args.workload == Workload::Check {

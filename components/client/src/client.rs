@@ -147,6 +147,7 @@ impl Retry {
             .backoff
             .min(cap)
             .mul_f64(rand::thread_rng().gen_range(0.5..1.0));
+        tracing::debug!(attempt = self.attempts, sleep_ms = jittered.as_millis() as u64, why = %self.last, "retrying");
         if Instant::now() + jittered >= self.deadline {
             return Err(Error::DeadlineExceeded {
                 attempts: self.attempts,
@@ -545,14 +546,29 @@ impl Client {
                         ))
                         .into());
                     }
-                    if refused_connection(&status) {
+                    let refused = refused_connection(&status);
+                    if refused {
                         self.inner.mark_unreachable(node);
                     }
                     self.inner.cache.write().set_leader(desc.id, 0);
                     replica_turn += 1;
-                    retry
-                        .backoff(format!("{addr}: {} {}", status.code(), status.message()))
-                        .await?;
+                    let why = format!(
+                        "shard {} at {addr}: {} {}",
+                        desc.id,
+                        status.code(),
+                        status.message()
+                    );
+                    // A node that refused is down, not busy: the next try
+                    // goes to another replica. Back off as while an
+                    // election is under way, not for up to `backoff_max`
+                    // (once the node's mark expired, a sleep that long
+                    // after one more refusal delayed writes past failover).
+                    let cap = if refused {
+                        self.inner.cfg.election_backoff_max
+                    } else {
+                        self.inner.cfg.backoff_max
+                    };
+                    retry.backoff_at_most(why, cap).await?;
                     continue;
                 }
                 Ok(Ok((None, value))) => return Ok((value, desc)),
