@@ -64,9 +64,10 @@
 //! # Not done yet
 //! - A sleeping shard whose leader's node dies waits out node liveness's
 //!   election timeout before electing: with 3,333 such shards on one node,
-//!   new leaders are elected 1.0-1.7 s after a kill -9 and writes resume
-//!   within 1.2-1.5 s at the median, 1.8 s at most (README figures). Detection
-//!   faster than one election timeout would need the lease to be shorter.
+//!   most new leaders are elected ~1.2 s after a kill -9 and writes resume
+//!   within 0.9-1.2 s at the median, 1.84 s at most (`make bench-scale`,
+//!   README figures). Detection faster than one election timeout would
+//!   need the lease to be shorter.
 //! - The meta shard sleeps between the reads that node heartbeats make
 //!   now and then (each wakes it: a ReadIndex round, then ticks and a new
 //!   handshake). The meta leader answers most heartbeats from the registry
