@@ -4,10 +4,13 @@
 //! write is read back. A node that joins with `--join` gets replicas while
 //! writes go on, and a decommissioned node is emptied and may not rejoin.
 //! Every node paused at once (SIGSTOP, as a VM pause does) calls no peer
-//! down once resumed.
+//! down once resumed. `flotilla-bench wake` and `failover`, as `make
+//! bench-scale` runs them, get every write answered.
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -266,4 +269,63 @@ async fn pausing_every_node_at_once_calls_no_peer_down() {
         .put(Bytes::from("after"), Bytes::from("2"))
         .await
         .unwrap();
+}
+
+/// The bench's scale workloads against real processes: one write to each
+/// of 16 (sleeping) shards, then `kill -9` of the node leading the most
+/// shards and one write to each of up to 8 shards it led. Every write is
+/// acknowledged, and the bench really killed the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_wake_and_failover_get_every_write_answered() {
+    let mut cluster = ProcCluster::new(3, 24, "");
+    cluster.start_all();
+    let client = cluster.client(Duration::from_secs(20)).await;
+    let endpoints = cluster.endpoints().join(",");
+    let bench = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_flotilla-bench"))
+            .args(args)
+            .args(["--endpoints", &endpoints, "-o", "json"])
+            .output()
+            .expect("run flotilla-bench");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "flotilla-bench {args:?}: {stderr}");
+        serde_json::from_slice(&out.stdout).expect("a JSON summary")
+    };
+    let only_row = |summary: &serde_json::Value, op: &str| -> (u64, u64) {
+        let ops = summary["ops"].as_array().unwrap();
+        assert_eq!(ops.len(), 1, "{summary}");
+        assert_eq!(ops[0]["op"], op);
+        (
+            ops[0]["count"].as_u64().unwrap(),
+            ops[0]["errors"].as_u64().unwrap(),
+        )
+    };
+
+    let wake = bench(&["wake", "--shards", "16", "--clients", "2"]);
+    assert_eq!(only_row(&wake, "wake-put"), (16, 0), "{wake}");
+
+    let mut busiest = (0, 0);
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        let s = client.node_status(&n.grpc).await.unwrap();
+        if s.leaders >= busiest.1 {
+            busiest = (i, s.leaders);
+        }
+    }
+    let victim = busiest.0;
+    let (node, pid) = (cluster.nodes[victim].id, cluster.nodes[victim].pid());
+    let failover = bench(&[
+        "failover",
+        "--kill-node",
+        &node.to_string(),
+        "--kill-pid",
+        &pid.to_string(),
+        "--shards",
+        "8",
+        "--duration",
+        "30",
+    ]);
+    let (count, errors) = only_row(&failover, "failover-put");
+    assert!(count >= 1 && errors == 0, "{failover}");
+    let status = cluster.nodes[victim].wait_exit(Duration::from_secs(10));
+    assert_eq!(status.signal(), Some(9), "the node was not killed: {status}");
 }

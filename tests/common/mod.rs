@@ -121,9 +121,14 @@ impl Node {
         }
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Sends a signal by name (STOP, CONT...) to the running process.
     pub fn signal(&mut self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id();
+        let pid = self.pid();
         let ok = Command::new("kill")
             .args([format!("-{sig}"), pid.to_string()])
             .status()
