@@ -327,5 +327,9 @@ async fn bench_wake_and_failover_get_every_write_answered() {
     let (count, errors) = only_row(&failover, "failover-put");
     assert!(count >= 1 && errors == 0, "{failover}");
     let status = cluster.nodes[victim].wait_exit(Duration::from_secs(10));
-    assert_eq!(status.signal(), Some(9), "the node was not killed: {status}");
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the node was not killed: {status}"
+    );
 }

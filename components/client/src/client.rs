@@ -511,8 +511,7 @@ impl Client {
                 read_mode: read_mode as i32,
             };
             let kv = self.kv(&addr)?;
-            let outcome =
-                tokio::time::timeout(retry.remaining(), call(kv, ctx, &desc)).await;
+            let outcome = tokio::time::timeout(retry.remaining(), call(kv, ctx, &desc)).await;
             let err = match outcome {
                 Err(_) if !idempotent => {
                     return Err(Error::Indeterminate(format!(
