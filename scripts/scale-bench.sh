@@ -85,13 +85,19 @@ wait_ready() {
   echo "not ready in 120 s; see $DATA/node*.log"; exit 1
 }
 
+# Node $1's value of the unlabeled metric $2 (0 if it has none).
+metric() {
+  local v
+  v=$(curl -sf "http://127.0.0.1:$(status_port "$1")/metrics" | awk -v m="$2" '$1 == m {print $2}')
+  echo "${v:-0}"
+}
+
 # Sum of a gauge over the running nodes.
 gauge() {
-  local sum=0 v
+  local sum=0
   for i in $NODES; do
     kill -0 "${PID[$i]}" 2>/dev/null || continue
-    v=$(curl -sf "http://127.0.0.1:$(status_port "$i")/metrics" | awk -v m="$1" '$1 == m {print $2}')
-    sum=$((sum + ${v:-0}))
+    sum=$((sum + $(metric "$i" "$1")))
   done
   echo "$sum"
 }
@@ -149,8 +155,8 @@ echo "== wake: one put to each of $WAKE_SHARDS sleeping shards, one at a time"
 wait_asleep
 victim=1 most=0
 for i in $NODES; do
-  l=$(curl -sf "http://127.0.0.1:$(status_port "$i")/metrics" | awk '$1 == "flotilla_leaders" {print $2}')
-  if [ "${l:-0}" -gt "$most" ]; then victim=$i most=$l; fi
+  l=$(metric "$i" flotilla_leaders)
+  if [ "$l" -gt "$most" ]; then victim=$i most=$l; fi
 done
 echo "== failover: kill -9 node $victim (leads $most shards), then one put to each of $FAILOVER_SHARDS of them"
 "$BIN/flotilla-bench" failover --endpoints "$(endpoints)" --shards "$FAILOVER_SHARDS" \

@@ -18,6 +18,18 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::ProcCluster;
 
+/// The index of the node that leads the most shards.
+async fn busiest_leader(cluster: &ProcCluster, client: &flotilla_client::Client) -> usize {
+    let mut busiest = (0, 0);
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        let s = client.node_status(&n.grpc).await.unwrap();
+        if s.leaders >= busiest.1 {
+            busiest = (i, s.leaders);
+        }
+    }
+    busiest.0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill9_the_busiest_leader_under_writes_loses_nothing() {
     let mut cluster = ProcCluster::new(3, 8, "");
@@ -48,14 +60,7 @@ async fn kill9_the_busiest_leader_under_writes_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // Kill -9 the node that leads the most shards.
-    let mut busiest = (0, 0);
-    for (i, n) in cluster.nodes.iter().enumerate() {
-        let s = client.node_status(&n.grpc).await.unwrap();
-        if s.leaders >= busiest.1 {
-            busiest = (i, s.leaders);
-        }
-    }
-    let victim = busiest.0;
+    let victim = busiest_leader(&cluster, &client).await;
     let before_kill = acked.lock().unwrap().len();
     assert!(before_kill > 0, "no write acknowledged before the kill");
     cluster.nodes[victim].kill9();
@@ -304,14 +309,7 @@ async fn bench_wake_and_failover_get_every_write_answered() {
     let wake = bench(&["wake", "--shards", "16", "--clients", "2"]);
     assert_eq!(only_row(&wake, "wake-put"), (16, 0), "{wake}");
 
-    let mut busiest = (0, 0);
-    for (i, n) in cluster.nodes.iter().enumerate() {
-        let s = client.node_status(&n.grpc).await.unwrap();
-        if s.leaders >= busiest.1 {
-            busiest = (i, s.leaders);
-        }
-    }
-    let victim = busiest.0;
+    let victim = busiest_leader(&cluster, &client).await;
     let (node, pid) = (cluster.nodes[victim].id, cluster.nodes[victim].pid());
     let failover = bench(&[
         "failover",

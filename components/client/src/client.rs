@@ -865,7 +865,7 @@ impl Client {
                     |_| true,
                     |mut kv, ctx, desc| {
                         let start = cursor.clone();
-                        let end = clip_end(&end2, &desc);
+                        let end = clip_end(&end2, desc);
                         async move {
                             let r = kv
                                 .delete_range(kvpb::DeleteRangeRequest {
@@ -916,9 +916,9 @@ impl Client {
                     |_| true,
                     |mut kv, ctx, desc| {
                         let (s, e) = if reverse {
-                            (clip_start(&lo2, &desc), hi2.clone())
+                            (clip_start(&lo2, desc), hi2.clone())
                         } else {
-                            (lo2.clone(), clip_end(&hi2, &desc))
+                            (lo2.clone(), clip_end(&hi2, desc))
                         };
                         async move {
                             let r = kv
