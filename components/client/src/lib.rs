@@ -17,6 +17,12 @@
 //!    immediate when a new leader is named), `EpochNotMatch` installs the
 //!    new descriptors, `ShardNotFound`/`KeyNotInShard` drop the cached route,
 //!    `ServerIsBusy` and transport errors back off and try another replica.
+//!    While replicas know no leader (an election), and after a node refused
+//!    a connection or its stream broke before the request left (the node
+//!    is gone), the back-off stays under `ClientConfig::election_backoff_max`
+//!    (100 ms), and a node that refused is passed over for
+//!    `ClientConfig::unreachable_for` (1 s). With
+//!    `RUST_LOG=flotilla_client=debug` every retry is logged with its reason.
 //! 4. `StaleCommand` (definitely not applied) is retried. A write whose
 //!    outcome is unknown (`Indeterminate` from the server, no answer before
 //!    the deadline, a connection lost after the request went out) is
