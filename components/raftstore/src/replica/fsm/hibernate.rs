@@ -65,7 +65,7 @@
 //! - A sleeping shard whose leader's node dies waits out node liveness's
 //!   election timeout before electing: with 3,333 such shards on one node,
 //!   most new leaders are elected ~1.2 s after a kill -9 and writes resume
-//!   within 0.9-1.3 s at the median, 1.88 s at most in 42 of 44 runs of
+//!   within 0.9-1.3 s at the median, 1.88 s at most in 50 of 52 runs of
 //!   `make bench-scale` (README figures). Detection faster than one
 //!   election timeout would need the lease to be shorter. The tail is the
 //!   survivors' one raft poller working through thousands of wake-ups and
