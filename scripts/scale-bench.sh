@@ -8,7 +8,8 @@
 #   3. `flotilla-bench wake`: one put to each of WAKE_SHARDS sleeping
 #      shards, one at a time;
 #   4. `flotilla-bench failover`: kill -9 of the node leading the most
-#      shards, then one put to each of FAILOVER_SHARDS of its shards;
+#      shards, then one put to each of FAILOVER_SHARDS of its shards; and,
+#      from the nodes' logs, how many shards needed more than one election;
 #   5. restart of the killed node: time until it answers /ready.
 # The nodes use etc/flotilla.toml (CONFIG) with --initial-shards, ports
 # BASE_PORT+1..3 (gRPC) and BASE_PORT+21..23 (status), and a fresh data
@@ -159,9 +160,29 @@ for i in $NODES; do
   if [ "$l" -gt "$most" ]; then victim=$i most=$l; fi
 done
 echo "== failover: kill -9 node $victim (leads $most shards), then one put to each of $FAILOVER_SHARDS of them"
+killed_at=$(date -u +%Y-%m-%dT%H:%M:%S.%6N)
 "$BIN/flotilla-bench" failover --endpoints "$(endpoints)" --shards "$FAILOVER_SHARDS" \
   --kill-node "$victim" --kill-pid "${PID[$victim]}" --duration 30
 while kill -0 "${PID[$victim]}" 2>/dev/null; do sleep 0.1; done
+# Elections since the kill, from the survivors' "became leader" log lines
+# (info level): a shard whose new term is more than one past its last
+# leader's needed more than one election (a failed or split vote).
+sleep 2
+elections=$(cat "$DATA"/node*.log | grep -h "became leader" | sort | python3 -c '
+import re, sys
+since = sys.argv[1]
+before, after = {}, {}
+for line in sys.stdin:
+    shard = int(re.search(r"shard_id=(\d+)", line).group(1))
+    term = int(re.search(r"term=(\d+)", line).group(1))
+    if line[:26] < since:
+        before[shard] = term
+    elif shard not in after:
+        after[shard] = term
+again = sorted(s for s, t in after.items() if s in before and t > before[s] + 1)
+print(f"{len(after)} shards elected a leader after the kill; {len(again)} needed more than one election {again[:10] if again else str()}")
+' "$killed_at")
+echo "$elections"
 
 t2=$(now)
 launch "$victim"
@@ -177,5 +198,6 @@ idle CPU, 3 nodes        $idle_pct % of one core  [< 5 %]
 RSS per node (MiB)      $rss  [< 1024]
 wake put                 see the wake table  [max < 2 election timeouts = $((2 * election_ms)) ms]
 failover put             see the failover table  [max < 2 election timeouts = $((2 * election_ms)) ms]
+failover elections       $elections
 restart to ready         $restart_s s  [< 5 s]
 SUMMARY
