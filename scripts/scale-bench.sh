@@ -10,7 +10,8 @@
 #   4. `flotilla-bench failover`: kill -9 of the node leading the most
 #      shards, then one put to each of FAILOVER_SHARDS of its shards; and,
 #      from the nodes' logs, how many shards needed more than one election;
-#   5. restart of the killed node: time until it answers /ready.
+#   5. restart of the killed node RESTART_AFTER (10) seconds after the
+#      kill: time until it answers /ready.
 # The nodes use etc/flotilla.toml (CONFIG) with --initial-shards, ports
 # BASE_PORT+1..3 (gRPC) and BASE_PORT+21..23 (status), and a fresh data
 # dir that is removed at the end (KEEP=1 keeps it).
@@ -21,6 +22,7 @@ SHARDS=${SHARDS:-10000}
 IDLE_SECS=${IDLE_SECS:-30}
 WAKE_SHARDS=${WAKE_SHARDS:-200}
 FAILOVER_SHARDS=${FAILOVER_SHARDS:-200}
+RESTART_AFTER=${RESTART_AFTER:-10}
 BASE_PORT=${BASE_PORT:-20260}
 BIN=${BIN:-bin}
 CONFIG=${CONFIG:-etc/flotilla.toml}
@@ -160,7 +162,7 @@ for i in $NODES; do
   if [ "$l" -gt "$most" ]; then victim=$i most=$l; fi
 done
 echo "== failover: kill -9 node $victim (leads $most shards), then one put to each of $FAILOVER_SHARDS of them"
-killed_at=$(date -u +%Y-%m-%dT%H:%M:%S.%6N)
+killed_at=$(date -u +%Y-%m-%dT%H:%M:%S.%6N) killed_at_s=$(now)
 "$BIN/flotilla-bench" failover --endpoints "$(endpoints)" --shards "$FAILOVER_SHARDS" \
   --kill-node "$victim" --kill-pid "${PID[$victim]}" --duration 30
 while kill -0 "${PID[$victim]}" 2>/dev/null; do sleep 0.1; done
@@ -184,11 +186,13 @@ print(f"{len(after)} shards elected a leader after the kill; {len(again)} needed
 ' "$killed_at")
 echo "$elections"
 
+# Down for RESTART_AFTER seconds in all (from the kill), then restarted.
+sleep "$(awk -v a="$killed_at_s" -v b="$(now)" -v d="$RESTART_AFTER" 'BEGIN { w = a + d - b; print (w > 0 ? w : 0) }')"
 t2=$(now)
 launch "$victim"
 wait_ready "$victim"
 restart_s=$(since "$t2")
-echo "node $victim restarted after kill -9: ready in $restart_s s"
+echo "node $victim restarted ${RESTART_AFTER} s after kill -9: ready in $restart_s s"
 
 cat <<SUMMARY
 
