@@ -162,7 +162,8 @@ for i in $NODES; do
   if [ "$l" -gt "$most" ]; then victim=$i most=$l; fi
 done
 echo "== failover: kill -9 node $victim (leads $most shards), then one put to each of $FAILOVER_SHARDS of them"
-killed_at=$(date -u +%Y-%m-%dT%H:%M:%S.%6N) killed_at_s=$(now)
+killed_at_s=$(now)
+killed_at=$(date -u -d "@$killed_at_s" +%Y-%m-%dT%H:%M:%S.%6N)
 "$BIN/flotilla-bench" failover --endpoints "$(endpoints)" --shards "$FAILOVER_SHARDS" \
   --kill-node "$victim" --kill-pid "${PID[$victim]}" --duration 30
 while kill -0 "${PID[$victim]}" 2>/dev/null; do sleep 0.1; done

@@ -93,6 +93,20 @@ async fn asleep_cluster(shards: usize) -> (TestCluster, Client, Vec<NodeId>, Vec
     (c, client, nodes, ids)
 }
 
+/// Each shard's term, as its leader's node records it.
+fn leader_terms(c: &TestCluster, shards: &[ShardId]) -> Vec<u64> {
+    shards
+        .iter()
+        .map(|&s| {
+            c.router(c.leader_of(s).unwrap())
+                .meta()
+                .get(s)
+                .unwrap()
+                .term
+        })
+        .collect()
+}
+
 /// A leader read sent straight to `node`'s replica: Some(outcome) if the
 /// replica answered within `within`.
 async fn direct_leader_read(
@@ -296,18 +310,7 @@ async fn a_follower_that_never_hears_the_request_keeps_its_shard_awake_and_led()
     let mut c = hibernating_cluster(4).await;
     let nodes = c.node_ids();
     let shards = user_shards(&c, 1);
-    let terms = |c: &TestCluster| -> Vec<u64> {
-        shards
-            .iter()
-            .map(|&s| {
-                c.router(c.leader_of(s).unwrap())
-                    .meta()
-                    .get(s)
-                    .unwrap()
-                    .term
-            })
-            .collect()
-    };
+    let terms = |c: &TestCluster| leader_terms(c, &shards);
     // Node 3 never gets a leader's request to hibernate: the leaders wait
     // for its answer, give up, ping (waking the followers that did sleep)
     // and ask again, over and over. Through ten election timeouts no
@@ -373,18 +376,13 @@ async fn shards_just_moved_to_a_node_elect_once_when_it_stops() {
         c.wait_leader(s, &[victim], WAIT).await;
     }
     wait_asleep(&c, &nodes, &shards).await;
-    let mut terms = Vec::new();
-    for &s in &shards {
-        terms.push(c.replica_status(victim, s).await.term);
-    }
+    let terms = leader_terms(&c, &shards);
     c.stop_node(victim).await;
     let others: Vec<_> = nodes.iter().copied().filter(|n| *n != victim).collect();
     for &s in &shards {
         c.wait_leader(s, &others, WAIT).await;
     }
-    for (&s, &term) in shards.iter().zip(&terms) {
-        let leader = c.leader_of(s).unwrap();
-        let now = c.replica_status(leader, s).await.term;
+    for ((&s, &term), now) in shards.iter().zip(&terms).zip(leader_terms(&c, &shards)) {
         assert_eq!(now, term + 1, "shard {s}: term {term} -> {now}");
     }
     c.shutdown().await;

@@ -186,6 +186,12 @@ impl Workload {
         }
     }
 
+    /// One put per shard, timed from its own start (wake, failover): no
+    /// key space, no mix.
+    fn per_shard(self) -> bool {
+        matches!(self, Workload::Wake | Workload::Failover)
+    }
+
     /// YCSB names its operations read/update; put/get/mixed keep theirs.
     fn names(self) -> (&'static str, &'static str) {
         match self {
@@ -599,7 +605,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         std::process::exit(if ok { 0 } else { 1 });
     }
-    if matches!(args.workload, Workload::Wake | Workload::Failover) {
+    if args.workload.per_shard() {
         let Target::Flotilla { client, .. } = &target else {
             anyhow::bail!("the wake and failover workloads drive Flotilla only");
         };
@@ -816,7 +822,7 @@ fn report(
         ]);
     }
     println!("{t}");
-    if matches!(args.workload, Workload::Wake | Workload::Failover) {
+    if args.workload.per_shard() {
         let shards: u64 = stats.ops.iter().map(|(_, h, e)| h.len() + e).sum();
         println!(
             "{shards} shards, one put each, {:.1}s, {}-byte values",

@@ -563,7 +563,7 @@ impl Client {
                     // election is under way, not for up to `backoff_max`
                     // (in the failover bench, a 350 ms sleep after one more
                     // try of the dead node delayed writes past failover).
-                    let cap = if refused || never_sent(&status) {
+                    let cap = if never_sent(&status) {
                         self.inner.cfg.election_backoff_max
                     } else {
                         self.inner.cfg.backoff_max

@@ -21,6 +21,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::task::JoinHandle;
+
 use anyhow::Context as _;
 use bytes::Bytes;
 use flotilla_client::{Client, ShardInfo};
@@ -88,6 +90,11 @@ pub async fn wake(client: &Client, args: ScaleArgs) -> anyhow::Result<Stats> {
             }
         }));
     }
+    gather(tasks, stats).await
+}
+
+/// Waits for the workload's tasks, then hands back what they recorded.
+async fn gather(tasks: Vec<JoinHandle<()>>, stats: Arc<Mutex<Stats>>) -> anyhow::Result<Stats> {
     for t in tasks {
         t.await?;
     }
@@ -156,11 +163,7 @@ pub async fn failover(
             stats.lock().unwrap().record("failover-put", us, ok);
         }));
     }
-    for t in tasks {
-        t.await?;
-    }
-    let stats = std::mem::take(&mut *stats.lock().unwrap());
-    Ok(stats)
+    gather(tasks, stats).await
 }
 
 #[cfg(test)]
