@@ -386,6 +386,7 @@ impl Server {
                     engines.snap_mgr.clone(),
                     cfg.raftstore.snap_max_concurrent_recv,
                     disk.clone(),
+                    transport.clone(),
                 ))
                 .max_decoding_message_size(max_msg),
             )

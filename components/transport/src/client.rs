@@ -11,7 +11,7 @@ use flotilla_proto::raft::{RaftBatch, RaftEnvelope};
 use flotilla_raftstore::{NodeId, RaftMessage, StoreRouter, Transport};
 use parking_lot::{Mutex, RwLock};
 use protobuf::Message as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::filter::{Filter, FilterDecision};
@@ -85,12 +85,21 @@ struct Inner {
     addresses: AddressBook,
     runtime: tokio::runtime::Handle,
     pending: Mutex<HashMap<NodeId, Vec<RaftMessage>>>,
-    peers: Mutex<HashMap<NodeId, mpsc::Sender<Vec<RaftMessage>>>>,
+    peers: Mutex<HashMap<NodeId, Peer>>,
     router: OnceLock<StoreRouter>,
     filters: RwLock<Vec<Arc<dyn Filter>>>,
     has_filters: AtomicBool,
     snap_mgr: Arc<SnapManager>,
     snap_sends: Arc<tokio::sync::Semaphore>,
+}
+
+/// One peer's task, as the senders see it.
+#[derive(Clone)]
+struct Peer {
+    queue: mpsc::Sender<Vec<RaftMessage>>,
+    /// Bumped when the peer opens a stream to this node: proof that it is
+    /// up, which cuts short the task's reconnect back-off.
+    heard: Arc<watch::Sender<()>>,
 }
 
 /// Sends raft messages to peer nodes. Cheap to clone.
@@ -142,6 +151,17 @@ impl RaftClient {
     pub fn add_filter(&self, f: Arc<dyn Filter>) {
         self.inner.filters.write().push(f);
         self.inner.has_filters.store(true, Ordering::SeqCst);
+    }
+
+    /// `node` opened a stream to this node, so it is up now: if the task
+    /// sending to it is waiting out a reconnect back-off, it connects at
+    /// once. A restarted node otherwise heard nothing from a peer that had
+    /// backed off to `backoff_max` (5 s) while it was down, and its
+    /// replicas waited that long to learn their leaders.
+    pub fn peer_is_up(&self, node: NodeId) {
+        if let Some(p) = self.inner.peers.lock().get(&node) {
+            p.heard.send_replace(());
+        }
     }
 
     /// Ends every peer task (their queues close).
@@ -239,12 +259,17 @@ impl Inner {
             peers
                 .entry(to)
                 .or_insert_with(|| {
-                    let (tx, rx) = mpsc::channel(self.cfg.queue_batches);
+                    let (queue, rx) = mpsc::channel(self.cfg.queue_batches);
+                    let (heard, heard_rx) = watch::channel(());
                     let inner = self.clone();
                     self.runtime
-                        .spawn(async move { inner.run_peer(to, rx).await });
-                    tx
+                        .spawn(async move { inner.run_peer(to, rx, heard_rx).await });
+                    Peer {
+                        queue,
+                        heard: Arc::new(heard),
+                    }
                 })
+                .queue
                 .clone()
         };
         if let Err(e) = sender.try_send(msgs) {
@@ -357,7 +382,28 @@ impl Inner {
         }
     }
 
-    async fn run_peer(self: Arc<Self>, to: NodeId, mut rx: mpsc::Receiver<Vec<RaftMessage>>) {
+    /// Waits out the reconnect back-off, doubling it, unless the peer
+    /// opened a stream to this node since the last attempt began: then it
+    /// is up, and the back-off starts over.
+    async fn back_off(&self, to: NodeId, backoff: &mut Duration, heard: &mut watch::Receiver<()>) {
+        tokio::select! {
+            _ = tokio::time::sleep(*backoff) => {
+                *backoff = (*backoff * 2).min(self.cfg.backoff_max);
+            }
+            Ok(()) = heard.changed() => {
+                metrics::BACKOFFS_CUT.with_label_values(&[&to.to_string()]).inc();
+                tracing::debug!(to_node = to, "peer opened a stream to this node; reconnecting now");
+                *backoff = self.cfg.backoff_base;
+            }
+        }
+    }
+
+    async fn run_peer(
+        self: Arc<Self>,
+        to: NodeId,
+        mut rx: mpsc::Receiver<Vec<RaftMessage>>,
+        mut heard: watch::Receiver<()>,
+    ) {
         let to_label = to.to_string();
         // Every drop reason of this peer starts at zero, visible to rates.
         for reason in ["filtered", "queue_full", "unreachable", "stream_closed"] {
@@ -373,6 +419,9 @@ impl Inner {
                 self.drain_unreachable(to, &mut rx, first);
                 continue;
             };
+            // Only a stream the peer opens after this point cuts the
+            // back-off that follows a failure.
+            heard.mark_unchanged();
             let channel = match self.connect(&addr).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -381,8 +430,7 @@ impl Inner {
                         .inc();
                     tracing::debug!(to_node = to, addr = %addr, error = %e, "cannot reach peer");
                     self.drain_unreachable(to, &mut rx, first);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.cfg.backoff_max);
+                    self.back_off(to, &mut backoff, &mut heard).await;
                     continue;
                 }
             };
@@ -462,8 +510,7 @@ impl Inner {
             }
             drop(tx);
             call.abort();
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.cfg.backoff_max);
+            self.back_off(to, &mut backoff, &mut heard).await;
         }
     }
 }
@@ -600,6 +647,66 @@ mod tests {
             );
             i += 1;
             client.send(big_append(i));
+            client.flush();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A peer that comes back while its sender backs off is reached as soon
+    /// as it opens a stream to this node, not when the back-off ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_heard_again_is_reconnected_at_once() {
+        // A port nobody listens on for now.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let addresses = AddressBook::default();
+        addresses.set(2, addr.to_string());
+        let backoff = Duration::from_secs(30);
+        let cfg = RaftClientConfig {
+            backoff_base: backoff,
+            backoff_max: backoff,
+            ..Default::default()
+        };
+        let client = RaftClient::new(
+            1,
+            cfg,
+            addresses,
+            Arc::new(SnapManager::open(dir.path()).unwrap()),
+            tokio::runtime::Handle::current(),
+        );
+        // The first attempt is refused; the task now waits out 30 s.
+        client.send(big_append(1));
+        client.flush();
+        let refused = || {
+            metrics::RECONNECTS
+                .with_label_values(&["2", "failed"])
+                .get()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while refused() == 0 {
+            assert!(Instant::now() < deadline, "the first connect never failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let peer = StuckOnce::default();
+        peer.calls.store(1, Ordering::SeqCst);
+        let received = peer.received.clone();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftServer::new(peer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let up = Instant::now();
+        client.peer_is_up(2);
+        while received.load(Ordering::SeqCst) == 0 {
+            assert!(
+                up.elapsed() < backoff / 3,
+                "the peer was reached only after the back-off"
+            );
+            client.send(big_append(2));
             client.flush();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -12,7 +12,9 @@
 //! ```
 //!
 //! A peer task connects lazily, reconnects with exponential backoff (100 ms
-//! to 5 s), and while the peer cannot be reached drops what is queued for it
+//! to 5 s, cut short when the peer opens a stream to this node: it is up
+//! then, see [`RaftClient::peer_is_up`]), and while the peer cannot be
+//! reached drops what is queued for it
 //! and tells each sending replica (`report_unreachable`), which makes the
 //! leader probe that follower again instead of streaming appends into the
 //! void. Nothing here blocks a poller: a full peer queue drops the batch

@@ -49,6 +49,15 @@ pub static RECONNECTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .unwrap()
 });
 
+pub static BACKOFFS_CUT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "flotilla_transport_backoffs_cut_total",
+        "Reconnect back-offs cut short because the peer opened a stream to this node, by peer node.",
+        &["to_node"]
+    )
+    .unwrap()
+});
+
 /// Registers every metric of this module now, so /metrics lists them
 /// (at zero) before first use.
 pub fn register() {
@@ -57,4 +66,5 @@ pub fn register() {
     LazyLock::force(&MESSAGES_RECEIVED);
     LazyLock::force(&BATCH_SIZE);
     LazyLock::force(&RECONNECTS);
+    LazyLock::force(&BACKOFFS_CUT);
 }

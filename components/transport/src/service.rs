@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics;
+use crate::RaftClient;
 
 pub struct RaftService {
     node_id: NodeId,
@@ -19,6 +20,8 @@ pub struct RaftService {
     snap_mgr: Arc<SnapManager>,
     snap_recvs: Arc<Semaphore>,
     disk: Arc<DiskStatus>,
+    /// Told when a peer opens a stream (`RaftClient::peer_is_up`).
+    client: RaftClient,
 }
 
 impl RaftService {
@@ -31,6 +34,7 @@ impl RaftService {
         snap_mgr: Arc<SnapManager>,
         max_concurrent_snapshot_recv: usize,
         disk: Arc<DiskStatus>,
+        client: RaftClient,
     ) -> Self {
         RaftService {
             node_id,
@@ -39,6 +43,7 @@ impl RaftService {
             snap_mgr,
             snap_recvs: Arc::new(Semaphore::new(max_concurrent_snapshot_recv.max(1))),
             disk,
+            client,
         }
     }
 }
@@ -71,6 +76,7 @@ impl Raft for RaftService {
     async fn raft(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<Done>, Status> {
         let mut stream = req.into_inner();
         let mut shutdown = self.shutdown.clone();
+        let mut opened = false;
         loop {
             let batch = tokio::select! {
                 m = stream.message() => match m? {
@@ -89,6 +95,10 @@ impl Raft for RaftService {
                 .inc_by(batch.messages.len() as u64);
             // Whatever a peer sends shows it alive (`liveness`).
             self.router.heard_from(first.from_node);
+            if !opened {
+                opened = true;
+                self.client.peer_is_up(first.from_node);
+            }
             for env in batch.messages {
                 if env.to_node != self.node_id {
                     tracing::warn!(
