@@ -387,3 +387,93 @@ async fn shards_just_moved_to_a_node_elect_once_when_it_stops() {
     }
     c.shutdown().await;
 }
+
+/// A shard whose chosen voter's own election had just failed elects once
+/// when its leader's node stops. Seen in `make bench-scale`: a client woke
+/// a follower right after the kill, raft's clock (frozen while it slept)
+/// ran out before the silence reached the lease bound, the other follower
+/// refused the pre-vote, and the failed candidate, knowing no leader any
+/// more, ignored the node's death. Being the voter chosen to campaign, its
+/// shard waited for the other follower's fallback timer. It now answers to
+/// the leader it had in that term (`hibernate::leader_in_term`, unit
+/// tested there; the time it saves shows in `make bench-scale`).
+///
+/// Here the chosen voter stops hearing its leader (one link of one shard
+/// cut, node heartbeats pass), is woken by a request, and its pre-votes
+/// fail: the other follower still hears the leader. Then the leader's node
+/// stops. Which of the two wins depends on their timers; either way the
+/// shard elects once, and takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_whose_chosen_voter_just_failed_an_election_elects_once_when_its_leader_stops() {
+    use flotilla_test_cluster::FilterDecision;
+    let (mut c, client, nodes, shards) = asleep_cluster(4).await;
+    let victim = *nodes
+        .iter()
+        .max_by_key(|&&n| {
+            shards
+                .iter()
+                .filter(|&&s| c.leader_of(s) == Some(n))
+                .count()
+        })
+        .unwrap();
+    // Each of the victim's shards with its chosen voter's node (as
+    // `hibernate::on_peer_node` picks it: the voters elsewhere by replica
+    // id, the one at shard id modulo their count).
+    let led: Vec<(ShardId, NodeId)> = shards
+        .iter()
+        .filter(|&&s| c.leader_of(s) == Some(victim))
+        .map(|&s| {
+            let mut voters: Vec<_> = c
+                .descriptor(victim, s)
+                .replicas
+                .iter()
+                .filter(|r| r.node_id != victim)
+                .map(|r| (r.id, r.node_id))
+                .collect();
+            voters.sort_unstable();
+            (s, voters[s as usize % voters.len()].1)
+        })
+        .collect();
+    assert!(!led.is_empty());
+    let cut = led.clone();
+    c.add_filter(std::sync::Arc::new(
+        move |m: &flotilla_raftstore::RaftMessage| {
+            if m.from_node == victim && cut.contains(&(m.shard_id, m.to_node)) {
+                FilterDecision::Drop
+            } else {
+                FilterDecision::Pass
+            }
+        },
+    ));
+    for &(s, chosen) in &led {
+        // Answered "not the leader"; it wakes, and its clock runs.
+        let _ = direct_leader_read(&c, chosen, s, Duration::from_secs(5)).await;
+    }
+    let terms = leader_terms(&c, &led.iter().map(|l| l.0).collect::<Vec<_>>());
+    for &(s, chosen) in &led {
+        wait_until(
+            &format!("shard {s}'s chosen voter to lose its leader"),
+            || {
+                let m = c.router(chosen).meta().get(s).unwrap();
+                async move { m.leader_id == 0 }
+            },
+        )
+        .await;
+    }
+    for (&(s, _), &term) in led.iter().zip(&terms) {
+        let m = c.router(victim).meta().get(s).unwrap();
+        assert!(m.is_leader() && m.term == term, "shard {s}: {m:?}");
+    }
+    c.stop_node(victim).await;
+    let others: Vec<_> = nodes.iter().copied().filter(|n| *n != victim).collect();
+    for (&(s, _), &term) in led.iter().zip(&terms) {
+        let leader = c.wait_leader(s, &others, WAIT).await;
+        let now = c.router(leader).meta().get(s).unwrap().term;
+        assert_eq!(now, term + 1, "shard {s}: term {term} -> {now}");
+    }
+    c.heal();
+    for &(s, _) in &led {
+        put_acked(&client, key_in(&c, others[0], s, "a"), "v2").await;
+    }
+    c.shutdown().await;
+}

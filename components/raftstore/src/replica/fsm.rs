@@ -142,6 +142,14 @@ pub struct ReplicaFsm {
     load: super::load::LoadSampler,
     /// Hibernating: left out of the node's ticks (`hibernate`).
     asleep: bool,
+    /// The last leader this replica knew, with its term. A follower whose
+    /// own pre-vote failed knows no leader, yet its leader's node going
+    /// down concerns it (`hibernate::on_peer_node`).
+    last_leader: (ReplicaId, u64),
+    /// A follower woken while its leader slept, until it hears from whoever
+    /// leads: raft's election clock stood still while it slept, so it says
+    /// nothing of whether the leader is still heard.
+    awaiting_leader: bool,
     /// On a leader: ticks in a row with nothing to do.
     idle_ticks: usize,
     /// On a leader: its request to hibernate, waiting for answers.
@@ -281,6 +289,8 @@ impl ReplicaFsm {
             split_hint_keys: cfg.split_keys,
             load: Default::default(),
             asleep: false,
+            last_leader: (raft::INVALID_ID, 0),
+            awaiting_leader: false,
             idle_ticks: 0,
             announced: None,
         };
@@ -766,11 +776,15 @@ impl ReplicaFsm {
         if self.was_leader {
             self.last_heard.insert(m.from_replica, self.ticks);
         }
+        let from = m.from_replica;
         match self.raw_node.step(m.msg) {
             Ok(()) => {
                 metrics::RAFT_MESSAGES_RECEIVED
                     .with_label_values(&["stepped"])
                     .inc();
+                if from == self.leader_id() {
+                    self.awaiting_leader = false;
+                }
             }
             Err(e) => {
                 metrics::RAFT_MESSAGES_RECEIVED
@@ -1576,6 +1590,9 @@ impl ReplicaFsm {
         let is_leader = raft.state == StateRole::Leader;
         ctx.meta
             .set_leader(self.shard_id, raft.leader_id, raft.term);
+        if raft.leader_id != raft::INVALID_ID {
+            self.last_leader = (raft.leader_id, raft.term);
+        }
         if is_leader != self.was_leader {
             metrics::LEADER_CHANGES.inc();
             if is_leader {

@@ -59,7 +59,12 @@
 //!   not set off elections); awake ones that missed its heartbeats (woken
 //!   by a client while the leader slept, or followers of an awake leader
 //!   that died) take part like sleeping ones, so their own timers do not
-//!   race the chosen voter.
+//!   race the chosen voter. A follower woken while its leader slept counts
+//!   as not hearing it until the leader's next message (raft's clock stood
+//!   still while it slept and says nothing), and one whose own pre-vote
+//!   failed, which makes raft forget the leader, still answers to the
+//!   leader it had in that term: once such a chosen voter ignored the
+//!   event, and its shard waited for the fallback timer.
 //!
 //! # Not done yet
 //! - A sleeping shard whose leader's node dies waits out node liveness's
@@ -103,6 +108,17 @@ use crate::msg::ReplicaMsg;
 use crate::replica::poller::PollContext;
 use crate::transport::{Extra, RaftMessage};
 use crate::{metrics, NodeId, ReplicaId};
+
+/// The leader a follower answers to in `term`: the one raft names, or, if
+/// raft names none (its own pre-vote made it forget, and a pre-vote keeps
+/// the term), the last one it knew in that same term. A newer term means
+/// someone else campaigned: then it answers to nobody yet.
+fn leader_in_term(leader: ReplicaId, last: (ReplicaId, u64), term: u64) -> ReplicaId {
+    match leader {
+        raft::INVALID_ID if last.1 == term => last.0,
+        id => id,
+    }
+}
 
 /// A leader's request to hibernate, waiting for every replica's answer.
 pub(super) struct Announcement {
@@ -184,6 +200,8 @@ impl ReplicaFsm {
             self.asleep = false;
             ctx.meta.set_asleep(self.shard_id, false);
             metrics::WAKEUPS.with_label_values(&[reason]).inc();
+            // (Cleared again at once if what woke it came from the leader.)
+            self.awaiting_leader = !self.is_leader();
         }
         tracing::debug!(
             shard_id = self.shard_id,
@@ -480,7 +498,13 @@ impl ReplicaFsm {
             }
             return;
         }
-        let leader = self.leader_id();
+        // A follower that knows no leader because its own pre-vote failed
+        // (a client woke it under a leader that had just died, its clock ran
+        // out before the others' did, and they refused) still answers to
+        // the leader it had in this term. Once it ignored the event, and
+        // when it was the voter chosen below, its shard waited for the
+        // others' fallback timer: half an election timeout more.
+        let leader = leader_in_term(self.leader_id(), self.last_leader, self.term());
         if leader == raft::INVALID_ID || self.node_of(leader) != Some(node) {
             return;
         }
@@ -491,7 +515,11 @@ impl ReplicaFsm {
         // joins the election below; left to raft's own timer, its election
         // raced the chosen voter's and split the vote in ~4 % of the shards
         // that clients were writing to, costing them another timeout.
-        if !self.asleep && self.raw_node.raft.election_elapsed <= 2 * ctx.cfg.heartbeat_ticks {
+        let hears_leader = !self.asleep
+            && !self.awaiting_leader
+            && self.leader_id() != raft::INVALID_ID
+            && self.raw_node.raft.election_elapsed <= 2 * ctx.cfg.heartbeat_ticks;
+        if hears_leader {
             return;
         }
         if matches!(event, PeerEvent::Down | PeerEvent::Restarted) {
@@ -602,6 +630,14 @@ impl ReplicaFsm {
         // Exactly the timeout, also when an awake follower's clock was past
         // it: the hold below starts now.
         raft.election_elapsed = timeout;
+        self.hold_own_campaign();
+    }
+
+    /// Makes raft's election timer run for at least one and a half
+    /// election timeouts this time (from its clock's current reading).
+    fn hold_own_campaign(&mut self) {
+        let raft = &mut self.raw_node.raft;
+        let timeout = raft.election_timeout();
         // Within raft's range [timeout, 2 * timeout): the raft config sets
         // no other min/max election ticks (raft asserts the range).
         let hold = timeout + timeout / 2;
@@ -612,5 +648,22 @@ impl ReplicaFsm {
 
     pub fn is_asleep(&self) -> bool {
         self.asleep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::leader_in_term;
+
+    #[test]
+    fn a_failed_pre_vote_does_not_make_a_follower_forget_its_leader() {
+        // Raft names the leader: that one.
+        assert_eq!(leader_in_term(5, (4, 6), 7), 5);
+        // It names none after this replica's own pre-vote (same term).
+        assert_eq!(leader_in_term(0, (5, 7), 7), 5);
+        // Someone campaigned in a newer term: nobody yet.
+        assert_eq!(leader_in_term(0, (5, 7), 8), 0);
+        // Never knew one (a restarted replica).
+        assert_eq!(leader_in_term(0, (0, 0), 7), 0);
     }
 }
