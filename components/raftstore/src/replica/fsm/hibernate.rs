@@ -202,6 +202,21 @@ impl ReplicaFsm {
             metrics::WAKEUPS.with_label_values(&[reason]).inc();
             // (Cleared again at once if what woke it came from the leader.)
             self.awaiting_leader = !self.is_leader();
+            if self.awaiting_leader {
+                // Raft's clock stood still while it slept: what it shows is
+                // old. Started over, with at least one and a half timeouts
+                // to run, it gives a sleeping leader (told by `WakeUp`) time
+                // to answer and, if that leader died, node liveness's chosen
+                // voter the first go (`on_peer_node`). Ticking on from the
+                // old reading, a follower a client woke after the kill
+                // campaigned by itself at about the moment the chosen voter
+                // did: both pre-votes passed, each voted for itself, and the
+                // shard needed a second election (2.5-3 s of failover in 2
+                // of 52 `make bench-scale` runs). A longer wait for a vote
+                // is always safe; the leader's lease only needs it long.
+                self.raw_node.raft.election_elapsed = 0;
+                self.hold_own_campaign();
+            }
         }
         tracing::debug!(
             shard_id = self.shard_id,
