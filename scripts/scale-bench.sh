@@ -11,7 +11,9 @@
 #      shards, then one put to each of FAILOVER_SHARDS of its shards; and,
 #      from the nodes' logs, how many shards needed more than one election;
 #   5. restart of the killed node RESTART_AFTER (10) seconds after the
-#      kill: time until it answers /ready.
+#      kill: time until it answers /ready;
+#   6. kill -9 of all three nodes at once, then all three started again:
+#      time until every one answers /ready.
 # The nodes use etc/flotilla.toml (CONFIG) with --initial-shards, ports
 # BASE_PORT+1..3 (gRPC) and BASE_PORT+21..23 (status), and a fresh data
 # dir that is removed at the end (KEEP=1 keeps it).
@@ -195,6 +197,17 @@ wait_ready "$victim"
 restart_s=$(since "$t2")
 echo "node $victim restarted ${RESTART_AFTER} s after kill -9: ready in $restart_s s"
 
+echo "== cluster restart: kill -9 of all three nodes, then all three started again"
+for i in $NODES; do kill -9 "${PID[$i]}"; done
+for i in $NODES; do
+  while kill -0 "${PID[$i]}" 2>/dev/null; do sleep 0.05; done
+done
+t3=$(now)
+for i in $NODES; do launch "$i"; done
+wait_ready 1 2 3
+cluster_restart_s=$(since "$t3")
+echo "all three nodes ready in $cluster_restart_s s"
+
 cat <<SUMMARY
 
 == summary ($SHARDS shards, $((SHARDS * 3)) replicas; targets for 10,000 shards in brackets)
@@ -205,4 +218,5 @@ wake put                 see the wake table  [max < 2 election timeouts = $((2 *
 failover put             see the failover table  [max < 2 election timeouts = $((2 * election_ms)) ms]
 failover elections       $elections
 restart to ready         $restart_s s  [< 5 s]
+cluster restart to ready $cluster_restart_s s
 SUMMARY

@@ -361,8 +361,10 @@ async fn a_follower_that_never_hears_the_request_keeps_its_shard_awake_and_led()
 /// driver does when it balances leaders), then asleep, elect a new leader
 /// in one election when that node stops: the new term is the old one plus
 /// one. (Once in `make bench-scale`, a shard moved to the killed node 13 s
-/// before the kill needed a second election, 1.3 s later; 15 runs of this
-/// test did not reproduce it.)
+/// before the kill needed a second election, 1.3 s later. The move was
+/// probably incidental: such second elections came from followers that a
+/// client woke, whose own stale clocks split the vote with the chosen
+/// voter; see `hibernate::wake`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shards_just_moved_to_a_node_elect_once_when_it_stops() {
     let (mut c, client, nodes, shards) = asleep_cluster(8).await;

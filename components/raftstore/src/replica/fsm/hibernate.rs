@@ -69,14 +69,13 @@
 //! # Not done yet
 //! - A sleeping shard whose leader's node dies waits out node liveness's
 //!   election timeout before electing: with 3,333 such shards on one node,
-//!   most new leaders are elected ~1.2 s after a kill -9 and writes resume
-//!   within 0.9-1.3 s at the median, 1.88 s at most in 50 of 52 runs of
-//!   `make bench-scale` (README figures). Detection faster than one
-//!   election timeout would need the lease to be shorter. The tail is the
-//!   survivors' one raft poller working through thousands of wake-ups and
-//!   votes. In two runs, one shard needed a second election (2.55 s,
-//!   3.05 s); the one traced had had its leadership moved to the killed
-//!   node 13 s before. Why its first election failed is not known yet.
+//!   writes resume 1.0-1.3 s after a kill -9 at the median and within
+//!   1.6 s at most (`make bench-scale`, README figures). Detection faster
+//!   than one election timeout would need the lease to be shorter. The
+//!   followers that clients woke used to race the chosen voter with their
+//!   own (stale) clocks: that won ~0.2 s at the median but split the vote
+//!   now and then (a second election, 2.5-3 s); they now hold off, see
+//!   `wake`.
 //! - The meta shard sleeps between the reads that node heartbeats make
 //!   now and then (each wakes it: a ReadIndex round, then ticks and a new
 //!   handshake). The meta leader answers most heartbeats from the registry
@@ -551,16 +550,7 @@ impl ReplicaFsm {
             // replicas that takes a while). After `Restarted` the others
             // heard the new process, so it waits two ticks for them to
             // handle their own `Restarted`.
-            let mut voters: Vec<ReplicaId> = self
-                .descriptor
-                .replicas
-                .iter()
-                .filter(|r| r.node_id != node && r.role == ReplicaRole::Voter as i32)
-                .map(|r| r.id)
-                .collect();
-            voters.sort_unstable();
-            let first = !voters.is_empty()
-                && voters[self.shard_id as usize % voters.len()] == self.replica_id;
+            let first = self.chosen_voter(node) == Some(self.replica_id);
             // (`first` is a voter by the descriptor, which apply keeps equal
             // to raft's configuration; raft's `campaign` does not check.)
             // Raft declines to campaign while a configuration change is
@@ -646,6 +636,22 @@ impl ReplicaFsm {
         // it: the hold below starts now.
         raft.election_elapsed = timeout;
         self.hold_own_campaign();
+    }
+
+    /// The voter that campaigns first when the leader's node died: by the
+    /// descriptor's voters outside `dead`, sorted by replica id, the
+    /// one at shard id modulo their count, so that new leaders spread over
+    /// the nodes and every replica picks the same one.
+    fn chosen_voter(&self, dead: NodeId) -> Option<ReplicaId> {
+        let mut voters: Vec<ReplicaId> = self
+            .descriptor
+            .replicas
+            .iter()
+            .filter(|r| r.node_id != dead && r.role == ReplicaRole::Voter as i32)
+            .map(|r| r.id)
+            .collect();
+        voters.sort_unstable();
+        (!voters.is_empty()).then(|| voters[self.shard_id as usize % voters.len()])
     }
 
     /// Makes raft's election timer run for at least one and a half
