@@ -107,6 +107,19 @@ fn leader_terms(c: &TestCluster, shards: &[ShardId]) -> Vec<u64> {
         .collect()
 }
 
+/// The node that leads the most of `shards`.
+fn busiest_leader(c: &TestCluster, nodes: &[NodeId], shards: &[ShardId]) -> NodeId {
+    *nodes
+        .iter()
+        .max_by_key(|&&n| {
+            shards
+                .iter()
+                .filter(|&&s| c.leader_of(s) == Some(n))
+                .count()
+        })
+        .unwrap()
+}
+
 /// A leader read sent straight to `node`'s replica: Some(outcome) if the
 /// replica answered within `within`.
 async fn direct_leader_read(
@@ -239,15 +252,7 @@ async fn a_hibernated_leader_cut_off_is_replaced_and_answers_no_stale_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn followers_of_a_stopped_nodes_hibernated_leaders_elect_new_ones() {
     let (mut c, client, nodes, shards) = asleep_cluster(8).await;
-    let victim = *nodes
-        .iter()
-        .max_by_key(|&&n| {
-            shards
-                .iter()
-                .filter(|&&s| c.leader_of(s) == Some(n))
-                .count()
-        })
-        .unwrap();
+    let victim = busiest_leader(&c, &nodes, &shards);
     let led: Vec<_> = shards
         .iter()
         .copied()
@@ -409,15 +414,7 @@ async fn shards_just_moved_to_a_node_elect_once_when_it_stops() {
 async fn a_shard_whose_chosen_voter_just_failed_an_election_elects_once_when_its_leader_stops() {
     use flotilla_test_cluster::FilterDecision;
     let (mut c, client, nodes, shards) = asleep_cluster(4).await;
-    let victim = *nodes
-        .iter()
-        .max_by_key(|&&n| {
-            shards
-                .iter()
-                .filter(|&&s| c.leader_of(s) == Some(n))
-                .count()
-        })
-        .unwrap();
+    let victim = busiest_leader(&c, &nodes, &shards);
     // Each of the victim's shards with its chosen voter's node (as
     // `hibernate::on_peer_node` picks it: the voters elsewhere by replica
     // id, the one at shard id modulo their count).

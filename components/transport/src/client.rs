@@ -590,6 +590,19 @@ mod tests {
         }
     }
 
+    /// Node 1's transport, with node 2 at `addr`.
+    fn client_of_node_1(addr: String, cfg: RaftClientConfig, dir: &std::path::Path) -> RaftClient {
+        let addresses = AddressBook::default();
+        addresses.set(2, addr);
+        RaftClient::new(
+            1,
+            cfg,
+            addresses,
+            Arc::new(SnapManager::open(dir).unwrap()),
+            tokio::runtime::Handle::current(),
+        )
+    }
+
     fn big_append(i: u64) -> RaftMessage {
         let mut msg = Message::default();
         msg.set_msg_type(MessageType::MsgAppend);
@@ -623,19 +636,11 @@ mod tests {
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let dir = tempfile::tempdir().unwrap();
-        let addresses = AddressBook::default();
-        addresses.set(2, addr);
         let cfg = RaftClientConfig {
             stall_timeout: Duration::from_millis(300),
             ..Default::default()
         };
-        let client = RaftClient::new(
-            1,
-            cfg,
-            addresses,
-            Arc::new(SnapManager::open(dir.path()).unwrap()),
-            tokio::runtime::Handle::current(),
-        );
+        let client = client_of_node_1(addr, cfg, dir.path());
         // The first stream's flow-control window and queue fill and stay
         // full; the stall is noticed and a new call delivers.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -662,21 +667,13 @@ mod tests {
             .local_addr()
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let addresses = AddressBook::default();
-        addresses.set(2, addr.to_string());
         let backoff = Duration::from_secs(30);
         let cfg = RaftClientConfig {
             backoff_base: backoff,
             backoff_max: backoff,
             ..Default::default()
         };
-        let client = RaftClient::new(
-            1,
-            cfg,
-            addresses,
-            Arc::new(SnapManager::open(dir.path()).unwrap()),
-            tokio::runtime::Handle::current(),
-        );
+        let client = client_of_node_1(addr.to_string(), cfg, dir.path());
         // The first attempt is refused; the task now waits out 30 s.
         client.send(big_append(1));
         client.flush();
