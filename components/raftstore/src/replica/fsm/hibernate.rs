@@ -430,6 +430,17 @@ impl ReplicaFsm {
             self.sleep(ctx, "leader");
             return true;
         }
+        // Raft's messages leave at the end of the poll round, `Hibernate`
+        // at once: a heartbeat from a tick earlier in this round (a busy
+        // poller hands a replica several ticks at a time) would reach the
+        // followers after it and wake them under a sleeping leader, which
+        // they would then replace an election timeout later. After a whole
+        // cluster of 10,000 shards restarted, thousands of followers woke
+        // this way and a few thousand shards elected again. The request
+        // goes out at the next tick instead, once those have left.
+        if !self.raw_node.raft.msgs.is_empty() {
+            return true;
+        }
         for id in others {
             self.send_extra(
                 id,
