@@ -223,15 +223,6 @@ async fn a_joining_node_gets_replicas_and_a_decommissioned_one_is_emptied() {
     assert!(n.log_text().contains("already taken"), "{}", n.log_text());
 }
 
-/// One series' value in a node's /metrics.
-fn metric(node: &common::Node, series: &str) -> f64 {
-    let (code, text) = node.http_get("/metrics").expect("metrics");
-    assert_eq!(code, 200);
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in /metrics"))
-}
-
 /// After a pause of the whole cluster, each node reads its peers' buffered
 /// heartbeats one after the other: the first peer heard must not get the
 /// other called down (its followers would wake and campaign against a
@@ -260,14 +251,14 @@ async fn pausing_every_node_at_once_calls_no_peer_down() {
     let downs: Vec<f64> = cluster
         .nodes
         .iter()
-        .map(|n| metric(n, "flotilla_peer_node_events_total{event=\"node_down\"}"))
+        .map(|n| n.metric("flotilla_peer_node_events_total{event=\"node_down\"}"))
         .collect();
     assert_eq!(
         downs, [0.0; 3],
         "peers called down after the pauses, by node"
     );
     for n in &cluster.nodes {
-        let stalls = metric(n, "flotilla_liveness_stalls_total");
+        let stalls = n.metric("flotilla_liveness_stalls_total");
         assert!(stalls >= 1.0, "node {} saw no stall", n.id);
     }
     client

@@ -175,6 +175,15 @@ impl Node {
         Some((code, out))
     }
 
+    /// One series' value in this node's /metrics.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (code, text) = self.http_get("/metrics").expect("metrics");
+        assert_eq!(code, 200);
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in /metrics"))
+    }
+
     pub fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.http_get("/ready").map(|(c, _)| c) != Some(200) {
