@@ -9,7 +9,9 @@
 //!    down. A split check due is run then, not at a tick that will not come.
 //! 2. After `hibernate_after_ticks` of them it stops ticking raft (so it
 //!    sends no more heartbeats) and sends every other replica `Hibernate`
-//!    with its term, last index and commit.
+//!    with its term, last index and commit, but only at a tick where raft
+//!    has no message waiting to leave: nothing of the leader's may reach a
+//!    follower after its request (a heartbeat would wake it).
 //! 3. A **follower** whose log ends there, in that term, with that commit,
 //!    nothing of its own waiting (reads, a former leader's proposals) and no
 //!    snapshot installing, stops ticking and answers `HibernateAck`.
