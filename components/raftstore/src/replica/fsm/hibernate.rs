@@ -563,7 +563,7 @@ impl ReplicaFsm {
             // replicas that takes a while). After `Restarted` the others
             // heard the new process, so it waits two ticks for them to
             // handle their own `Restarted`.
-            let first = self.chosen_voter(node) == Some(self.replica_id);
+            let first = self.chosen_voter(Some(node)) == Some(self.replica_id);
             // (`first` is a voter by the descriptor, which apply keeps equal
             // to raft's configuration; raft's `campaign` does not check.)
             // Raft declines to campaign while a configuration change is
@@ -651,16 +651,17 @@ impl ReplicaFsm {
         self.hold_own_campaign();
     }
 
-    /// The voter that campaigns first when the leader's node died: by the
-    /// descriptor's voters outside `dead`, sorted by replica id, the
+    /// The voter that campaigns first when the shard has nobody to hear
+    /// from (its leader's node `dead` died, or the whole cluster restarted):
+    /// by the descriptor's voters outside `dead`, sorted by replica id, the
     /// one at shard id modulo their count, so that new leaders spread over
     /// the nodes and every replica picks the same one.
-    fn chosen_voter(&self, dead: NodeId) -> Option<ReplicaId> {
+    pub(super) fn chosen_voter(&self, dead: Option<NodeId>) -> Option<ReplicaId> {
         let mut voters: Vec<ReplicaId> = self
             .descriptor
             .replicas
             .iter()
-            .filter(|r| r.node_id != dead && r.role == ReplicaRole::Voter as i32)
+            .filter(|r| Some(r.node_id) != dead && r.role == ReplicaRole::Voter as i32)
             .map(|r| r.id)
             .collect();
         voters.sort_unstable();
@@ -669,7 +670,7 @@ impl ReplicaFsm {
 
     /// Makes raft's election timer run for at least one and a half
     /// election timeouts this time (from its clock's current reading).
-    fn hold_own_campaign(&mut self) {
+    pub(super) fn hold_own_campaign(&mut self) {
         let raft = &mut self.raw_node.raft;
         let timeout = raft.election_timeout();
         // Within raft's range [timeout, 2 * timeout): the raft config sets
