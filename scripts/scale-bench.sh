@@ -42,17 +42,22 @@ endpoints() {
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 
-cleanup() {
+# kill -9 of every node started, and a wait (at most 5 s each) until they
+# are gone and their ports free.
+kill_all() {
   for i in $NODES; do
     [ -n "${PID[$i]:-}" ] && kill -9 "${PID[$i]}" 2>/dev/null || true
   done
-  # Gone (ports free) before the next run starts.
   for i in $NODES; do
     for _ in $(seq 1 100); do
       kill -0 "${PID[$i]:-0}" 2>/dev/null || break
       sleep 0.05
     done
   done
+}
+
+cleanup() {
+  kill_all
   if [ "${KEEP:-0}" = 1 ]; then echo "data kept in $DATA"; else rm -rf "$DATA"; fi
 }
 trap cleanup EXIT
@@ -198,10 +203,7 @@ restart_s=$(since "$t2")
 echo "node $victim restarted ${RESTART_AFTER} s after kill -9: ready in $restart_s s"
 
 echo "== cluster restart: kill -9 of all three nodes, then all three started again"
-for i in $NODES; do kill -9 "${PID[$i]}"; done
-for i in $NODES; do
-  while kill -0 "${PID[$i]}" 2>/dev/null; do sleep 0.05; done
-done
+kill_all
 t3=$(now)
 for i in $NODES; do launch "$i"; done
 wait_ready 1 2 3

@@ -548,8 +548,7 @@ impl Client {
                         ))
                         .into());
                     }
-                    let refused = refused_connection(&status);
-                    if refused {
+                    if refused_connection(&status) {
                         self.inner.mark_unreachable(node);
                     }
                     self.inner.cache.write().set_leader(desc.id, 0);

@@ -94,12 +94,11 @@ struct Inner {
 }
 
 /// One peer's task, as the senders see it.
-#[derive(Clone)]
 struct Peer {
     queue: mpsc::Sender<Vec<RaftMessage>>,
     /// Bumped when the peer opens a stream to this node: proof that it is
     /// up, which cuts short the task's reconnect back-off.
-    heard: Arc<watch::Sender<()>>,
+    heard: watch::Sender<()>,
 }
 
 /// Sends raft messages to peer nodes. Cheap to clone.
@@ -264,10 +263,7 @@ impl Inner {
                     let inner = self.clone();
                     self.runtime
                         .spawn(async move { inner.run_peer(to, rx, heard_rx).await });
-                    Peer {
-                        queue,
-                        heard: Arc::new(heard),
-                    }
+                    Peer { queue, heard }
                 })
                 .queue
                 .clone()
